@@ -1,0 +1,163 @@
+"""The node configuration file (YAML), modelled on the seed's teleport.yaml.
+
+    cluster_name: main
+    nodename: web-1
+    data_dir: /var/lib/ringfence
+    nats_url: nats://127.0.0.1:4222
+    ssh_service:
+      enhanced_recording:
+        enabled: false
+        cgroup_path: ""          # empty: use the host's cgroup2 mount
+      restricted_session:
+        enabled: true
+
+Precedence: command-line flag, then environment (RINGFENCE_*), then the file
+(--config, RINGFENCE_CONFIG, or /etc/ringfence.yaml when present), then the
+defaults below. An unknown key or a bad value is an error naming both.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+
+import msgspec
+import yaml
+from msgspec import Struct, field
+
+from .contract.strict import DecodeError, convert
+
+DEFAULT_CONFIG_PATH = "/etc/ringfence.yaml"
+DEFAULT_DATA_DIR = "/var/lib/ringfence"
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_CLUSTER_NAME = "ringfence"
+
+ENV_CONFIG = "RINGFENCE_CONFIG"
+ENV_DATA_DIR = "RINGFENCE_DATA_DIR"
+ENV_NATS_URL = "RINGFENCE_NATS_URL"
+ENV_NODENAME = "RINGFENCE_NODENAME"
+
+_NODENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class EnhancedRecording(Struct, forbid_unknown_fields=True):
+    enabled: bool = False
+    # Where cgroup v2 is mounted. Empty: detect the host's mount; a path: use the
+    # cgroup2 mounted there, mounting it first when nothing is.
+    cgroup_path: str = ""
+    # Ring buffer size per event class, in KiB (a power of two, >= 4).
+    ring_buffer_kib: int = 4096
+
+
+class RestrictedSession(Struct, forbid_unknown_fields=True):
+    enabled: bool = True
+
+
+class SSHService(Struct, forbid_unknown_fields=True):
+    enabled: bool = True
+    enhanced_recording: EnhancedRecording = field(default_factory=EnhancedRecording)
+    restricted_session: RestrictedSession = field(default_factory=RestrictedSession)
+
+
+class Config(Struct, forbid_unknown_fields=True):
+    cluster_name: str = DEFAULT_CLUSTER_NAME
+    nodename: str = ""
+    data_dir: str = DEFAULT_DATA_DIR
+    # One URL or several, comma-separated (the seed servers of a NATS cluster).
+    nats_url: str = DEFAULT_NATS_URL
+    # Locks: how long a lock view may go without being confirmed current before
+    # strict-mode sessions are locked out (Go-style duration).
+    lock_view_max_staleness: str = "30s"
+    ssh_service: SSHService = field(default_factory=SSHService)
+
+    @property
+    def nats_urls(self) -> list[str]:
+        return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+
+def _validate(cfg: Config, source: str) -> None:
+    if not cfg.nodename:
+        cfg.nodename = socket.gethostname().split(".")[0] or "localhost"
+    if not _NODENAME.match(cfg.nodename):
+        raise ConfigError(
+            f'{source}: nodename: "{cfg.nodename}": use letters, digits, ".", "_" or "-" (at most 63)'
+        )
+    if not cfg.data_dir or not os.path.isabs(cfg.data_dir):
+        raise ConfigError(f'{source}: data_dir: "{cfg.data_dir}": must be an absolute path')
+    cg = cfg.ssh_service.enhanced_recording.cgroup_path
+    if cg and not os.path.isabs(cg):
+        raise ConfigError(
+            f'{source}: ssh_service.enhanced_recording.cgroup_path: "{cg}": must be an absolute path'
+        )
+    kib = cfg.ssh_service.enhanced_recording.ring_buffer_kib
+    if kib < 4 or kib & (kib - 1):
+        raise ConfigError(
+            f"{source}: ssh_service.enhanced_recording.ring_buffer_kib: {kib}: "
+            "must be a power of two of at least 4"
+        )
+    for url in cfg.nats_urls or [""]:
+        if not re.match(r"^(nats|tls|ws|wss)://[^\s]+$", url):
+            raise ConfigError(f'{source}: nats_url: "{url}": expected nats://host:port')
+    from .durations import parse_duration
+
+    try:
+        parse_duration(cfg.lock_view_max_staleness)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: lock_view_max_staleness: {exc}") from None
+
+
+def parse_config(text: str, source: str) -> Config:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys, got {type(doc).__name__}")
+    try:
+        return convert(doc, Config)
+    except DecodeError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(
+    path: str | None = None,
+    *,
+    data_dir: str | None = None,
+    nats_url: str | None = None,
+    nodename: str | None = None,
+) -> Config:
+    """Load the configuration with flag > environment > file > default precedence."""
+    path = path or os.environ.get(ENV_CONFIG) or None
+    if path is None and Path(DEFAULT_CONFIG_PATH).exists():
+        path = DEFAULT_CONFIG_PATH
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        cfg = parse_config(text, path)
+    else:
+        cfg = Config()
+    source = path or "(defaults)"
+    overrides = {
+        "data_dir": data_dir or os.environ.get(ENV_DATA_DIR),
+        "nats_url": nats_url or os.environ.get(ENV_NATS_URL),
+        "nodename": nodename or os.environ.get(ENV_NODENAME),
+    }
+    for key, value in overrides.items():
+        if value:
+            setattr(cfg, key, value)
+    _validate(cfg, source)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False)

@@ -1,0 +1,145 @@
+"""Request and reply bodies of the control APIs (CLI <-> services) and of the
+enforcer's local session socket."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+from msgspec import Struct, field
+
+from .resources import LockTarget
+
+# --- every reply -------------------------------------------------------------------
+ErrorKind = Literal["invalid", "not_found", "access_denied", "conflict", "unavailable", "internal"]
+
+
+class ApiReply(Struct, omit_defaults=True):
+    ok: bool = True
+    error: str = ""
+    kind: str = ""  # one of ErrorKind when not ok
+    result: msgspec.Raw = msgspec.Raw(b"null")
+
+
+class ApiError(Exception):
+    """Raised by a service core; becomes ApiReply(ok=False, ...)."""
+
+    def __init__(self, message: str, kind: ErrorKind = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def ok_reply(result: object = None) -> bytes:
+    return msgspec.json.encode(ApiReply(result=msgspec.Raw(msgspec.json.encode(result))))
+
+
+def error_reply(message: str, kind: str) -> bytes:
+    return msgspec.json.encode(ApiReply(ok=False, error=message, kind=kind))
+
+
+# --- resources (policy and locks services) ---------------------------------------------
+class CreateRequest(Struct):
+    # Each document as decoded from YAML/JSON; the service decodes it strictly.
+    resources: list[msgspec.Raw]
+    dry_run: bool = False
+
+
+class CreateResult(Struct):
+    messages: list[str] = field(default_factory=list)
+
+
+class GetRequest(Struct):
+    kind: str
+    name: str = ""
+
+
+class DeleteRequest(Struct):
+    kind: str
+    name: str = ""
+
+
+class DeleteResult(Struct):
+    message: str
+
+
+class LockRequest(Struct, omit_defaults=True):
+    target: LockTarget
+    message: str = ""
+    ttl: str = ""  # Go-style duration
+    expires: str = ""  # RFC 3339
+
+
+class LockResult(Struct):
+    name: str
+    message: str
+
+
+class UnlockRequest(Struct):
+    target: LockTarget
+
+
+class UnlockResult(Struct):
+    names: list[str]
+    message: str
+
+
+# --- audit search ------------------------------------------------------------------------
+MAX_SEARCH_LIMIT = 10_000
+DEFAULT_SEARCH_LIMIT = 500
+
+
+class SearchRequest(Struct, omit_defaults=True):
+    start: str = ""  # RFC 3339, inclusive
+    end: str = ""  # RFC 3339, exclusive
+    event_types: list[str] = field(default_factory=list)
+    user: str = ""
+    sid: str = ""
+    limit: int = DEFAULT_SEARCH_LIMIT
+    order: Literal["asc", "desc"] = "asc"
+    start_key: str = ""
+
+
+class SearchResult(Struct):
+    events: list[msgspec.Raw]
+    next_key: str = ""
+
+
+# --- sessions -----------------------------------------------------------------------------
+class SessionInfo(Struct, omit_defaults=True):
+    """An active session, as published fleet-wide in the sessions bucket."""
+
+    sid: str
+    user: str
+    login: str
+    server_id: str
+    server_hostname: str
+    started: str
+    roles: list[str] = field(default_factory=list)
+    cluster_name: str = ""
+    addr_remote: str = ""
+    addr_local: str = ""
+    command: list[str] = field(default_factory=list)
+    interactive: bool = False
+    last_active: str = ""
+    cgroup_id: int = 0
+
+
+class OpenSessionRequest(Struct, omit_defaults=True):
+    """Sent by `ringfence run` (and the OpenSSH hooks) on the enforcer's Unix socket.
+
+    The enforcer trusts user/login only from root peers (SO_PEERCRED); for any
+    other peer both must match the peer's own account.
+    """
+
+    user: str = ""
+    login: str = ""
+    command: list[str] = field(default_factory=list)
+    addr_remote: str = ""
+    addr_local: str = ""
+    interactive: bool = False
+
+
+class OpenSessionReply(Struct, omit_defaults=True):
+    ok: bool
+    sid: str = ""
+    error: str = ""

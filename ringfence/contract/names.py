@@ -1,0 +1,95 @@
+"""Every NATS subject, stream and KV bucket name Ringfence uses, in one place."""
+
+from __future__ import annotations
+
+import base64
+
+# --- services (NATS service discovery names) ---------------------------------
+POLICY = "policy"
+LOCKS = "locks"
+ENFORCER = "enforcer"
+AUDIT = "audit"
+SERVICES = (POLICY, LOCKS, ENFORCER, AUDIT)
+SERVICE_NAME_PREFIX = "ringfence-"
+
+
+def service_name(short: str) -> str:
+    """Discovery name of a service, e.g. 'ringfence-policy'."""
+    return SERVICE_NAME_PREFIX + short
+
+
+# --- audit -------------------------------------------------------------------
+AUDIT_STREAM = "RINGFENCE_AUDIT"
+AUDIT_SUBJECT_PREFIX = "ringfence.audit"
+AUDIT_SUBJECTS = AUDIT_SUBJECT_PREFIX + ".>"
+AUDIT_DURABLE = "audit-writer"
+
+
+def audit_subject(event: str) -> str:
+    """Subject an event of type `event` (e.g. 'session.network') is published on."""
+    return f"{AUDIT_SUBJECT_PREFIX}.{event}"
+
+
+# --- session recordings ------------------------------------------------------
+RECORDINGS_STREAM = "RINGFENCE_RECORDINGS"
+RECORDING_SUBJECT_PREFIX = "ringfence.recording"
+RECORDING_SUBJECTS = RECORDING_SUBJECT_PREFIX + ".>"
+RECORDINGS_DURABLE = "recording-writer"
+
+
+def recording_subject(sid: str) -> str:
+    return f"{RECORDING_SUBJECT_PREFIX}.{sid}"
+
+
+# Live session output for `sessions join` (core NATS, not stored).
+def live_subject(sid: str) -> str:
+    return f"ringfence.live.{sid}"
+
+
+# --- KV buckets ----------------------------------------------------------------
+POLICY_BUCKET = "ringfence_policy"  # network_restrictions, cap, roles, users
+LOCKS_BUCKET = "ringfence_locks"  # one key per lock name
+SESSIONS_BUCKET = "ringfence_sessions"  # one key per active session id
+LEASES_BUCKET = "ringfence_leases"  # connection leases for max_connections
+
+NETWORK_RESTRICTIONS_KEY = "network_restrictions"
+CAP_KEY = "cluster_auth_preference"
+NETWORKING_KEY = "cluster_networking_config"
+ROLE_KEY_PREFIX = "role."
+USER_KEY_PREFIX = "user."
+
+
+def encode_key_part(name: str) -> str:
+    """KV keys allow only [-/_=.a-zA-Z0-9]; user names like alice@example.com do not fit.
+
+    Names are stored base64url-encoded (no padding) so any name round-trips.
+    """
+    return base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
+
+
+def decode_key_part(part: str) -> str:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)).decode()
+
+
+def role_key(name: str) -> str:
+    return ROLE_KEY_PREFIX + encode_key_part(name)
+
+
+def user_key(name: str) -> str:
+    return USER_KEY_PREFIX + encode_key_part(name)
+
+
+# --- request/reply APIs ------------------------------------------------------------
+API_PREFIX = "ringfence.api"
+POLICY_API = f"{API_PREFIX}.{POLICY}"  # .create .get .delete
+LOCKS_API = f"{API_PREFIX}.{LOCKS}"  # .create .get .delete .unlock
+AUDIT_API = f"{API_PREFIX}.{AUDIT}"  # .search .recordings .recording
+ENFORCER_API = f"{API_PREFIX}.{ENFORCER}"  # .<server_id>.kill
+
+
+def api_subject(api: str, verb: str) -> str:
+    return f"{api}.{verb}"
+
+
+def enforcer_subject(server_id: str, verb: str) -> str:
+    return f"{ENFORCER_API}.{server_id}.{verb}"

@@ -1,0 +1,1 @@
+"""What every service process shares: connecting, discovery, start-up, shutdown."""

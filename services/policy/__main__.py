@@ -1,0 +1,8 @@
+"""python -m services.policy"""
+
+from ringfence.runtime.service import run_service
+
+from .adapter import make_adapter
+
+if __name__ == "__main__":
+    run_service("policy", make_adapter)

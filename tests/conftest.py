@@ -1,0 +1,51 @@
+"""Shared fixtures: a real nats-server per test, and service processes against it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.nats import NatsServer  # noqa: E402
+from tests.support.procs import ServiceProcess  # noqa: E402
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path):
+    """A real nats-server with JetStream on a random port, store under tmp_path."""
+    server = NatsServer(tmp_path / "nats").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def services(nats_server: NatsServer, data_dir: Path):
+    """Start services by name: `services("policy", "audit")`; all stopped at the end."""
+    started: list[ServiceProcess] = []
+
+    def start(*names: str, extra: tuple[str, ...] = (), env: dict | None = None) -> list[ServiceProcess]:
+        procs = [ServiceProcess(n, nats_server.url, data_dir, *extra, env=env).start() for n in names]
+        for p in procs:
+            p.wait_ready()
+        started.extend(procs)
+        return procs
+
+    yield start
+    for p in reversed(started):
+        p.stop()
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0

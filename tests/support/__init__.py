@@ -1,0 +1,1 @@
+"""Test support: real nats-server, real service processes, small waiting helpers."""

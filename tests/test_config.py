@@ -1,0 +1,79 @@
+"""The YAML config: keys modelled on teleport.yaml, strict, with clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from ringfence.config import ConfigError, load_config, parse_config
+
+
+def test_seed_shaped_config_is_accepted(tmp_path):
+    path = tmp_path / "ringfence.yaml"
+    path.write_text(
+        """
+cluster_name: teleport-quickstart
+nodename: graviton-node
+data_dir: /var/lib/ringfence
+nats_url: nats://10.0.0.5:4222,nats://10.0.0.6:4222
+ssh_service:
+  enhanced_recording:
+    enabled: true
+    cgroup_path: /cgroup2
+  restricted_session:
+    enabled: true
+"""
+    )
+    cfg = load_config(str(path))
+    assert cfg.cluster_name == "teleport-quickstart"
+    assert cfg.nodename == "graviton-node"
+    assert cfg.nats_urls == ["nats://10.0.0.5:4222", "nats://10.0.0.6:4222"]
+    assert cfg.ssh_service.enhanced_recording.cgroup_path == "/cgroup2"
+    assert cfg.ssh_service.restricted_session.enabled is True
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("nodname: x", "nodname: unknown field"),
+        ("ssh_service:\n  restricted_session:\n    enabled: maybe",
+         'ssh_service.restricted_session.enabled: "maybe": expected `bool`, got `str`'),
+        ("data_dir: relative/dir", 'data_dir: "relative/dir": must be an absolute path'),
+        ("ssh_service:\n  enhanced_recording:\n    cgroup_path: cgroup2",
+         'ssh_service.enhanced_recording.cgroup_path: "cgroup2": must be an absolute path'),
+        ("nats_url: http://x", 'nats_url: "http://x": expected nats://host:port'),
+        ("lock_view_max_staleness: soon", 'lock_view_max_staleness: "soon" is not a duration'),
+        ("- a\n- b", "expected a mapping of keys, got list"),
+        ("a: [", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_key_and_value(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert message in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_flags_beat_environment_beat_file(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text("data_dir: /from/file\nnats_url: nats://file:1\n")
+    monkeypatch.setenv("RINGFENCE_DATA_DIR", "/from/env")
+    cfg = load_config(str(path))
+    assert cfg.data_dir == "/from/env" and cfg.nats_url == "nats://file:1"
+    cfg = load_config(str(path), data_dir="/from/flag", nats_url="nats://flag:2")
+    assert cfg.data_dir == "/from/flag" and cfg.nats_url == "nats://flag:2"
+
+
+def test_defaults_without_a_file(monkeypatch):
+    monkeypatch.delenv("RINGFENCE_DATA_DIR", raising=False)
+    monkeypatch.delenv("RINGFENCE_CONFIG", raising=False)
+    cfg = parse_config("", "(test)")
+    assert cfg.data_dir == "/var/lib/ringfence"
+    assert cfg.ssh_service.restricted_session.enabled is True
+    assert cfg.ssh_service.enhanced_recording.enabled is False
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"cannot read config file .*nope\.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
