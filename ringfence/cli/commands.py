@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from . import status, up
+from . import events, resources, run, status, up
 
 REGISTRY = [
     up.register,
     status.register,
+    resources.register,  # create, get, rm
+    run.register,  # run
+    events.register,  # events search|tail
 ]
