@@ -1,16 +1,152 @@
-"""NATS side of the audit service (placeholder until its issue lands)."""
+"""NATS side of the audit service: the durable pull consumer feeding the writer, and search."""
 
 from __future__ import annotations
 
-from ringfence.runtime.service import ServiceContext
+import asyncio
+import logging
+
+import msgspec
+import nats.errors
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.micro.request import Request
+
+from ringfence.contract import names
+from ringfence.contract.api import ApiError, SearchRequest, SearchResult, ok_reply
+from ringfence.contract.auditlog import log_dir
+from ringfence.contract.strict import DecodeError, decode_json
+from ringfence.runtime.service import ServiceContext, StartupError
+
+from . import core
+from .index import INDEX_FILE, SearchIndex
+from .writer import AuditWriter, Incoming
+
+log = logging.getLogger(__name__)
+
+BATCH = 256  # messages per fetch: one fsync and one index transaction each
+FETCH_WAIT = 1.0  # seconds; also how often an idle writer checks for the day's rollover
+ACK_WAIT = 60.0  # seconds before JetStream redelivers an unacked message
+RETRY_PAUSE = 1.0
+REPLY_OVERHEAD = 4096  # bytes of a search reply that are not event lines
+
+COUNTERS = ("written", "duplicates_skipped", "rejected", "write_errors")
+
+
+def consumer_config() -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=names.AUDIT_DURABLE,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ACK_WAIT,
+        deliver_policy=DeliverPolicy.ALL,  # a first start writes what the stream already holds
+        max_ack_pending=BATCH * 4,
+        max_deliver=-1,  # never give up on an event
+    )
 
 
 class Adapter:
+    def __init__(self) -> None:
+        self.ctx: ServiceContext | None = None
+        self.writer: AuditWriter | None = None
+        self.search_index: SearchIndex | None = None
+        self._sub = None
+        self._task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
+
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
+        for name in COUNTERS:
+            ctx.counters.setdefault(name, 0)
+        directory = log_dir(ctx.config.data_dir)
+        try:
+            self.writer = await asyncio.to_thread(AuditWriter, directory)
+        except RuntimeError as exc:
+            raise StartupError(str(exc)) from None
+        await asyncio.to_thread(self.writer.start)
+        self.search_index = SearchIndex(directory / INDEX_FILE)
+        await self._subscribe()
+        await ctx.add_endpoint("search", names.api_subject(names.AUDIT_API, "search"), self._search)
+        self._task = asyncio.create_task(self._consume(), name="audit-consumer")
+
+    async def _subscribe(self) -> None:
+        assert self.ctx is not None
+        self._sub = await self.ctx.js.pull_subscribe(
+            names.AUDIT_SUBJECTS, durable=names.AUDIT_DURABLE, stream=names.AUDIT_STREAM, config=consumer_config()
+        )
+
+    async def _consume(self) -> None:
+        assert self.ctx is not None and self.writer is not None
+        while not self._stopping.is_set():
+            try:
+                msgs = await self._sub.fetch(BATCH, timeout=FETCH_WAIT)
+            except nats.errors.TimeoutError:
+                await asyncio.to_thread(self.writer.tick)
+                continue
+            except Exception as exc:  # disconnected, consumer deleted, ...: retry, re-binding
+                if self._stopping.is_set():
+                    return
+                log.warning("audit: fetching events failed (%s); retrying", exc)
+                await asyncio.sleep(RETRY_PAUSE)
+                try:
+                    await self._subscribe()
+                except Exception as sub_exc:
+                    log.warning("audit: re-binding consumer %s failed (%s)", names.AUDIT_DURABLE, sub_exc)
+                continue
+            try:
+                await self._handle(msgs)
+            except Exception:  # e.g. acks lost to a disconnect: redelivery is deduplicated
+                log.exception("audit: handling a batch of %d messages failed", len(msgs))
+
+    async def _handle(self, msgs) -> None:
+        assert self.ctx is not None and self.writer is not None
+        batch = [Incoming(m.data, m.subject, _stream_seq(m)) for m in msgs]
+        try:
+            outcome = await asyncio.to_thread(self.writer.write_batch, batch)
+        except Exception:
+            # Nothing is acked: JetStream redelivers, and the writer recovers from disk first.
+            self.ctx.counters["write_errors"] += 1
+            log.exception("audit: writing a batch of %d events failed; it will be redelivered", len(batch))
+            for m in msgs:
+                await m.nak(delay=RETRY_PAUSE)
+            await asyncio.sleep(RETRY_PAUSE)
+            return
+        counters = self.ctx.counters
+        counters["written"] += outcome.written
+        counters["duplicates_skipped"] += outcome.duplicates_skipped
+        counters["rejected"] += outcome.rejected
+        for m in msgs:
+            await m.ack()
+
+    async def _search(self, req: Request) -> bytes:
+        assert self.ctx is not None and self.search_index is not None
+        try:
+            request = decode_json(req.data or b"{}", SearchRequest)
+        except DecodeError as exc:
+            raise ApiError(str(exc)) from None
+        query = core.validate_search(request)
+        rows = await asyncio.to_thread(self.search_index.search, query)
+        lines, next_key = core.take_page(rows, query.limit, self.ctx.nc.max_payload - REPLY_OVERHEAD)
+        return ok_reply(SearchResult(events=[msgspec.Raw(line) for line in lines], next_key=next_key))
 
     async def stop(self) -> None:
-        pass
+        self._stopping.set()
+        if self._task is not None:
+            # Let the current batch finish (and be acked) rather than cut it off.
+            done, _ = await asyncio.wait([self._task], timeout=FETCH_WAIT + 10)
+            if not done:
+                self._task.cancel()
+                return  # a write may still be running in its thread: leave the files to the next start
+            if not self._task.cancelled() and self._task.exception():
+                log.error("audit consumer ended with %r", self._task.exception())
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.close)
+        if self.search_index is not None:
+            self.search_index.close()
+
+
+def _stream_seq(msg) -> int:
+    try:
+        return msg.metadata.sequence.stream
+    except Exception:  # not a JetStream message: no sequence to report
+        return 0
 
 
 def make_adapter(_args) -> Adapter:

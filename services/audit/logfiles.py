@@ -1,0 +1,163 @@
+"""The files under <data_dir>/log: append-only daily files, the events.log link, rejected.log.
+
+Everything here is plain blocking I/O; the adapter calls it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+from ringfence.contract.auditlog import CURRENT_LINK, REJECTED_FILE, daily_file_name
+
+log = logging.getLogger(__name__)
+
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+LOCK_FILE = ".lock"
+
+
+def ensure_log_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, DIR_MODE)  # mkdir's mode is filtered by the umask; this is not
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a new or renamed directory entry durable, not only the file's data."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_append(path: Path) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)  # the umask may have narrowed it, or the file existed with another mode
+    return fd
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def lock_dir(path: Path) -> int:
+    """Hold an exclusive lock on the log folder for the life of the process: two
+    writers would interleave lines and fork the hash chain."""
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"another audit writer holds {path / LOCK_FILE}; only one may write {path}") from None
+    return fd
+
+
+def point_link(directory: Path, target_name: str) -> None:
+    """Atomically make events.log point at `target_name` (a relative link, so the
+    folder can be moved or mounted elsewhere)."""
+    link = directory / CURRENT_LINK
+    with contextlib.suppress(OSError):
+        if os.readlink(link) == target_name:
+            return
+    tmp = directory / f".{CURRENT_LINK}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target_name, tmp)
+    os.replace(tmp, link)
+    fsync_dir(directory)
+
+
+def repair_tail(path: Path) -> int:
+    """Cut a partial last line (a crash mid-write; never acked, so it will be
+    redelivered). Returns the number of bytes removed."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        # Find the last newline, reading backwards in blocks.
+        end = size
+        keep = 0
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            block = f.read(end - start)
+            i = block.rfind(b"\n")
+            if i >= 0:
+                keep = start + i + 1
+                break
+            end = start
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    return size - keep
+
+
+class DailyLog:
+    """The current day's file, opened append-only; rolls over when the UTC day changes."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.name = ""  # current file name
+        self.size = 0  # bytes in the current file: the offset of the next line
+        self._fd: int | None = None
+
+    def roll_to(self, now: dt.datetime) -> None:
+        name = daily_file_name(now)
+        if name == self.name and self._fd is not None:
+            return
+        self.close()
+        path = self.directory / name
+        created = not path.exists()
+        self._fd = open_append(path)
+        self.name = name
+        self.size = os.fstat(self._fd).st_size
+        if created:
+            fsync_dir(self.directory)
+            log.info("audit log: writing %s", path)
+        point_link(self.directory, name)
+
+    def append(self, data: bytes) -> int:
+        """Write and fsync; returns the offset the data starts at. Not durable until this returns."""
+        assert self._fd is not None, "roll_to() first"
+        offset = self.size
+        try:
+            write_all(self._fd, data)
+            os.fsync(self._fd)
+        except OSError:
+            # How much reached the file is unknown now; the caller recovers from disk.
+            self.close()
+            raise
+        self.size = offset + len(data)
+        return offset
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self.name = ""
+
+
+class RejectLog:
+    """rejected.log: one JSON record per message that was not an event."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / REJECTED_FILE
+
+    def append(self, data: bytes) -> None:
+        fd = open_append(self.path)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
