@@ -1,16 +1,145 @@
-"""NATS side of the policy service (placeholder until its issue lands)."""
+"""NATS side of the policy service: the create/get/delete endpoints over the policy bucket."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+import msgspec
+from nats.js.errors import KeyDeletedError, KeyNotFoundError
+from nats.js.kv import KeyValue
+from nats.micro.request import Request
+
+from ringfence.contract import api, names
+from ringfence.contract.events import AuditEvent
+from ringfence.runtime.audit_publish import publish_event, stamp
 from ringfence.runtime.service import ServiceContext
+
+from . import core
+
+log = logging.getLogger(__name__)
+
+# Until operator authentication lands, the acting user is whatever the caller
+# states here (or nobody). actor_of() is the one place that decides it.
+ACTOR_HEADER = "Ringfence-Actor"
+PUBLISH_ATTEMPTS = 3
+# Room for the KV subject and headers next to a value within NATS's max_payload.
+MESSAGE_OVERHEAD = 1024
+
+
+def actor_of(req: Request) -> str:
+    return (req.headers or {}).get(ACTOR_HEADER, "")
 
 
 class Adapter:
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
+        self.kv: KeyValue = await ctx.js.key_value(names.POLICY_BUCKET)
+        # One writer at a time in this process, so "created" vs "updated" and the
+        # order of audit events match the order in which changes were written.
+        self.write_lock = asyncio.Lock()
+        for counter in ("changes_applied", "requests_rejected", "audit_publish_failures"):
+            ctx.counters.setdefault(counter, 0)
+        await ctx.add_endpoint("create", names.api_subject(names.POLICY_API, "create"), self.create)
+        await ctx.add_endpoint("get", names.api_subject(names.POLICY_API, "get"), self.get)
+        await ctx.add_endpoint("delete", names.api_subject(names.POLICY_API, "delete"), self.delete)
 
     async def stop(self) -> None:
         pass
+
+    # --- endpoints ------------------------------------------------------------------
+
+    async def create(self, req: Request) -> bytes:
+        try:
+            docs, dry_run = core.decode_create_request(req.data)
+            checked = core.check_documents(docs)
+        except api.ApiError:
+            self.ctx.counters["requests_rejected"] += 1
+            raise
+        async with self.write_lock:
+            keys = {core.storage_key(d.resource) for d in checked}
+            existing_keys = {k for k in keys if await self._read(k) is not None}
+            wanted_roles = core.referenced_roles(checked)
+            existing_roles = {n for n in wanted_roles if await self._read(names.role_key(n)) is not None}
+            max_value = self.ctx.nc.max_payload - MESSAGE_OVERHEAD
+            changes = core.plan_create(checked, existing_keys, existing_roles, actor_of(req), max_value)
+            problems = [] if dry_run else await self._apply(changes)
+        return api.ok_reply(api.CreateResult(messages=core.create_messages(changes) + problems))
+
+    async def get(self, req: Request) -> bytes:
+        request = _decode(req.data, api.GetRequest)
+        look = core.lookup(request.kind, request.name)
+        if look.key:
+            value = await self._read(look.key)
+            values = [value] if value is not None else []
+        else:
+            values = await self._read_prefix(look.prefix)
+        return api.ok_reply(core.get_result(look, values))
+
+    async def delete(self, req: Request) -> bytes:
+        request = _decode(req.data, api.DeleteRequest)
+        look = core.lookup(request.kind, request.name)
+        async with self.write_lock:
+            exists = bool(look.key) and await self._read(look.key) is not None
+            change = core.plan_delete(look, exists, actor_of(req))
+            problems = await self._apply([change])
+        return api.ok_reply(api.DeleteResult(message="\n".join([change.message, *problems])))
+
+    # --- KV and audit -------------------------------------------------------------------
+
+    async def _read(self, key: str) -> bytes | None:
+        try:
+            entry = await self.kv.get(key)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        return entry.value
+
+    async def _read_prefix(self, prefix: str) -> list[bytes]:
+        """Current values under `prefix`, ordered by key (stable listings)."""
+        watcher = await self.kv.watch(prefix + ">", ignore_deletes=True)
+        found: dict[str, bytes] = {}
+        try:
+            async for entry in watcher:
+                if entry is None:  # caught up with the bucket's current state
+                    break
+                if entry.value:
+                    found[entry.key] = entry.value
+        finally:
+            await watcher.stop()
+        return [found[k] for k in sorted(found)]
+
+    async def _apply(self, changes: list[core.Change]) -> list[str]:
+        """Write every change, then publish its event; warnings for events that were lost."""
+        for change in changes:
+            if change.value is None:
+                await self.kv.delete(change.key)
+            else:
+                await self.kv.put(change.key, change.value)
+            self.ctx.counters["changes_applied"] += 1
+        # Events after every write: the audit log never records a change that did not happen.
+        return [w for change in changes if (w := await self._publish(change.event))]
+
+    async def _publish(self, event: AuditEvent) -> str:
+        """Publish `event`; on failure the change stands, so say so instead of failing the request."""
+        stamp(event, self.ctx)
+        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+            try:
+                await publish_event(self.ctx.js, event)
+                return ""
+            except Exception as exc:  # retried: the uid is the msg id, so a duplicate is dropped
+                if attempt == PUBLISH_ATTEMPTS:
+                    self.ctx.counters["audit_publish_failures"] += 1
+                    log.error("audit event %s (%s) not published: %r", event.event_type(), event.uid, exc)
+                    return f"warning: the change was applied but its audit event {event.event_type()} was not recorded"
+                await asyncio.sleep(0.2 * attempt)
+        return ""
+
+
+def _decode(data: bytes, type_: type):
+    try:
+        return msgspec.json.decode(data, type=type_)
+    except msgspec.DecodeError as exc:
+        raise api.ApiError(f"malformed request: {exc}") from None
 
 
 def make_adapter(_args) -> Adapter:

@@ -1,0 +1,291 @@
+"""The policy service's decisions, without I/O.
+
+The adapter reads what exists, asks this module what to change, then writes.
+Every document of a request is checked before anything is planned, so a bad
+document anywhere means nothing changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from ringfence.contract import api, events, names, strict
+from ringfence.contract import resources as r
+
+from .checks import check
+
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+MAX_PROBLEMS_SHOWN = 50  # more would scroll the first (usually the cause) out of sight
+
+SINGLETON_KEYS = {
+    "network_restrictions": names.NETWORK_RESTRICTIONS_KEY,
+    "cluster_auth_preference": names.CAP_KEY,
+    "cluster_networking_config": names.NETWORKING_KEY,
+}
+SINGLETON_NAMES = {
+    "network_restrictions": r.NETWORK_RESTRICTIONS_NAME,
+    "cluster_auth_preference": r.CAP_NAME,
+    "cluster_networking_config": r.NETWORKING_NAME,
+}
+NAMED_KEY_PREFIXES = {"role": names.ROLE_KEY_PREFIX, "user": names.USER_KEY_PREFIX}
+NAMED_KEYS = {"role": names.role_key, "user": names.user_key}
+
+# What `get` shows for a singleton nobody created: the settings in force.
+# network_restrictions has none: without the resource everything is allowed.
+DEFAULTS: dict[str, r.Resource] = {
+    "cluster_auth_preference": r.ClusterAuthPreference(),
+    "cluster_networking_config": r.ClusterNetworkingConfig(),
+}
+
+NETWORK_RESTRICTIONS_UPDATED = "network restrictions have been updated"
+NETWORK_RESTRICTIONS_RESET = "network restrictions have been reset to defaults (allow all)"
+CAP_UPDATED = "cluster auth preference has been updated"
+CAP_RESET = "cluster auth preference has been reset to defaults"
+NETWORKING_UPDATED = "cluster networking configuration has been updated"
+NETWORKING_RESET = "cluster networking configuration has been reset to defaults"
+
+
+def quote(name: str) -> str:
+    """Go's %q for the names we allow (no control characters): "alice"."""
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass(frozen=True)
+class Document:
+    label: str  # `document 2 (role "x")`, how errors and warnings name it
+    resource: r.Resource  # checked, in the form to store
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    value: bytes | None  # None deletes the key
+    message: str
+    event: events.AuditEvent
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+# --- requests -------------------------------------------------------------------------
+
+
+def decode_create_request(data: bytes) -> tuple[list[Any], bool]:
+    """The untyped documents of a create request, and whether it is a dry run."""
+    if len(data) > MAX_REQUEST_BYTES:
+        raise api.ApiError(
+            f"the request is {len(data)} bytes; at most {MAX_REQUEST_BYTES} ({MAX_REQUEST_BYTES >> 20} MiB) "
+            "are accepted: split the documents into several requests"
+        )
+    try:
+        # Typed decoding keeps each document as raw JSON; strict.convert checks it below.
+        request = msgspec.json.decode(data, type=api.CreateRequest)
+    except msgspec.DecodeError as exc:
+        raise api.ApiError(f"malformed create request: {exc}") from None
+    if not request.resources:
+        raise api.ApiError("the request contains no documents")
+    return [msgspec.json.decode(raw) for raw in request.resources], request.dry_run
+
+
+def canonical_kind(text: str) -> str:
+    kind = r.KIND_ALIASES.get(text)
+    if kind is None:
+        known = ", ".join(sorted(set(r.KIND_ALIASES.values())))
+        raise api.ApiError(f"unknown kind {quote(text)}; use one of {known}")
+    if kind in r.LOCK_KINDS:
+        raise api.ApiError(f'kind "{kind}" is served by the locks service, not the policy service')
+    return kind
+
+
+# --- create ----------------------------------------------------------------------------
+
+
+def document_label(position: int, doc: Any) -> str:
+    """`document 2 (role "x")` from whatever the user wrote, valid or not."""
+    kind = doc.get("kind") if isinstance(doc, dict) else None
+    metadata = doc.get("metadata") if isinstance(doc, dict) else None
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    if not isinstance(kind, str):
+        return f"document {position}"
+    if isinstance(name, str):
+        return f"document {position} ({kind} {quote(name)})"
+    return f"document {position} ({kind})"
+
+
+def storage_key(res: r.Resource) -> str:
+    kind = res.__struct_config__.tag
+    if kind in SINGLETON_KEYS:
+        return SINGLETON_KEYS[kind]
+    return NAMED_KEYS[kind](res.metadata.name)  # type: ignore[attr-defined]
+
+
+def check_documents(docs: list[Any]) -> list[Document]:
+    """Decode and check every document; raise one ApiError naming every problem."""
+    problems: list[str] = []
+    checked: list[Document] = []
+    first_of_key: dict[str, int] = {}
+    for position, doc in enumerate(docs, 1):
+        label = document_label(position, doc)
+        try:
+            decoded = strict.convert(doc, r.AnyResource)
+        except strict.DecodeError as exc:
+            problems.append(f"{label}: {exc}")
+            continue
+        found, stored = check(decoded)
+        if not found:
+            key = storage_key(stored)
+            if key in first_of_key:
+                # Which of two versions should win is a guess; make the user say.
+                found = [f"the request already contains this resource (document {first_of_key[key]})"]
+            first_of_key.setdefault(key, position)
+        problems.extend(f"{label}: {p}" for p in found)
+        checked.append(Document(label, stored))
+    if problems:
+        raise api.ApiError(format_problems(problems))
+    return checked
+
+
+def format_problems(problems: list[str]) -> str:
+    shown = problems[:MAX_PROBLEMS_SHOWN]
+    if len(problems) > len(shown):
+        shown.append(f"... and {len(problems) - len(shown)} more problems")
+    return "\n".join(shown)
+
+
+def _defined_roles(docs: list[Document]) -> set[str]:
+    return {d.resource.metadata.name for d in docs if isinstance(d.resource, r.Role)}
+
+
+def referenced_roles(docs: list[Document]) -> set[str]:
+    """Roles users in the request refer to that the request does not define itself."""
+    wanted = {role for d in docs if isinstance(d.resource, r.User) for role in d.resource.spec.roles}
+    return wanted - _defined_roles(docs)
+
+
+def plan_create(
+    docs: list[Document],
+    existing_keys: set[str],
+    existing_roles: set[str],
+    actor: str,
+    max_value_bytes: int,
+) -> list[Change]:
+    """One change per document.
+
+    `existing_keys`: which of the documents' keys hold a resource now (decides
+    "created" or "updated"). `existing_roles`: which referenced roles exist.
+    Users may name roles that do not exist yet, so that users and roles can be
+    created in any order (and a role can be re-created); they get a warning.
+    """
+    changes: list[Change] = []
+    too_big: list[str] = []
+    available_roles = existing_roles | _defined_roles(docs)
+    for doc in docs:
+        res = doc.resource
+        value = r.encode(res)
+        if len(value) > max_value_bytes:
+            too_big.append(
+                f"{doc.label}: {len(value)} bytes once encoded; NATS carries at most {max_value_bytes} "
+                "per message (max_payload)"
+            )
+        existed = storage_key(res) in existing_keys
+        message, event = _created(res, existed)
+        event.user = actor
+        warnings: tuple[str, ...] = ()
+        if isinstance(res, r.User):
+            missing = [role for role in res.spec.roles if role not in available_roles]
+            warnings = tuple(
+                f"warning: user {quote(res.metadata.name)} refers to role {quote(role)}, which does not exist yet"
+                for role in missing
+            )
+        changes.append(Change(storage_key(res), value, message, event, warnings))
+    if too_big:
+        raise api.ApiError(format_problems(too_big))
+    return changes
+
+
+def _created(res: r.Resource, existed: bool) -> tuple[str, events.AuditEvent]:
+    verb = "updated" if existed else "created"
+    if isinstance(res, r.NetworkRestrictions):
+        counts = events.NetworkRestrictionsUpdated(allow=len(res.spec.allow), deny=len(res.spec.deny))
+        return NETWORK_RESTRICTIONS_UPDATED, counts
+    if isinstance(res, r.Role):
+        # The original emits role.created for updates too; there is no role.updated.
+        return f"role '{res.metadata.name}' has been {verb}", events.RoleCreated(name=res.metadata.name)
+    if isinstance(res, r.User):
+        event = events.UserCreated(name=res.metadata.name, roles=list(res.spec.roles))
+        return f"user {quote(res.metadata.name)} has been {verb}", event
+    if isinstance(res, r.ClusterAuthPreference):
+        return CAP_UPDATED, events.CapUpdated(locking_mode=res.spec.locking_mode)
+    if isinstance(res, r.ClusterNetworkingConfig):
+        event = events.NetworkingConfigUpdated(client_idle_timeout=res.spec.client_idle_timeout)
+        return NETWORKING_UPDATED, event
+    raise AssertionError(f"unplanned kind {type(res).__name__}")  # check() admits no other kind
+
+
+def create_messages(changes: list[Change]) -> list[str]:
+    return [line for c in changes for line in (c.message, *c.warnings)]
+
+
+# --- get and delete -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Where a `get` or `delete` looks: one key, or every key under a prefix."""
+
+    kind: str
+    name: str
+    key: str = ""
+    prefix: str = ""
+
+
+def lookup(kind_text: str, name: str) -> Lookup:
+    kind = canonical_kind(kind_text)
+    if kind in SINGLETON_KEYS:
+        expected = SINGLETON_NAMES[kind]
+        if name and name != expected:
+            raise api.ApiError(f"{kind} {quote(name)} not found; the only one is named {quote(expected)}",
+                               "not_found")
+        return Lookup(kind, expected, key=SINGLETON_KEYS[kind])
+    if name:
+        return Lookup(kind, name, key=NAMED_KEYS[kind](name))
+    return Lookup(kind, "", prefix=NAMED_KEY_PREFIXES[kind])
+
+
+def not_found(look: Lookup) -> api.ApiError:
+    return api.ApiError(f"{look.kind} {quote(look.name)} not found", "not_found")
+
+
+def get_result(look: Lookup, values: list[bytes]) -> list[msgspec.Raw]:
+    """The stored values `look` found, or the defaults in force for a singleton."""
+    if not values and look.key:
+        if look.kind in DEFAULTS:
+            return [msgspec.Raw(r.encode(DEFAULTS[look.kind]))]
+        if look.kind not in SINGLETON_KEYS:
+            raise not_found(look)
+    return [msgspec.Raw(v) for v in values]
+
+
+def plan_delete(look: Lookup, exists: bool, actor: str) -> Change:
+    """Deleting a singleton resets it to defaults and succeeds even when it was
+    not set (the end state is what the operator asked for); deleting an absent
+    role or user is an error, since the name was probably mistyped."""
+    if not look.key:
+        raise api.ApiError(f"name the {look.kind} to delete: ringfence rm {look.kind}/NAME")
+    event: events.AuditEvent
+    if look.kind == "network_restrictions":
+        message, event = NETWORK_RESTRICTIONS_RESET, events.NetworkRestrictionsReset()
+    elif look.kind == "cluster_auth_preference":
+        default_mode = r.ClusterAuthPreferenceSpec().locking_mode
+        message, event = CAP_RESET, events.CapUpdated(locking_mode=default_mode)
+    elif look.kind == "cluster_networking_config":
+        message, event = NETWORKING_RESET, events.NetworkingConfigUpdated(client_idle_timeout="")
+    elif not exists:
+        raise not_found(look)
+    elif look.kind == "role":
+        message, event = f"role {quote(look.name)} has been deleted", events.RoleDeleted(name=look.name)
+    else:
+        message, event = f"user {quote(look.name)} has been deleted", events.UserDeleted(name=look.name)
+    event.user = actor
+    return Change(look.key, None, message, event)
