@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 256  # messages per fetch: one fsync and one index transaction each
 FETCH_WAIT = 1.0  # seconds; also how often an idle writer checks for the day's rollover
-ACK_WAIT = 60.0  # seconds before JetStream redelivers an unacked message
+ACK_WAIT = 30.0  # seconds before JetStream redelivers an unacked message (deduplicated if early)
 RETRY_PAUSE = 1.0
 REPLY_OVERHEAD = 4096  # bytes of a search reply that are not event lines
 
