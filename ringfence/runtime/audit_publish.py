@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import msgspec
 from nats.js import JetStreamContext
 
 from ..contract import names
@@ -28,3 +31,26 @@ async def publish_event(js: JetStreamContext, event: AuditEvent, timeout: float 
         timeout=timeout,
         headers={MSG_ID_HEADER: event.uid},
     )
+
+
+class _Envelope(msgspec.Struct):
+    event: str
+    uid: str
+
+
+_envelope = msgspec.json.Decoder(_Envelope)
+
+
+async def publish_encoded(js: JetStreamContext, lines: list[bytes], timeout: float = 10.0) -> None:
+    """Publish already-encoded events in order, pipelined; returns when all are acked.
+
+    Raises on any failure; the caller re-sends the batch (uids make that safe)."""
+    futures = []
+    for line in lines:
+        env = _envelope.decode(line)
+        futures.append(
+            await js.publish_async(
+                names.audit_subject(env.event), line, headers={MSG_ID_HEADER: env.uid}, wait_stall=timeout
+            )
+        )
+    await asyncio.wait_for(asyncio.gather(*futures), timeout)

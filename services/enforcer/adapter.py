@@ -1,17 +1,187 @@
-"""NATS side of the enforcer service (placeholder until its issue lands)."""
+"""The enforcer: one per host, root. Wires cgroups, BPF, the session socket,
+the policy follower and the event spool to NATS."""
 
 from __future__ import annotations
 
-from ringfence.runtime.service import ServiceContext
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+from ringfence.contract import names
+from ringfence.contract.events import AuditEvent, EventsLost, encode_event
+from ringfence.runtime.audit_publish import publish_encoded, stamp
+from ringfence.runtime.service import ServiceContext, StartupError
+
+from . import kernel
+from .cgroups import CgroupTree
+from .netevents import NetRecord, to_event
+from .policy_follower import PolicyFollower
+from .restricted_bpf import SESSION_RECORDED, SESSION_RESTRICTED, BpfLoadError, NetEvent, RestrictedBPF
+from .session_core import Peer
+from .session_manager import SessionManager
+from .session_socket import SessionSocket
+from .session_store import SessionStore
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+LOST_REPORT_INTERVAL = 5.0
 
 
-class Adapter:
+def socket_path(data_dir: str) -> Path:
+    return Path(data_dir) / "enforcer.sock"
+
+
+class EnforcerAdapter:
+    def __init__(self) -> None:
+        self.ctx: ServiceContext | None = None
+        self.bpf: RestrictedBPF | None = None
+        self.spool: Spool | None = None
+        self.sessions: SessionManager | None = None
+        self.socket: SessionSocket | None = None
+        self.policy: PolicyFollower | None = None
+        self.stop_event = asyncio.Event()
+        self.tasks: list[asyncio.Task] = []
+
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
+        cfg = ctx.config
+        rec = cfg.ssh_service.enhanced_recording
+        try:
+            kernel.check_host()
+            mount = kernel.find_cgroup2(rec.cgroup_path)
+            bpffs = kernel.ensure_bpffs()
+            tree = CgroupTree(mount, cfg.nodename)
+            self.bpf = await asyncio.to_thread(
+                RestrictedBPF, bpffs / "ringfence" / cfg.nodename, rec.ring_buffer_kib * 1024
+            )
+            self.bpf.attach(tree.root)
+        except (kernel.HostNotReady, BpfLoadError) as exc:
+            raise StartupError(str(exc)) from None
+        log.info("restricted-session programs attached to %s (cgroup2 at %s)", tree.root, mount)
+
+        data = Path(cfg.data_dir) / "enforcer"
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        Path(cfg.data_dir).chmod(0o755)  # session users reach the socket inside it
+        self.spool = Spool(data / "spool")
+        flags = (SESSION_RESTRICTED if cfg.ssh_service.restricted_session.enabled else 0) | (
+            SESSION_RECORDED if rec.enabled else 0
+        )
+        node = {"cluster_name": cfg.cluster_name, "server_id": ctx.server_id, "server_hostname": ctx.hostname}
+        self.sessions = SessionManager(
+            tree=tree,
+            bpf=self.bpf,
+            store=SessionStore(data / "sessions"),
+            emit=self.emit,
+            node=node,
+            flags=flags,
+            reader_cycles=lambda: self.bpf.reader_cycles,
+            counters=ctx.counters,
+        )
+        self.sessions.start(asyncio.get_running_loop())
+        ended = self.sessions.restore()
+        # Sessions are known before the first record is read, so even records
+        # written while no enforcer ran are attributed to their session.
+        for key in ("network_events", "unattributed_events", "lost_network"):
+            ctx.counters.setdefault(key, 0)
+        self.bpf.start_reader(self._on_net_event)
+        for sid in ended:
+            await self.sessions.end(sid)
+
+        self.sessions.kv = await ctx.js.key_value(names.SESSIONS_BUCKET)
+        await self.sessions.publish_all()
+        self.policy = PolicyFollower(
+            self.bpf, ctx.nc, cfg.ssh_service.restricted_session.enabled, rec.enabled, ctx.counters
+        )
+        self.tasks = [
+            asyncio.create_task(self.policy.run(self.stop_event), name="policy"),
+            asyncio.create_task(self.spool.run(lambda lines: publish_encoded(ctx.js, lines), self.stop_event),
+                                name="spool"),
+            asyncio.create_task(self._report_lost(data / "lost_reported"), name="lost"),
+        ]
+        for t in self.tasks:
+            t.add_done_callback(_crash_on_failure)
+        self.socket = SessionSocket(socket_path(cfg.data_dir), self._open_session, tree.in_any_session)
+        await self.socket.start()
+        log.info("session socket at %s", self.socket.path)
+
+    async def _open_session(self, peer: Peer, req) -> str:
+        assert self.sessions is not None
+        info = await self.sessions.open(peer, req)
+        return info.sid
+
+    def emit(self, event: AuditEvent) -> None:
+        """Queue an event for the audit trail (durably, before returning)."""
+        assert self.ctx is not None and self.spool is not None
+        self.spool.append(encode_event(stamp(event, self.ctx)))
+
+    # Runs on the ring-buffer thread.
+    def _on_net_event(self, raw: NetEvent) -> None:
+        assert self.ctx is not None and self.sessions is not None and self.spool is not None
+        wall = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) + raw.boot_ns / 1e9
+        rec = NetRecord(
+            wall_time=wall,
+            cgroup_id=raw.cgroup_id,
+            pid=raw.pid,
+            family=raw.family,
+            dst_port=raw.dst_port,
+            operation=raw.operation,
+            action=raw.action,
+            src_addr=bytes(raw.src_addr),
+            dst_addr=bytes(raw.dst_addr),
+            comm=raw.comm.decode(errors="replace"),
+        )
+        session = self.sessions.lookup_cgroup(rec.cgroup_id)
+        counters = self.ctx.counters
+        counters["network_events"] += 1
+        if session is None:
+            counters["unattributed_events"] += 1
+            log.warning("network event from cgroup %d that is no known session", rec.cgroup_id)
+        self.spool.append(encode_event(stamp(to_event(rec, session), self.ctx)))
+
+    async def _report_lost(self, state: Path) -> None:
+        """Turn the kernel's drop counter into audit events (and a stats counter)."""
+        assert self.bpf is not None and self.ctx is not None
+        try:
+            reported = int(state.read_text())
+        except (FileNotFoundError, ValueError):
+            reported = 0
+        while not self.stop_event.is_set():
+            total = self.bpf.lost()
+            self.ctx.counters["lost_network"] = total
+            if total > reported:
+                self.emit(EventsLost(source="network", lost=total - reported, total=total))
+                log.warning("%d network events lost: the ring buffer was full (total %d); "
+                            "raise ssh_service.enhanced_recording.ring_buffer_kib", total - reported, total)
+                reported = total
+                state.write_text(str(reported))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), LOST_REPORT_INTERVAL)
 
     async def stop(self) -> None:
-        pass
+        # Programs stay attached and maps stay pinned: enforcement continues.
+        self.stop_event.set()
+        if self.socket:
+            await self.socket.stop()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(t, 10)
+        if self.bpf:
+            self.bpf.stop_reader()
+        if self.spool:
+            self.spool.close()
+        if self.sessions and self.sessions.watcher:
+            self.sessions.watcher.close()
+        if self.bpf:
+            self.bpf.close()
 
 
-def make_adapter(_args) -> Adapter:
-    return Adapter()
+def _crash_on_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception():
+        log.critical("enforcer task %s failed", task.get_name(), exc_info=task.exception())
+
+
+def make_adapter(_args) -> EnforcerAdapter:
+    return EnforcerAdapter()

@@ -1,0 +1,60 @@
+"""Kernel network records to session.network audit events. Pure."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from ringfence.contract.api import SessionInfo
+from ringfence.contract.events import SessionNetwork
+
+
+@dataclass(frozen=True)
+class NetRecord:
+    """A copy of struct net_event, detached from the ring buffer."""
+
+    wall_time: float
+    cgroup_id: int
+    pid: int
+    family: int
+    dst_port: int
+    operation: int
+    action: int
+    src_addr: bytes
+    dst_addr: bytes
+    comm: str
+
+
+def _addr(family: int, raw: bytes) -> str:
+    if family == socket.AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    return str(ipaddress.IPv6Address(raw[:16]))
+
+
+def rfc3339(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def to_event(rec: NetRecord, session: SessionInfo | None) -> SessionNetwork:
+    ev = SessionNetwork(
+        time=rfc3339(rec.wall_time),
+        pid=rec.pid,
+        cgroup_id=rec.cgroup_id,
+        program=rec.comm,
+        src_addr=_addr(rec.family, rec.src_addr),
+        dst_addr=_addr(rec.family, rec.dst_addr),
+        dst_port=rec.dst_port,
+        version=4 if rec.family == socket.AF_INET else 6,
+        operation=rec.operation,
+        action=rec.action,
+    )
+    if session:
+        ev.sid = session.sid
+        ev.user = session.user
+        ev.login = session.login
+        ev.cluster_name = session.cluster_name
+        ev.server_id = session.server_id
+        ev.server_hostname = session.server_hostname
+    return ev
