@@ -1,0 +1,187 @@
+"""The audit writer on a real filesystem: files, modes, link, rollover, exactly-once, recovery."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sqlite3
+import stat
+
+import msgspec
+import pytest
+
+from ringfence.contract.auditlog import daily_files, verify_files
+from ringfence.contract.events import Exec, SessionCommand, SessionNetwork, encode_event
+from services.audit.writer import AuditWriter, Incoming
+
+DAY1 = dt.datetime(2021, 7, 22, 23, 59, 58, tzinfo=dt.UTC)
+
+
+class Clock:
+    def __init__(self, now: dt.datetime = DAY1) -> None:
+        self.now = now
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+def msg(event) -> Incoming:
+    return Incoming(encode_event(event), "ringfence.audit." + event.event_type(), 1)
+
+
+def open_writer(directory, clock=None) -> AuditWriter:
+    w = AuditWriter(directory, clock or Clock())
+    w.start()
+    return w
+
+
+def lines(path) -> list[dict]:
+    return [msgspec.json.decode(line) for line in path.read_bytes().splitlines()]
+
+
+def all_lines(directory) -> list[dict]:
+    return [e for f in daily_files(directory) for e in lines(f)]
+
+
+def test_first_batch_creates_the_day_file_link_and_modes(tmp_path):
+    d = tmp_path / "log"
+    w = open_writer(d)
+    out = w.write_batch([msg(SessionNetwork(uid="u1", sid="s1")), msg(Exec(uid="u2"))])
+    w.close()
+    assert (out.written, out.duplicates_skipped, out.rejected) == (2, 0, 0)
+    day = d / "2021-07-22.00:00:00.log"
+    assert stat.S_IMODE(d.stat().st_mode) == 0o750
+    assert stat.S_IMODE(day.stat().st_mode) == 0o640
+    assert os.readlink(d / "events.log") == day.name
+    assert [e["uid"] for e in lines(d / "events.log")] == ["u1", "u2"]
+    assert verify_files([day]).verified == 2
+
+
+def test_ei_counts_per_session_and_continues_after_a_restart(tmp_path):
+    d = tmp_path / "log"
+    w = open_writer(d)
+    w.write_batch([msg(SessionNetwork(uid=f"a{i}", sid="A")) for i in range(3)] + [msg(Exec(uid="x"))])
+    w.close()
+    w = open_writer(d)
+    w.write_batch([msg(SessionCommand(uid="b0", sid="B")), msg(SessionNetwork(uid="a3", sid="A"))])
+    w.close()
+    assert [(e["uid"], e["ei"]) for e in all_lines(d)] == [
+        ("a0", 0), ("a1", 1), ("a2", 2), ("x", 0), ("b0", 0), ("a3", 3)
+    ]
+    assert verify_files(daily_files(d)).broken is None  # the chain continued across the restart
+
+
+def test_a_uid_is_written_once_within_a_batch_across_batches_and_restarts(tmp_path):
+    d = tmp_path / "log"
+    w = open_writer(d)
+    first = w.write_batch([msg(Exec(uid="u1")), msg(Exec(uid="u1", command="again"))])
+    second = w.write_batch([msg(Exec(uid="u1"))])
+    w.close()
+    w = open_writer(d)
+    third = w.write_batch([msg(Exec(uid="u1")), msg(Exec(uid="u2"))])
+    w.close()
+    assert [o.duplicates_skipped for o in (first, second, third)] == [1, 1, 1]
+    assert [e["uid"] for e in all_lines(d)] == ["u1", "u2"]
+
+
+def test_rollover_at_midnight_moves_the_link_and_chains_the_new_day(tmp_path):
+    d = tmp_path / "log"
+    clock = Clock()
+    w = open_writer(d, clock)
+    w.write_batch([msg(Exec(uid="u1"))])
+    clock.now += dt.timedelta(seconds=5)
+    w.tick()  # idle: rolls over without an event
+    assert os.readlink(d / "events.log") == "2021-07-23.00:00:00.log"
+    w.write_batch([msg(Exec(uid="u2"))])
+    w.close()
+    files = daily_files(d)
+    assert [f.name for f in files] == ["2021-07-22.00:00:00.log", "2021-07-23.00:00:00.log"]
+    assert [[e["uid"] for e in lines(f)] for f in files] == [["u1"], ["u2"]]
+    assert verify_files(files).verified == 2
+    assert verify_files(files[1:]).broken is not None  # day 2 chains to day 1, not to zeros
+
+
+def test_garbage_is_dead_lettered_and_the_rest_of_the_batch_written(tmp_path):
+    d = tmp_path / "log"
+    w = open_writer(d)
+    out = w.write_batch([Incoming(b"\x00garbage", "ringfence.audit.x", 9), msg(Exec(uid="u1"))])
+    w.close()
+    assert (out.written, out.rejected) == (1, 1)
+    [record] = lines(d / "rejected.log")
+    assert record["stream_seq"] == 9 and "malformed" in record["reason"]
+    assert stat.S_IMODE((d / "rejected.log").stat().st_mode) == 0o640
+
+
+def test_recovery_cuts_a_partial_last_line(tmp_path):
+    d = tmp_path / "log"
+    w = open_writer(d)
+    w.write_batch([msg(Exec(uid="u1"))])
+    w.close()
+    day = daily_files(d)[0]
+    with open(day, "ab") as f:  # killed in the middle of writing u2
+        f.write(encode_event(Exec(uid="u2"))[:30])
+    w = open_writer(d)
+    w.write_batch([msg(Exec(uid="u2"))])  # the redelivery
+    w.close()
+    assert [e["uid"] for e in lines(day)] == ["u1", "u2"]
+    assert verify_files([day]).verified == 2
+
+
+def test_recovery_indexes_lines_written_before_the_index_commit(tmp_path):
+    d = tmp_path / "log"
+    w = open_writer(d)
+    w.write_batch([msg(SessionNetwork(uid="u1", sid="S"))])
+    w.write_batch([msg(SessionNetwork(uid="u2", sid="S")), msg(SessionNetwork(uid="u3", sid="S"))])
+    w.close()
+    # Killed after the fsync of the second batch, before its index transaction.
+    with sqlite3.connect(d / "index.sqlite") as db:
+        db.execute("DELETE FROM events WHERE uid IN ('u2', 'u3')")
+    w = open_writer(d)
+    out = w.write_batch([msg(SessionNetwork(uid=u, sid="S")) for u in ("u2", "u3", "u4")])
+    w.close()
+    assert (out.written, out.duplicates_skipped) == (1, 2)
+    assert [(e["uid"], e["ei"]) for e in all_lines(d)] == [("u1", 0), ("u2", 1), ("u3", 2), ("u4", 3)]
+    assert verify_files(daily_files(d)).verified == 4
+
+
+def test_a_lost_index_is_rebuilt_from_the_files(tmp_path):
+    d = tmp_path / "log"
+    w = open_writer(d)
+    w.write_batch([msg(SessionNetwork(uid=f"u{i}", sid="S")) for i in range(3)])
+    w.close()
+    for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+        (d / name).unlink(missing_ok=True)
+    w = open_writer(d)
+    out = w.write_batch([msg(SessionNetwork(uid="u1", sid="S")), msg(SessionNetwork(uid="u9", sid="S"))])
+    assert w.index.count() == 4
+    w.close()
+    assert (out.written, out.duplicates_skipped) == (1, 1)
+    assert [e["ei"] for e in all_lines(d)] == [0, 1, 2, 3]
+    assert verify_files(daily_files(d)).verified == 4
+
+
+def test_a_failed_write_is_not_half_remembered(tmp_path, monkeypatch):
+    d = tmp_path / "log"
+    w = open_writer(d)
+    w.write_batch([msg(SessionNetwork(uid="u1", sid="S"))])
+
+    def disk_full(_data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(w.daily, "append", disk_full)
+    with pytest.raises(OSError):
+        w.write_batch([msg(SessionNetwork(uid="u2", sid="S"))])
+    monkeypatch.undo()
+    w.write_batch([msg(SessionNetwork(uid="u2", sid="S"))])  # the redelivery
+    w.close()
+    assert [(e["uid"], e["ei"]) for e in all_lines(d)] == [("u1", 0), ("u2", 1)]
+    assert verify_files(daily_files(d)).verified == 2
+
+
+def test_only_one_writer_per_folder(tmp_path):
+    d = tmp_path / "log"
+    w = open_writer(d)
+    with pytest.raises(RuntimeError, match="another audit writer"):
+        AuditWriter(d)
+    w.close()
+    AuditWriter(d).close()
