@@ -49,6 +49,7 @@ class Adapter:
         self.search_index: SearchIndex | None = None
         self._sub = None
         self._task: asyncio.Task | None = None
+        self._fetch: asyncio.Future | None = None
         self._stopping = asyncio.Event()
 
     async def start(self, ctx: ServiceContext) -> None:
@@ -75,8 +76,13 @@ class Adapter:
     async def _consume(self) -> None:
         assert self.ctx is not None and self.writer is not None
         while not self._stopping.is_set():
+            self._fetch = asyncio.ensure_future(self._sub.fetch(BATCH, timeout=FETCH_WAIT))
             try:
-                msgs = await self._sub.fetch(BATCH, timeout=FETCH_WAIT)
+                msgs = await self._fetch
+            except asyncio.CancelledError:
+                if self._stopping.is_set():
+                    return  # stop() interrupted an idle wait; anything fetched is redelivered
+                raise
             except nats.errors.TimeoutError:
                 await asyncio.to_thread(self.writer.tick)
                 continue
@@ -128,6 +134,8 @@ class Adapter:
 
     async def stop(self) -> None:
         self._stopping.set()
+        if self._fetch is not None:
+            self._fetch.cancel()  # a no-op once fetched: a batch being written is finished and acked
         if self._task is not None:
             # Let the current batch finish (and be acked) rather than cut it off.
             done, _ = await asyncio.wait([self._task], timeout=FETCH_WAIT + 10)
@@ -136,6 +144,12 @@ class Adapter:
                 return  # a write may still be running in its thread: leave the files to the next start
             if not self._task.cancelled() and self._task.exception():
                 log.error("audit consumer ended with %r", self._task.exception())
+        if self._sub is not None:
+            # Expired pull requests leave status messages nobody reads; draining would wait for them.
+            try:
+                await self._sub.unsubscribe()
+            except Exception as exc:  # already gone with the connection: nothing to release
+                log.debug("audit: unsubscribing the pull consumer: %s", exc)
         if self.writer is not None:
             await asyncio.to_thread(self.writer.close)
         if self.search_index is not None:
