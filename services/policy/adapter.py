@@ -51,11 +51,14 @@ class Adapter:
 
     async def create(self, req: Request) -> bytes:
         try:
-            docs, dry_run = core.decode_create_request(req.data)
-            checked = core.check_documents(docs)
+            return await self._create(req)
         except api.ApiError:
             self.ctx.counters["requests_rejected"] += 1
             raise
+
+    async def _create(self, req: Request) -> bytes:
+        docs, dry_run = core.decode_create_request(req.data)
+        checked = core.check_documents(docs)
         async with self.write_lock:
             keys = {core.storage_key(d.resource) for d in checked}
             existing_keys = {k for k in keys if await self._read(k) is not None}
@@ -116,6 +119,7 @@ class Adapter:
             else:
                 await self.kv.put(change.key, change.value)
             self.ctx.counters["changes_applied"] += 1
+            log.info("%s (actor %r)", change.message, change.event.user)
         # Events after every write: the audit log never records a change that did not happen.
         return [w for change in changes if (w := await self._publish(change.event))]
 
