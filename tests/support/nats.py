@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ringfence.runtime.nats_conn import nats_server_binary
+from ringfence.runtime.nats_conn import nats_server_binary, write_server_config
 
 
 def free_port() -> int:
@@ -37,8 +37,10 @@ class NatsServer:
         except FileNotFoundError as exc:
             raise RuntimeError(f"cannot start the test NATS server: {exc}") from None
         self.store.mkdir(parents=True, exist_ok=True)
+        conf = write_server_config(self.store / "nats-server.conf", store_dir=self.store, host="127.0.0.1",
+                                   port=self.port, server_name=f"test-{self.port}")
         self.proc = subprocess.Popen(
-            [binary, "-js", "-sd", str(self.store), "-a", "127.0.0.1", "-p", str(self.port), *self.extra_args],
+            [binary, "--config", str(conf), *self.extra_args],
             stdout=open(self.log, "ab"),  # noqa: SIM115 - owned by the process
             stderr=subprocess.STDOUT,
         )

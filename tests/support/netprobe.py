@@ -1,0 +1,51 @@
+"""Runs inside a session: tries connections and reports what the kernel said.
+
+    netprobe.py tcp:127.0.0.5:9 udp:[::1]:9 ...        one JSON object {target: result}
+    netprobe.py --loop SECONDS --interval S tcp:...     one JSON line per attempt
+
+Results: "allowed" (connected, or refused by the peer: the packet left),
+"eperm" (blocked by Ringfence), or the errno name.
+"""
+
+import errno
+import json
+import socket
+import sys
+import time
+
+
+def attempt(target: str) -> str:
+    proto, rest = target.split(":", 1)
+    host, port = rest.rsplit(":", 1)
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    s = socket.socket(family, kind)
+    s.settimeout(1)
+    try:
+        if proto == "tcp" or proto == "udpconnect":
+            s.connect((host, int(port)))
+        else:
+            s.sendto(b"probe", (host, int(port)))
+        return "allowed"
+    except ConnectionRefusedError:
+        return "allowed"
+    except OSError as exc:
+        return "eperm" if exc.errno == errno.EPERM else errno.errorcode.get(exc.errno, str(exc))
+    finally:
+        s.close()
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--loop"]:
+        seconds, interval, targets = float(argv[1]), float(argv[3]), argv[4:]
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            print(json.dumps({"t": time.time(), **{t: attempt(t) for t in targets}}), flush=True)
+            time.sleep(interval)
+        return
+    print(json.dumps({t: attempt(t) for t in argv}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
