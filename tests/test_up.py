@@ -7,10 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
+from services.enforcer.uninstall import uninstall
 from tests.support.nats import free_port
 from tests.support.procs import ROOT, wait_for
 
@@ -47,8 +49,17 @@ def status(url: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=ROOT, timeout=30)
 
 
-def start_up(tmp_path: Path, port: int) -> subprocess.Popen:
+@pytest.fixture
+def nodename():
+    """A node name of its own, so the enforcer's cgroup tree and pinned maps are removed afterwards."""
+    name = f"up{uuid.uuid4().hex[:8]}"
+    yield name
+    uninstall(name, kill_sessions=True)
+
+
+def start_up(tmp_path: Path, port: int, nodename: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RINGFENCE_")}
+    env["RINGFENCE_NODENAME"] = nodename
     return subprocess.Popen(
         [*RINGFENCE, "up", "--data-dir", str(tmp_path / "data"), "--nats-port", str(port)],
         cwd=ROOT, env=env, stdout=open(tmp_path / "up.log", "wb"), stderr=subprocess.STDOUT,
@@ -56,10 +67,10 @@ def start_up(tmp_path: Path, port: int) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
-def test_up_runs_all_four_and_stops_without_leftovers(tmp_path, stop_signal):
+def test_up_runs_all_four_and_stops_without_leftovers(tmp_path, stop_signal, nodename):
     port = free_port()
     url = f"nats://127.0.0.1:{port}"
-    up = start_up(tmp_path, port)
+    up = start_up(tmp_path, port, nodename)
     try:
         result = wait_for(lambda: (r := status(url)).returncode == 0 and r, timeout=60,
                           what="`ringfence status` to see all four services")
@@ -86,9 +97,9 @@ def test_status_names_missing_services(nats_server, services):
     assert "missing: locks, enforcer" in result.stdout
 
 
-def test_sigkilled_up_takes_its_children_along(tmp_path):
+def test_sigkilled_up_takes_its_children_along(tmp_path, nodename):
     port = free_port()
-    up = start_up(tmp_path, port)
+    up = start_up(tmp_path, port, nodename)
     try:
         wait_for(lambda: status(f"nats://127.0.0.1:{port}").returncode == 0, timeout=60, what="all services")
         children = descendants(up.pid)

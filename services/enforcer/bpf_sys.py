@@ -10,6 +10,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
 
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_OBJ_GET = 7
 BPF_PROG_DETACH = 9
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
@@ -73,6 +75,16 @@ class _ProgInfo(ctypes.Structure):
     ]
 
 
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("pad0", ctypes.c_uint32), ("key", ctypes.c_uint64),
+                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64), ("pad", ctypes.c_uint8 * 64)]
+
+
+class _ObjAttr(ctypes.Structure):
+    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32), ("file_flags", ctypes.c_uint32),
+                ("pad", ctypes.c_uint8 * 64)]
+
+
 def _bpf(cmd: int, attr: ctypes.Structure) -> int:
     ret = _libc.syscall(SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
     if ret < 0:
@@ -101,3 +113,23 @@ def detach_prog_id(cgroup_fd: int, attach_type: int, prog_id_: int) -> None:
         _bpf(BPF_PROG_DETACH, _DetachAttr(target_fd=cgroup_fd, attach_bpf_fd=fd, attach_type=attach_type))
     finally:
         os.close(fd)
+
+
+def obj_get(path: str) -> int:
+    """Open a pinned map or program; returns its fd."""
+    raw = ctypes.create_string_buffer(path.encode())
+    return _bpf(BPF_OBJ_GET, _ObjAttr(pathname=ctypes.addressof(raw)))
+
+
+def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value_size)
+    try:
+        _bpf(BPF_MAP_LOOKUP_ELEM, _ElemAttr(map_fd=map_fd, key=ctypes.addressof(k), value=ctypes.addressof(v)))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == 2:  # ENOENT
+            return None
+        raise
+    return v.raw
