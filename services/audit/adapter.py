@@ -27,6 +27,7 @@ FETCH_WAIT = 1.0  # seconds; also how often an idle writer checks for the day's 
 ACK_WAIT = 30.0  # seconds before JetStream redelivers an unacked message (deduplicated if early)
 RETRY_PAUSE = 1.0
 REPLY_OVERHEAD = 4096  # bytes of a search reply that are not event lines
+REPLY_MAX_BYTES = 1 << 20  # keep replies small even where NATS allows more; next_key pages on
 
 COUNTERS = ("written", "duplicates_skipped", "rejected", "write_errors")
 
@@ -129,7 +130,8 @@ class Adapter:
             raise ApiError(str(exc)) from None
         query = core.validate_search(request)
         rows = await asyncio.to_thread(self.search_index.search, query)
-        lines, next_key = core.take_page(rows, query.limit, self.ctx.nc.max_payload - REPLY_OVERHEAD)
+        budget = min(self.ctx.nc.max_payload, REPLY_MAX_BYTES) - REPLY_OVERHEAD
+        lines, next_key = core.take_page(rows, query.limit, budget)
         return ok_reply(SearchResult(events=[msgspec.Raw(line) for line in lines], next_key=next_key))
 
     async def stop(self) -> None:
