@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import signal
 import subprocess
@@ -14,8 +15,9 @@ import nats
 from ringfence.contract import names
 from ringfence.contract.api import ApiReply, SearchRequest, SearchResult
 from ringfence.contract.auditlog import daily_files
-from ringfence.contract.events import Exec, LockCreated, SessionCommand, SessionNetwork, now_rfc3339
+from ringfence.contract.events import Exec, LockCreated, SessionCommand, SessionNetwork, encode_event, now_rfc3339
 from ringfence.runtime.audit_publish import publish_event
+from services.audit.writer import AuditWriter, Incoming
 from tests.support.procs import ROOT, wait_for
 
 
@@ -193,3 +195,18 @@ def test_verify_passes_then_names_a_modified_line_and_a_cut_tail(nats_server, da
     day.write_bytes(b"".join(original.splitlines(keepends=True)[:-1]))  # the last event removed
     cut = cli("events", "verify", "--data-dir", str(data_dir))
     assert cut.returncode == 1 and "removed from the end" in cut.stderr
+
+
+def test_verify_of_a_later_day_alone_chains_to_the_day_before(tmp_path):
+    now = [dt.datetime(2021, 7, 22, 23, 0, tzinfo=dt.UTC)]
+    writer = AuditWriter(tmp_path / "data" / "log", clock=lambda: now[0])
+    writer.start()
+    writer.write_batch([Incoming(encode_event(Exec(uid="d1")))])
+    now[0] += dt.timedelta(hours=2)
+    writer.write_batch([Incoming(encode_event(Exec(uid="d2a"))), Incoming(encode_event(Exec(uid="d2b")))])
+    writer.close()
+    day2 = tmp_path / "data" / "log" / "2021-07-23.00:00:00.log"
+    assert cli("events", "verify", str(day2)).stdout.strip() == "OK: 2 events verified"
+    assert cli("events", "verify", "--data-dir", str(tmp_path / "data")).stdout.strip() == "OK: 3 events verified"
+    empty = cli("events", "verify", "--data-dir", str(tmp_path / "nothing"))
+    assert empty.returncode == 1 and "no audit log files in" in empty.stderr
