@@ -85,7 +85,7 @@ class Adapter:
                     return  # stop() interrupted an idle wait; anything fetched is redelivered
                 raise
             except nats.errors.TimeoutError:
-                await asyncio.to_thread(self.writer.tick)
+                await self._idle()
                 continue
             except Exception as exc:  # disconnected, consumer deleted, ...: retry, re-binding
                 if self._stopping.is_set():
@@ -101,6 +101,13 @@ class Adapter:
                 await self._handle(msgs)
             except Exception:  # e.g. acks lost to a disconnect: redelivery is deduplicated
                 log.exception("audit: handling a batch of %d messages failed", len(msgs))
+
+    async def _idle(self) -> None:
+        assert self.writer is not None
+        try:
+            await asyncio.to_thread(self.writer.tick)
+        except Exception:  # e.g. cannot create the new day's file; the next batch tries again
+            log.exception("audit: rolling over the daily file failed")
 
     async def _handle(self, msgs) -> None:
         assert self.ctx is not None and self.writer is not None
