@@ -76,17 +76,22 @@ class Adapter(Protocol):
 
 
 def server_id_for(data_dir: str) -> str:
-    """A node's persistent identity, kept in <data_dir>/host_uuid (as the original does)."""
+    """A node's persistent identity, kept in <data_dir>/host_uuid (as the original does).
+
+    Services starting together race to create it; link() is atomic, so exactly
+    one value wins and everyone reads that one."""
     path = Path(data_dir) / "host_uuid"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        value = str(uuid.uuid4())
+    if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(value + "\n")
-        os.replace(tmp, path)
-        return value
+        tmp = path.with_name(f".host_uuid.{os.getpid()}")
+        tmp.write_text(str(uuid.uuid4()) + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
 
 
 def common_arguments(parser: argparse.ArgumentParser) -> None:

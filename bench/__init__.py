@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench [NAME ...]` prints measured figures next to their targets."""

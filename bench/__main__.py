@@ -1,0 +1,34 @@
+"""python -m bench [NAME [ARGS...]]: run one benchmark, or all with no NAME."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import audit_write, restricted
+
+BENCHMARKS = {"restricted": restricted.main, "audit": audit_write.main}
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("benchmarks:", ", ".join(BENCHMARKS))
+        return 0
+    if argv:
+        name, rest = argv[0], argv[1:]
+        if name not in BENCHMARKS:
+            print(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
+            return 2
+        return BENCHMARKS[name](rest)
+    failed = 0
+    for name, bench in BENCHMARKS.items():
+        print(f"== {name}")
+        failed |= bench([])
+    return failed
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
