@@ -9,6 +9,7 @@ Results: "allowed" (connected, or refused by the peer: the packet left),
 
 import errno
 import json
+import os
 import socket
 import sys
 import time
@@ -44,7 +45,12 @@ def main(argv: list[str]) -> None:
             print(json.dumps({"t": time.time(), **{t: attempt(t) for t in targets}}), flush=True)
             time.sleep(interval)
         return
-    print(json.dumps({t: attempt(t) for t in argv}), flush=True)
+    results = {t: attempt(t) for t in argv}
+    # Who made the calls, for checking audit events against: pid and kernel comm.
+    results["_pid"] = os.getpid()
+    with open("/proc/self/comm") as comm:
+        results["_comm"] = comm.read().strip()
+    print(json.dumps(results), flush=True)
 
 
 if __name__ == "__main__":
