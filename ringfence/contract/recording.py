@@ -1,0 +1,112 @@
+"""Session recordings on the wire: asciicast v2 in chunks.
+
+The enforcer publishes the terminal stream of each interactive session on
+names.recording_subject(sid) (JetStream, stream RECORDINGS_STREAM), message
+id "<sid>:<seq>", and the same chunks on names.live_subject(sid) (core NATS)
+for `ringfence sessions join`. The audit service stores them as one asciicast
+v2 file per session: the header line, then one `[time, code, data]` line per
+event (https://docs.asciinema.org/manual/asciicast/v2/).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from msgspec import Struct, field
+
+MAX_CHUNK_BYTES = 256 * 1024
+
+
+class CastHeader(Struct, omit_defaults=True):
+    """The asciicast v2 header (first line of a .cast file)."""
+
+    version: int = 2
+    width: int = 80
+    height: int = 24
+    timestamp: int = 0  # unix seconds of the session start
+    title: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class RecordingChunk(Struct, omit_defaults=True):
+    sid: str
+    seq: int  # 0, 1, 2, ... per session; (sid, seq) identifies a chunk
+    # [seconds since the session start, "o" (output) | "i" (input) | "r" (resize "WxH"), data]
+    events: list[tuple[float, str, str]] = field(default_factory=list)
+    header: CastHeader | None = None  # on seq 0 only
+    end: bool = False  # the last chunk of the session
+    # Who and where, for listing recordings without reading them.
+    user: str = ""
+    login: str = ""
+    server_id: str = ""
+    server_hostname: str = ""
+    started: str = ""  # RFC 3339
+
+
+def msg_id(chunk: RecordingChunk) -> str:
+    return f"{chunk.sid}:{chunk.seq}"
+
+
+def encode(chunk: RecordingChunk) -> bytes:
+    return msgspec.json.encode(chunk)
+
+
+def decode(data: bytes) -> RecordingChunk:
+    return msgspec.json.decode(data, type=RecordingChunk)
+
+
+def cast_lines(chunk: RecordingChunk) -> list[bytes]:
+    """The .cast file lines this chunk contributes (header first on seq 0)."""
+    out = []
+    if chunk.header is not None:
+        out.append(msgspec.json.encode(chunk.header))
+    out += [msgspec.json.encode(list(e)) for e in chunk.events]
+    return out
+
+
+class RecordingInfo(Struct, omit_defaults=True):
+    """A stored recording, as `ringfence sessions ls --ended` lists it."""
+
+    sid: str
+    user: str = ""
+    login: str = ""
+    server_id: str = ""
+    server_hostname: str = ""
+    started: str = ""
+    ended: str = ""  # empty while the session is still being recorded
+    duration: float = 0.0  # seconds, from the last event
+    bytes: int = 0
+
+
+class RecordingListRequest(Struct, omit_defaults=True):
+    user: str = ""
+    limit: int = 100
+
+
+class RecordingListResult(Struct):
+    recordings: list[RecordingInfo]
+
+
+class RecordingGetRequest(Struct):
+    sid: str
+    offset: int = 0  # byte offset into the .cast file, for paging large recordings
+    limit: int = 512 * 1024
+
+
+class RecordingGetResult(Struct):
+    data: str  # .cast text from offset
+    next_offset: int
+    complete: bool  # True when offset+len reached the end of a finished recording
+
+
+def parse_cast(text: str) -> tuple[dict[str, Any], list[tuple[float, str, str]]]:
+    """Header and events of an asciicast v2 text."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError("empty recording")
+    header = msgspec.json.decode(lines[0])
+    if not isinstance(header, dict) or header.get("version") != 2:
+        raise ValueError("not an asciicast v2 recording (bad header line)")
+    events = [tuple(msgspec.json.decode(line)) for line in lines[1:]]
+    return header, events  # type: ignore[return-value]
