@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import events, resources, run, status, up
+from . import events, locks, resources, run, status, up
 
 REGISTRY = [
     up.register,
@@ -10,4 +10,5 @@ REGISTRY = [
     resources.register,  # create, get, rm
     run.register,  # run
     events.register,  # events search|tail
+    locks.register,
 ]

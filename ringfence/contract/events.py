@@ -150,6 +150,8 @@ class LockCreated(AuditEvent, tag="lock.created"):
 class LockDeleted(AuditEvent, tag="lock.deleted"):
     CODE = "TLK01I"
     name: str = ""
+    # Ringfence addition: "deleted" (rm), "unlocked" (unlock by target) or "expired".
+    reason: str = ""
 
 
 class RoleCreated(AuditEvent, tag="role.created"):

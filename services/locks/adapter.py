@@ -1,16 +1,308 @@
-"""NATS side of the locks service (placeholder until its issue lands)."""
+"""NATS side of the locks service: create/lock/get/delete/unlock over the locks
+bucket, and housekeeping that deletes locks once they expire.
+
+Expiry is not what makes a lock stop: the enforcer evaluates `expires` itself
+at the instant it acts (ringfence.locking). Deleting expired locks keeps the
+bucket and `get locks` tidy and records a lock.deleted event (reason
+"expired"). A KV watcher keeps a view of every lock, whoever wrote it; one
+timer sleeps until the next expiry in that view. A full re-read at start-up
+and every SWEEP_INTERVAL catches anything the watcher missed. Deletes are
+conditional on the revision read, so when several locks services run, one of
+them removes a given lock and records it once.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import uuid
+
+import msgspec
+from nats.js.errors import APIError, KeyDeletedError, KeyNotFoundError
+from nats.js.kv import KeyValue
+from nats.micro.request import Request
+
+from ringfence import locking
+from ringfence.contract import api, names
+from ringfence.contract import resources as r
+from ringfence.contract.events import AuditEvent
+from ringfence.runtime.audit_publish import publish_event, stamp
 from ringfence.runtime.service import ServiceContext
+
+from . import core
+
+log = logging.getLogger(__name__)
+
+# Until operator authentication lands, the acting user is whatever the caller
+# states here (or nobody). actor_of() is the one place that decides it.
+ACTOR_HEADER = "Ringfence-Actor"
+PUBLISH_ATTEMPTS = 3
+SWEEP_INTERVAL = 60.0  # full re-read of the bucket; also the longest the timer sleeps
+RETRY_AFTER_ERROR = 5.0
+WRONG_LAST_SEQUENCE = 10071  # JetStream: the key moved on since we read it
+
+COUNTERS = ("locks_created", "locks_deleted", "locks_expired", "requests_rejected", "audit_publish_failures",
+            "undecodable_locks", "expiry_errors")
+
+
+def actor_of(req: Request) -> str:
+    return (req.headers or {}).get(ACTOR_HEADER, "")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 class Adapter:
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
+        self.kv: KeyValue = await ctx.js.key_value(names.LOCKS_BUCKET)
+        # One writer at a time in this process: "created" vs "updated" and the
+        # order of audit events follow the order of the writes.
+        self.write_lock = asyncio.Lock()
+        self.view: dict[str, core.Stored] = {}  # every stored lock, as the watcher and sweeps saw it
+        self.view_changed = asyncio.Event()
+        self.stopping = asyncio.Event()
+        for counter in COUNTERS:
+            ctx.counters.setdefault(counter, 0)
+        await self._sweep()  # expired while no locks service ran
+        self.tasks = [asyncio.create_task(self._watch(), name="locks-watch"),
+                      asyncio.create_task(self._expire(), name="locks-expire")]
+        for verb, handler in (("create", self.create), ("lock", self.lock), ("get", self.get),
+                              ("delete", self.delete), ("unlock", self.unlock)):
+            await ctx.add_endpoint(verb, names.api_subject(names.LOCKS_API, verb), self._counted(handler))
 
     async def stop(self) -> None:
-        pass
+        self.stopping.set()
+        for task in getattr(self, "tasks", []):
+            task.cancel()
+        for task in getattr(self, "tasks", []):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _counted(self, handler):
+        async def serve(req: Request) -> bytes:
+            try:
+                return await handler(req)
+            except api.ApiError:
+                self.ctx.counters["requests_rejected"] += 1
+                raise
+
+        return serve
+
+    # --- endpoints ------------------------------------------------------------------
+
+    async def create(self, req: Request) -> bytes:
+        docs, dry_run = core.decode_create_request(req.data)
+        checked = core.check_documents(docs)
+        async with self.write_lock:
+            existing = {d.lock.metadata.name for d in checked if await self._read(d.lock.metadata.name)}
+            changes = core.plan_create(checked, existing, actor_of(req), utcnow())
+            problems = [] if dry_run else await self._apply(changes)
+        return api.ok_reply(api.CreateResult(messages=core.create_messages(changes) + problems))
+
+    async def lock(self, req: Request) -> bytes:
+        request = core.decode(req.data, api.LockRequest)
+        name = str(uuid.uuid4())
+        change = core.plan_lock(request, name, actor_of(req), utcnow())
+        async with self.write_lock:
+            problems = await self._apply([change], create_only=True)
+        return api.ok_reply(api.LockResult(name=name, message="\n".join([change.message, *problems])))
+
+    async def get(self, req: Request) -> bytes:
+        request = core.decode(req.data, api.GetRequest)
+        core.check_kind(request.kind)
+        now = utcnow()
+        if request.name:
+            stored = await self._read(request.name) if core.valid_name(request.name) else None
+            found = core.get_one(request.name, stored.lock if stored else None, now)
+        else:
+            found = core.listing([s.lock for s in (await self._read_all()).values()], now)
+        return api.ok_reply(found)
+
+    async def delete(self, req: Request) -> bytes:
+        request = core.decode(req.data, api.DeleteRequest)
+        core.check_kind(request.kind)
+        async with self.write_lock:
+            stored = await self._read(request.name) if core.valid_name(request.name) else None
+            change = core.plan_delete(request.name, stored, actor_of(req))
+            problems = await self._apply([change])
+        return api.ok_reply(api.DeleteResult(message="\n".join([change.message, *problems])))
+
+    async def unlock(self, req: Request) -> bytes:
+        request = core.decode(req.data, api.UnlockRequest)
+        async with self.write_lock:
+            changes, message = core.plan_unlock(request.target, await self._read_all(), actor_of(req), utcnow())
+            problems = await self._apply(changes)
+        names_removed = [c.key for c in changes]
+        return api.ok_reply(api.UnlockResult(names=names_removed, message="\n".join([message, *problems])))
+
+    # --- KV ----------------------------------------------------------------------------
+
+    def _decode(self, key: str, value: bytes | None) -> r.Lock | None:
+        try:
+            return msgspec.json.decode(value or b"", type=r.Lock)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.ctx.counters["undecodable_locks"] += 1
+            log.error("lock %r in KV does not decode (%s); ignoring it", key, exc)
+            return None
+
+    async def _read(self, key: str) -> core.Stored | None:
+        try:
+            entry = await self.kv.get(key)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        lock = self._decode(key, entry.value)
+        return core.Stored(lock, entry.revision) if lock else None
+
+    async def _read_all(self) -> dict[str, core.Stored]:
+        """Every lock stored now, with its revision."""
+        watcher = await self.kv.watch(">", ignore_deletes=True)
+        found: dict[str, core.Stored] = {}
+        try:
+            async for entry in watcher:
+                if entry is None:  # caught up with the bucket's current state
+                    break
+                if entry.value and (lock := self._decode(entry.key, entry.value)):
+                    found[entry.key] = core.Stored(lock, entry.revision)
+        finally:
+            await watcher.stop()
+        return found
+
+    async def _apply(self, changes: list[core.Change], create_only: bool = False) -> list[str]:
+        """Write every change, then publish its event; warnings for events that were lost.
+
+        Events follow the writes, so the audit log never records a change that did
+        not happen; when a write fails part-way, the ones before it still get theirs."""
+        applied: list[core.Change] = []
+        try:
+            for change in changes:
+                if change.value is None:
+                    await self._delete(change)
+                elif create_only:
+                    await self.kv.create(change.key, change.value)
+                else:
+                    await self.kv.put(change.key, change.value)
+                applied.append(change)
+                self.ctx.counters["locks_deleted" if change.value is None else "locks_created"] += 1
+                log.info("%s (actor %r)", change.message, change.event.user)
+        finally:
+            warnings = [w for change in applied if (w := await self._publish(change.event))]
+        return warnings
+
+    async def _delete(self, change: core.Change) -> None:
+        try:
+            await self.kv.delete(change.key, last=change.last)
+        except APIError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                raise api.ApiError(f"lock {core.quote(change.key)} changed while it was being removed "
+                                   "(expired, removed or rewritten by someone else): check with "
+                                   "ringfence get locks and try again", "conflict") from None
+            raise
+
+    async def _publish(self, event: AuditEvent) -> str:
+        """Publish `event`; on failure the change stands, so say so instead of failing the request."""
+        stamp(event, self.ctx)
+        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+            try:
+                await publish_event(self.ctx.js, event)
+                return ""
+            except Exception as exc:  # retried: the uid is the msg id, so a duplicate is dropped
+                if attempt == PUBLISH_ATTEMPTS:
+                    self.ctx.counters["audit_publish_failures"] += 1
+                    log.error("audit event %s (%s) not published: %r", event.event_type(), event.uid, exc)
+                    return f"warning: the change was applied but its audit event {event.event_type()} was not recorded"
+                await asyncio.sleep(0.2 * attempt)
+        return ""
+
+    # --- expiry housekeeping ----------------------------------------------------------------
+
+    def _see(self, key: str, stored: core.Stored | None, revision: int) -> None:
+        """Fold one observation into the view, never going back to an older revision."""
+        current = self.view.get(key)
+        if current is not None and current.revision > revision:
+            return
+        if stored is None:
+            self.view.pop(key, None)
+        else:
+            self.view[key] = stored
+        self.view_changed.set()
+
+    async def _watch(self) -> None:
+        """Follow the bucket; restart the watcher whenever it fails."""
+        while not self.stopping.is_set():
+            watcher = None
+            try:
+                watcher = await self.kv.watch(">")
+                async for entry in watcher:
+                    if entry is None:
+                        continue
+                    if entry.operation in ("DEL", "PURGE") or not entry.value:
+                        self._see(entry.key, None, entry.revision or 0)
+                    elif lock := self._decode(entry.key, entry.value):
+                        self._see(entry.key, core.Stored(lock, entry.revision or 0), entry.revision or 0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.ctx.counters["expiry_errors"] += 1
+                log.exception("locks watcher failed; restarting it in %.0fs", RETRY_AFTER_ERROR)
+                await asyncio.sleep(RETRY_AFTER_ERROR)
+            finally:
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+
+    async def _sweep(self) -> None:
+        """Re-read the whole bucket into the view, then delete what has expired."""
+        for key, stored in (await self._read_all()).items():
+            self._see(key, stored, stored.revision)
+        await self._expire_now()
+
+    async def _expire_now(self) -> None:
+        async with self.write_lock:
+            for change in core.plan_expiry(dict(self.view), utcnow()):
+                try:
+                    await self.kv.delete(change.key, last=change.last)
+                except APIError as exc:
+                    if exc.err_code != WRONG_LAST_SEQUENCE:
+                        raise
+                    # Someone else removed or rewrote it first: their write wins and the
+                    # watcher brings the view up to date.
+                    log.debug("lock %s moved on before it was expired here", change.key)
+                    if (current := self.view.get(change.key)) and current.revision == change.last:
+                        del self.view[change.key]
+                    continue
+                if (current := self.view.get(change.key)) and current.revision == change.last:
+                    del self.view[change.key]
+                self.ctx.counters["locks_expired"] += 1
+                log.info("%s: removed", change.message)
+                await self._publish(change.event)
+
+    async def _expire(self) -> None:
+        """One timer: sleep until the next expiry in the view (or the next sweep), then act."""
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + SWEEP_INTERVAL
+        while not self.stopping.is_set():
+            try:
+                self.view_changed.clear()
+                now = utcnow()
+                due = locking.next_expiry((s.lock for s in self.view.values()), now)
+                delay = core.seconds_until(due, now, max(0.0, next_sweep - loop.time()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.view_changed.wait(), delay)
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + SWEEP_INTERVAL
+                    await self._sweep()
+                else:
+                    await self._expire_now()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.ctx.counters["expiry_errors"] += 1
+                log.exception("expiring locks failed; trying again in %.0fs", RETRY_AFTER_ERROR)
+                await asyncio.sleep(RETRY_AFTER_ERROR)
 
 
 def make_adapter(_args) -> Adapter:
