@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import events, locks, resources, run, status, up
+from . import events, locks, resources, run, sessions, status, up
 
 REGISTRY = [
     up.register,
@@ -10,5 +10,6 @@ REGISTRY = [
     resources.register,  # create, get, rm
     run.register,  # run
     events.register,  # events search|tail
+    sessions.register,  # sessions ls (join, kill: see sessions.py), play
     locks.register,
 ]

@@ -10,12 +10,22 @@ event (https://docs.asciinema.org/manual/asciicast/v2/).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
 from msgspec import Struct, field
 
 MAX_CHUNK_BYTES = 256 * 1024
+MAX_LIST_LIMIT = 1000  # RecordingListRequest.limit
+
+# A session id as it may appear in a subject token and a file name: the
+# enforcer's UUIDs, and test ids like "s-1". No dots, slashes or wildcards.
+_SID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+
+def is_valid_sid(sid: str) -> bool:
+    return _SID.fullmatch(sid) is not None
 
 
 class CastHeader(Struct, omit_defaults=True):
@@ -54,6 +64,19 @@ def encode(chunk: RecordingChunk) -> bytes:
 
 def decode(data: bytes) -> RecordingChunk:
     return msgspec.json.decode(data, type=RecordingChunk)
+
+
+def header_line(header: CastHeader) -> bytes:
+    """The header as a .cast line with version, width and height always present
+    (CastHeader omits defaults, so encoding it directly can give `{}`)."""
+    doc: dict[str, Any] = {"version": header.version, "width": header.width, "height": header.height}
+    if header.timestamp:
+        doc["timestamp"] = header.timestamp
+    if header.title:
+        doc["title"] = header.title
+    if header.env:
+        doc["env"] = header.env
+    return msgspec.json.encode(doc)
 
 
 def cast_lines(chunk: RecordingChunk) -> list[bytes]:

@@ -1,4 +1,7 @@
-"""NATS side of the audit service: the durable pull consumer feeding the writer, and search."""
+"""NATS side of the audit service: the durable pull consumer feeding the writer, and search.
+
+Session recordings have their own consumer and endpoints (recording_adapter.py), started here.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from ringfence.runtime.service import ServiceContext, StartupError
 
 from . import core
 from .index import INDEX_FILE, SearchIndex
+from .recording_adapter import RecordingConsumer
 from .writer import AuditWriter, Incoming
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ class Adapter:
         self._task: asyncio.Task | None = None
         self._fetch: asyncio.Future | None = None
         self._stopping = asyncio.Event()
+        self.recordings = RecordingConsumer()
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
@@ -67,6 +72,7 @@ class Adapter:
         await self._subscribe()
         await ctx.add_endpoint("search", names.api_subject(names.AUDIT_API, "search"), self._search)
         self._task = asyncio.create_task(self._consume(), name="audit-consumer")
+        await self.recordings.start(ctx)
 
     async def _subscribe(self) -> None:
         assert self.ctx is not None
@@ -142,6 +148,10 @@ class Adapter:
         return ok_reply(SearchResult(events=[msgspec.Raw(line) for line in lines], next_key=next_key))
 
     async def stop(self) -> None:
+        try:
+            await self.recordings.stop()
+        except Exception:  # the audit log below must still be closed cleanly
+            log.exception("audit: stopping the recording consumer failed")
         self._stopping.set()
         if self._fetch is not None:
             self._fetch.cancel()  # a no-op once fetched: a batch being written is finished and acked
