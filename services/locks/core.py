@@ -204,13 +204,14 @@ def document_label(position: int, doc: Any) -> str:
 
 
 def check_document(doc: Any) -> tuple[list[str], r.Lock | None]:
+    kind = doc.get("kind") if isinstance(doc, dict) else None
+    if isinstance(kind, str) and kind in r.RESOURCE_TYPES and kind not in r.LOCK_KINDS:
+        return [f"kind {quote(kind)} is served by the policy service, not the locks service"], None
     try:
         decoded = strict.convert(doc, r.AnyResource)
     except strict.DecodeError as exc:
         return [str(exc)], None
-    if not isinstance(decoded, r.Lock):
-        kind = decoded.__struct_config__.tag
-        return [f"kind {quote(str(kind))} is served by the policy service, not the locks service"], None
+    assert isinstance(decoded, r.Lock)  # every other kind was turned away above
     spec = decoded.spec
     problems = check_metadata(decoded.metadata)
     problems += check_target(spec.target, document_path, "spec.target: ")
