@@ -58,7 +58,7 @@ def test_operator_flow_denial_reaches_events_log_and_search(nats_server, data_di
     assert "127.0.0.5/32" in got.stdout or "127.0.0.5" in got.stdout
 
     wait_for(lambda: node.probe(target)[target] == "eperm", what="the policy to reach the enforcer")
-    result = node.probe(target, user="demo", login="root")
+    result = node.probe(target, user="demo", login="root", with_caller=True)
     assert result[target] == "eperm"
     sid = node.sessions_started()[-1]
 
@@ -109,7 +109,8 @@ def test_denials_while_the_enforcer_is_down_are_written_once_each(nats_server, d
     with open(out, "w") as sink:
         proc = node.popen(sys.executable, NETPROBE, "--loop", "8", "--interval", "0.02", "tcp:127.0.0.5:9",
                           stdout=sink, user="mallory")
-    sid = wait_for(lambda: re.findall(r"session (\S+) opened: user mallory", node.log()), what="the loop session")[0]
+    opened = r"session (\S+) opened: local, user mallory"
+    sid = wait_for(lambda: re.findall(opened, node.log()), what="the loop session")[0]
     time.sleep(1)
     node.kill()
     time.sleep(2.5)

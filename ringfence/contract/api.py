@@ -105,8 +105,17 @@ class SearchResult(Struct):
 
 
 # --- sessions -----------------------------------------------------------------------------
+SessionKind = Literal["local", "connection", "channel"]
+
+
 class SessionInfo(Struct, omit_defaults=True):
-    """An active session, as published fleet-wide in the sessions bucket."""
+    """An active session, as published fleet-wide in the sessions bucket.
+
+    kind: "local" (`ringfence run`), "connection" (an SSH connection, opened by
+    the PAM hook; holds sshd itself, so port forwards are restricted too) or
+    "channel" (a shell, command or sftp inside a connection, opened by the
+    ForceCommand wrapper; `connection` names its connection).
+    """
 
     sid: str
     user: str
@@ -122,6 +131,16 @@ class SessionInfo(Struct, omit_defaults=True):
     interactive: bool = False
     last_active: str = ""
     cgroup_id: int = 0
+    kind: SessionKind = "local"
+    connection: str = ""  # for channels: the connection's sid
+    cgroup: str = ""  # path below the node's cgroup tree, e.g. "<conn>/<sid>"
+    key_id: str = ""  # certificate key ID the user authenticated with
+    term: str = ""
+
+
+class KillRequest(Struct, omit_defaults=True):
+    sid: str
+    message: str = ""
 
 
 class OpenSessionRequest(Struct, omit_defaults=True):
@@ -137,9 +156,36 @@ class OpenSessionRequest(Struct, omit_defaults=True):
     addr_remote: str = ""
     addr_local: str = ""
     interactive: bool = False
+    kind: SessionKind = "local"
+    # Root only: the process to place (the PAM hook names sshd, its parent).
+    pid: int = 0
+    # Root only: sshd's SSH_AUTH_INFO_0 (ExposeAuthInfo), for the certificate key ID
+    # or the registered public key that says which Ringfence user this is.
+    auth_info: str = ""
+    term: str = ""
+    width: int = 0
+    height: int = 0
 
 
 class OpenSessionReply(Struct, omit_defaults=True):
     ok: bool
     sid: str = ""
     error: str = ""
+    user: str = ""
+    record: bool = False  # send the terminal stream (interactive channels)
+
+
+# After OpenSessionReply, a channel's socket stays open: the client sends
+# SessionUpdate lines (recording data, activity), the enforcer sends Notice
+# lines (a lock or the idle timeout ends the session; the text is for the user).
+class SessionUpdate(Struct, omit_defaults=True):
+    # [seconds since the session start, "o" | "i" | "r", data]
+    events: list[tuple[float, str, str]] = field(default_factory=list)
+    width: int = 0
+    height: int = 0
+    end: bool = False
+
+
+class Notice(Struct):
+    message: str
+    terminate: bool = True

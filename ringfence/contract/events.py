@@ -102,7 +102,9 @@ class SessionStart(AuditEvent, tag="session.start"):
     roles: list[str] = field(default_factory=list)
     initial_command: list[str] = field(default_factory=list)
     interactive: bool = False
-    proto: str = "ssh"
+    proto: str = "ssh"  # "ssh", or "local" for `ringfence run`
+    kind: str = "local"  # local, connection or channel (SessionInfo.kind)
+    connection: str = ""  # a channel's connection sid
 
 
 class SessionJoin(AuditEvent, tag="session.join"):

@@ -10,16 +10,19 @@ import time
 from pathlib import Path
 
 from ringfence.contract import names
+from ringfence.contract.api import ApiError, KillRequest, ok_reply
 from ringfence.contract.events import AuditEvent, EventsLost, encode_event
+from ringfence.contract.strict import decode_json
 from ringfence.runtime.audit_publish import publish_encoded, stamp
 from ringfence.runtime.service import ServiceContext, StartupError
 
 from . import kernel
 from .cgroups import CgroupTree
+from .directory import Directory
 from .netevents import NetRecord, to_event
 from .policy_follower import PolicyFollower
+from .recorder import Recorder, publish_chunks
 from .restricted_bpf import SESSION_RECORDED, SESSION_RESTRICTED, BpfLoadError, NetEvent, RestrictedBPF
-from .session_core import Peer
 from .session_manager import SessionManager
 from .session_socket import SessionSocket
 from .session_store import SessionStore
@@ -39,6 +42,7 @@ class EnforcerAdapter:
         self.ctx: ServiceContext | None = None
         self.bpf: RestrictedBPF | None = None
         self.spool: Spool | None = None
+        self.recordings: Spool | None = None
         self.sessions: SessionManager | None = None
         self.socket: SessionSocket | None = None
         self.policy: PolicyFollower | None = None
@@ -66,6 +70,9 @@ class EnforcerAdapter:
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
         Path(cfg.data_dir).chmod(0o755)  # session users reach the socket inside it
         self.spool = Spool(data / "spool")
+        self.recordings = Spool(data / "recordings-spool")
+        self.directory = Directory(ctx.nc)
+        recorder = Recorder(self.recordings, self._publish_live)
         flags = (SESSION_RESTRICTED if cfg.ssh_service.restricted_session.enabled else 0) | (
             SESSION_RECORDED if rec.enabled else 0
         )
@@ -75,10 +82,13 @@ class EnforcerAdapter:
             bpf=self.bpf,
             store=SessionStore(data / "sessions"),
             emit=self.emit,
+            recorder=recorder,
             node=node,
             flags=flags,
             reader_cycles=lambda: self.bpf.reader_cycles,
             counters=ctx.counters,
+            key_owners=lambda: self.directory.key_owners,
+            roles_of=self.directory.roles_of,
         )
         self.sessions.start(asyncio.get_running_loop())
         ended = self.sessions.restore()
@@ -99,18 +109,30 @@ class EnforcerAdapter:
             asyncio.create_task(self.policy.run(self.stop_event), name="policy"),
             asyncio.create_task(self.spool.run(lambda lines: publish_encoded(ctx.js, lines), self.stop_event),
                                 name="spool"),
+            asyncio.create_task(self.recordings.run(lambda lines: publish_chunks(ctx.js, lines), self.stop_event),
+                                name="recordings"),
             asyncio.create_task(self._report_lost(data / "lost_reported"), name="lost"),
+            *(asyncio.create_task(t, name="directory") for t in self.directory.tasks(self.stop_event)),
         ]
         for t in self.tasks:
             t.add_done_callback(_crash_on_failure)
-        self.socket = SessionSocket(socket_path(cfg.data_dir), self._open_session, tree.in_any_session)
+        self.socket = SessionSocket(socket_path(cfg.data_dir), self.sessions, ctx.counters)
         await self.socket.start()
         log.info("session socket at %s", self.socket.path)
+        await ctx.add_endpoint("kill", names.enforcer_subject(ctx.server_id, "kill"), self._kill, queue_group="")
 
-    async def _open_session(self, peer: Peer, req) -> str:
+    def _publish_live(self, sid: str, data: bytes) -> None:
+        assert self.ctx is not None
+        task = asyncio.get_running_loop().create_task(self.ctx.nc.publish(names.live_subject(sid), data))
+        task.add_done_callback(_crash_on_failure)
+
+    async def _kill(self, req) -> bytes:
+        """`ringfence sessions kill SID`: end a session on this node."""
         assert self.sessions is not None
-        info = await self.sessions.open(peer, req)
-        return info.sid
+        body = decode_json(req.data, KillRequest)
+        if not await self.sessions.terminate(body.sid, body.message or "session terminated by an operator"):
+            raise ApiError(f'session "{body.sid}" is not running on {self.ctx.config.nodename}', "not_found")
+        return ok_reply({"sid": body.sid})
 
     def emit(self, event: AuditEvent) -> None:
         """Queue an event for the audit trail (durably, before returning)."""
@@ -122,6 +144,7 @@ class EnforcerAdapter:
         assert self.ctx is not None and self.sessions is not None and self.spool is not None
         wall = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) + raw.boot_ns / 1e9
         rec = NetRecord(
+            boot_ns=raw.boot_ns,
             wall_time=wall,
             cgroup_id=raw.cgroup_id,
             pid=raw.pid,
@@ -172,6 +195,8 @@ class EnforcerAdapter:
             self.bpf.stop_reader()
         if self.spool:
             self.spool.close()
+        if self.recordings:
+            self.recordings.close()
         if self.sessions and self.sessions.watcher:
             self.sessions.watcher.close()
         if self.bpf:

@@ -24,6 +24,8 @@ _EVENT = struct.Struct("iIII")
 
 
 class CgroupTree:
+    """Paths are relative to the node's tree: "<sid>" or "<connection sid>/<channel sid>"."""
+
     def __init__(self, mount: Path, nodename: str) -> None:
         self.mount = mount
         self.root = mount / "ringfence" / nodename
@@ -31,74 +33,64 @@ class CgroupTree:
         os.chmod(self.root.parent, 0o755)
         os.chmod(self.root, 0o755)
 
-    def path(self, sid: str) -> Path:
-        return self.root / sid
+    def path(self, rel: str) -> Path:
+        return self.root / rel
 
-    def create(self, sid: str) -> int:
-        """Create the session's cgroup; returns its id (the directory's inode)."""
-        p = self.path(sid)
+    def create(self, rel: str) -> int:
+        """Create a session's cgroup; returns its id (the directory's inode)."""
+        p = self.path(rel)
         p.mkdir(mode=0o755)
         return p.stat().st_ino
 
-    def cgroup_id(self, sid: str) -> int:
-        return self.path(sid).stat().st_ino
+    def move(self, rel: str, pid: int) -> None:
+        (self.path(rel) / "cgroup.procs").write_text(f"{pid}\n")
 
-    def move(self, sid: str, pid: int) -> None:
-        (self.path(sid) / "cgroup.procs").write_text(f"{pid}\n")
-
-    def populated(self, sid: str) -> bool:
+    def populated(self, rel: str) -> bool:
+        """Any process in this cgroup or below it."""
         try:
-            text = (self.path(sid) / "cgroup.events").read_text()
+            text = (self.path(rel) / "cgroup.events").read_text()
         except FileNotFoundError:
             return False
         return "populated 1" in text
 
-    def pids(self, sid: str) -> list[int]:
+    def kill(self, rel: str) -> None:
+        """SIGKILL every process of the session, and of its channels, at once (cgroup.kill, Linux 5.14+)."""
         try:
-            return [int(x) for x in (self.path(sid) / "cgroup.procs").read_text().split()]
-        except FileNotFoundError:
-            return []
-
-    def kill(self, sid: str) -> None:
-        """SIGKILL every process of the session at once (cgroup.kill, Linux 5.14+)."""
-        try:
-            (self.path(sid) / "cgroup.kill").write_text("1")
+            (self.path(rel) / "cgroup.kill").write_text("1")
         except FileNotFoundError:
             pass
 
-    def remove(self, sid: str) -> None:
+    def remove(self, rel: str) -> None:
         try:
-            self.path(sid).rmdir()
+            self.path(rel).rmdir()
         except FileNotFoundError:
             pass
-        except OSError as exc:  # EBUSY: still populated; the caller retries on the next end event
-            log.warning("cannot remove cgroup %s yet: %s", self.path(sid), exc.strerror)
+        except OSError as exc:  # EBUSY: still populated, or a channel cgroup is left
+            log.warning("cannot remove cgroup %s yet: %s", self.path(rel), exc.strerror)
 
     def existing(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        """Every session cgroup, channels before their connection (removal order)."""
+        found = []
+        for top in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            found += [f"{top.name}/{c.name}" for c in sorted(top.iterdir()) if c.is_dir()]
+            found.append(top.name)
+        return found
 
-    def session_of_pid(self, pid: int) -> str | None:
-        """The session id when `pid` lives in one of this node's session cgroups."""
-        try:
-            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-        except OSError:
-            return None
-        rel = "/" + str(self.root.relative_to(self.mount)) + "/"
-        for line in lines:
-            if line.startswith("0::") and line[3:].startswith(rel):
-                return line[3 + len(rel) :].split("/")[0] or None
-        return None
-
-    def in_any_session(self, pid: int) -> str | None:
-        """The cgroup path when `pid` is in any Ringfence session on this host (any node tree)."""
+    def cgroup_of_pid(self, pid: int) -> str | None:
+        """The process's cgroup v2 path (relative to the mount), or None if it is gone."""
         try:
             lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
         except OSError:
             return None
         for line in lines:
-            if line.startswith("0::/ringfence/"):
+            if line.startswith("0::"):
                 return line[3:]
         return None
+
+    def relative(self, cgroup: str) -> str | None:
+        """`cgroup` relative to this node's tree, when it is inside it."""
+        prefix = "/" + str(self.root.relative_to(self.mount)) + "/"
+        return cgroup[len(prefix):] if cgroup.startswith(prefix) else None
 
 
 class PopulatedWatcher:

@@ -5,16 +5,21 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import socket
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from ringfence.contract.api import SessionInfo
 from ringfence.contract.events import SessionNetwork
+
+_BOOT_ID = uuid.UUID(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
 
 
 @dataclass(frozen=True)
 class NetRecord:
     """A copy of struct net_event, detached from the ring buffer."""
 
+    boot_ns: int
     wall_time: float
     cgroup_id: int
     pid: int
@@ -37,8 +42,16 @@ def rfc3339(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def record_uid(rec: NetRecord) -> str:
+    """The same record always gets the same uid: a record read again after the
+    enforcer died mid-read is then dropped as a duplicate downstream."""
+    key = f"{rec.boot_ns}:{rec.pid}:{rec.cgroup_id}:{rec.family}:{rec.dst_addr.hex()}:{rec.dst_port}:{rec.operation}"
+    return str(uuid.uuid5(_BOOT_ID, key))
+
+
 def to_event(rec: NetRecord, session: SessionInfo | None) -> SessionNetwork:
     ev = SessionNetwork(
+        uid=record_uid(rec),
         time=rfc3339(rec.wall_time),
         pid=rec.pid,
         cgroup_id=rec.cgroup_id,

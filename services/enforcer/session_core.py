@@ -1,10 +1,25 @@
-"""Who may open which session: decisions only, no I/O."""
+"""Who may open which session, and as whom: decisions only, no I/O.
+
+Three kinds of session (SessionInfo.kind):
+  local       `ringfence run`: root may name any user and login; any other
+              account only itself.
+  connection  an SSH connection, opened by sshd's PAM hook (root only) for the
+              sshd process handling it; the user comes from how the client
+              authenticated (certificate key ID, registered key, else login).
+  channel     a shell/command/sftp inside a connection, opened by the
+              ForceCommand wrapper from inside the connection's cgroup; it
+              inherits the connection's identity, so it cannot be forged.
+A process already in a local session or a channel cannot open another session.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from ringfence.contract.api import OpenSessionRequest
+from ringfence.contract.api import OpenSessionRequest, SessionInfo
+
+from . import ssh_identity
 
 
 class Refused(Exception):
@@ -18,31 +33,62 @@ class Peer:
     pid: int
     uid: int
     account: str  # the uid's login name
-    session_path: str | None = None  # its cgroup when already inside a session
+    # The session of this node the peer is in, or None.
+    session: SessionInfo | None = None
+    # A session cgroup of another Ringfence node on this host, or None.
+    foreign_session: str | None = None
 
 
 @dataclass(frozen=True)
-class Identity:
+class Plan:
+    kind: str
     user: str
     login: str
+    pid: int  # the process to place in the new cgroup
+    roles: tuple[str, ...] = ()
+    key_id: str = ""
+    parent: SessionInfo | None = None  # the connection of a channel
 
 
-def resolve_identity(peer: Peer, req: OpenSessionRequest) -> Identity:
-    """Root (sshd's PAM hook, an operator) may open a session for anyone; any
-    other account only for itself, so identities cannot be forged from inside."""
-    if peer.session_path:
-        raise Refused(
-            f"process {peer.pid} is already in a session ({peer.session_path}); "
-            "a session cannot open another one"
-        )
-    if peer.uid == 0:
-        login = req.login or peer.account
-        return Identity(user=req.user or login, login=login)
+def _refuse_nesting(peer: Peer) -> None:
+    where = peer.session.sid if peer.session else peer.foreign_session
+    if where:
+        raise Refused(f"process {peer.pid} is already in a session ({where}); a session cannot open another one")
+
+
+def plan_session(
+    peer: Peer,
+    req: OpenSessionRequest,
+    key_owners: Mapping[tuple[str, str], str],
+    roles_of: Callable[[str], list[str]],
+) -> Plan:
+    if req.kind == "channel":
+        conn = peer.session
+        if conn is None or conn.kind != "connection":
+            if conn is not None or peer.foreign_session:
+                _refuse_nesting(peer)
+            raise Refused(f"process {peer.pid} is not inside an SSH connection; channels open only from sshd")
+        if peer.uid != 0 and peer.account != conn.login:
+            raise Refused(f"{peer.account} cannot open a channel in {conn.login}'s connection")
+        return Plan("channel", conn.user, conn.login, peer.pid, tuple(conn.roles), conn.key_id, conn)
+
+    if req.kind == "connection":
+        if peer.uid != 0:
+            raise Refused("only root (sshd's PAM hook) may open a connection session")
+        if req.pid <= 0 or not req.login:
+            raise Refused("a connection session needs the sshd process id and the login")
+        ident = ssh_identity.resolve(req.auth_info, req.login, key_owners)
+        return Plan("connection", ident.user, req.login, req.pid, tuple(roles_of(ident.user)), ident.key_id)
+
+    _refuse_nesting(peer)
+    if req.pid and req.pid != peer.pid and peer.uid != 0:
+        raise Refused("only root may open a session for another process")
+    pid = req.pid or peer.pid
     login = req.login or peer.account
     user = req.user or login
-    if login != peer.account or user != peer.account:
+    if peer.uid != 0 and (login != peer.account or user != peer.account):
         raise Refused(
             f"only root may open a session for another user: you are {peer.account} (uid {peer.uid}), "
             f"asked for user {user!r} login {login!r}"
         )
-    return Identity(user=user, login=login)
+    return Plan("local", user, login, pid, tuple(roles_of(user)))

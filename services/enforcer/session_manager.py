@@ -1,9 +1,9 @@
 """Opening, tracking and ending sessions on this node.
 
 A session is a cgroup under the node's tree plus a state file; its processes
-inherit the cgroup, so every child of the session is restricted too. The end
-of a session is the moment its cgroup becomes empty (cgroup.events
-"populated 0", watched with inotify).
+inherit the cgroup, so every child of the session is restricted too. Channels
+of an SSH connection are cgroups inside the connection's. A session ends when
+its cgroup becomes empty (cgroup.events "populated 0", watched with inotify).
 """
 
 from __future__ import annotations
@@ -11,24 +11,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import msgspec
 from nats.js.kv import KeyValue
 
-from ringfence.contract.api import OpenSessionRequest, SessionInfo
+from ringfence.contract.api import Notice, OpenSessionRequest, SessionInfo, SessionUpdate
 from ringfence.contract.events import AuditEvent, SessionEnd, SessionStart, now_rfc3339
 
 from .cgroups import CgroupTree, PopulatedWatcher
+from .recorder import Recorder
 from .restricted_bpf import RestrictedBPF
-from .session_core import Identity, Peer, Refused, resolve_identity
+from .session_core import Peer, Plan, Refused, plan_session
 from .session_store import SessionStore
 
 log = logging.getLogger(__name__)
 
 # Checks run before a session opens (locks, limits): return a refusal message or None.
 AdmissionCheck = Callable[[SessionInfo], Awaitable[str | None]]
+NOTICE_GRACE = 0.3  # seconds between telling the user and ending the session
+KV_ACTIVITY_INTERVAL = 10.0  # how often last_active reaches the fleet-wide listing
+
+
+@dataclass
+class Link:
+    """The open socket of a channel's wrapper: notices go out through it."""
+
+    writer: asyncio.StreamWriter
+    record: bool = False
+    width: int = 0
+    height: int = 0
+    published_activity: float = field(default=0.0)
 
 
 class SessionManager:
@@ -39,90 +55,115 @@ class SessionManager:
         bpf: RestrictedBPF,
         store: SessionStore,
         emit: Callable[[AuditEvent], None],
+        recorder: Recorder,
         node: dict[str, str],
         flags: int,
         reader_cycles: Callable[[], int],
         counters: dict,
+        key_owners: Callable[[], dict],
+        roles_of: Callable[[str], list[str]],
     ) -> None:
         self.tree = tree
         self.bpf = bpf
         self.store = store
         self.emit = emit
+        self.recorder = recorder
         self.node = node  # cluster_name, server_id, server_hostname
         self.flags = flags
         self.reader_cycles = reader_cycles
         self.counters = counters
+        self.key_owners = key_owners
+        self.roles_of = roles_of
         self.by_sid: dict[str, SessionInfo] = {}
         self.by_cgroup: dict[int, SessionInfo] = {}
+        self.by_path: dict[str, SessionInfo] = {}
+        self.links: dict[str, Link] = {}
         self.checks: list[AdmissionCheck] = []
         self.kv: KeyValue | None = None
         self.watcher: PopulatedWatcher | None = None
-        self._ending: set[str] = set()
+        self._ending: dict[str, asyncio.Task] = {}
         counters["sessions_active"] = 0
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.watcher = PopulatedWatcher(loop, self._on_cgroup_change)
 
-    # --- restart ---------------------------------------------------------------------
+    # --- lookups -----------------------------------------------------------------------
+    def lookup_cgroup(self, cgroup_id: int) -> SessionInfo | None:
+        return self.by_cgroup.get(cgroup_id)
+
+    def peer(self, pid: int, uid: int, account: str) -> Peer:
+        cgroup = self.tree.cgroup_of_pid(pid) or ""
+        rel = self.tree.relative(cgroup)
+        session = self.by_path.get(rel) if rel else None
+        foreign = cgroup if cgroup.startswith("/ringfence/") and session is None else None
+        return Peer(pid=pid, uid=uid, account=account, session=session, foreign_session=foreign)
+
+    def channels_of(self, conn_sid: str) -> list[SessionInfo]:
+        return [s for s in self.by_sid.values() if s.connection == conn_sid]
+
+    # --- restart ---------------------------------------------------------------------------
     def restore(self) -> list[str]:
         """Take back the sessions a previous enforcer left; return those that ended meanwhile."""
         ended = []
-        known = set()
         for info in self.store.load_all():
-            known.add(info.sid)
             self._track(info)
-            if self.tree.path(info.sid).exists():
+            if self.tree.path(info.cgroup).exists():
                 assert self.watcher is not None
-                self.watcher.watch(info.sid, self.tree.path(info.sid))
-                if self.tree.populated(info.sid):
+                self.watcher.watch(info.sid, self.tree.path(info.cgroup))
+                if self.tree.populated(info.cgroup):
                     log.info("took back session %s (user %s, login %s)", info.sid, info.user, info.login)
                     continue
             ended.append(info.sid)
-        for sid in self.tree.existing():
-            if sid not in known and not self.tree.populated(sid):
-                self.tree.remove(sid)  # created, but no process ever moved in
-        return ended
+        for rel in self.tree.existing():
+            if rel not in self.by_path and not self.tree.populated(rel):
+                self.tree.remove(rel)  # created, but no process ever moved in
+        # Channels end before their connection.
+        return sorted(ended, key=lambda sid: self.by_sid[sid].kind != "channel")
 
     def _track(self, info: SessionInfo) -> None:
         self.by_sid[info.sid] = info
         self.by_cgroup[info.cgroup_id] = info
+        self.by_path[info.cgroup] = info
         self.counters["sessions_active"] = len(self.by_sid)
 
-    def lookup_cgroup(self, cgroup_id: int) -> SessionInfo | None:
-        return self.by_cgroup.get(cgroup_id)
-
-    # --- open ------------------------------------------------------------------------
+    # --- open ------------------------------------------------------------------------------
     async def open(self, peer: Peer, req: OpenSessionRequest) -> SessionInfo:
-        ident: Identity = resolve_identity(peer, req)
+        plan: Plan = plan_session(peer, req, self.key_owners(), self.roles_of)
         sid = str(uuid.uuid4())
         info = SessionInfo(
             sid=sid,
-            user=ident.user,
-            login=ident.login,
+            user=plan.user,
+            login=plan.login,
+            roles=list(plan.roles),
             server_id=self.node["server_id"],
             server_hostname=self.node["server_hostname"],
             cluster_name=self.node["cluster_name"],
             started=now_rfc3339(),
-            addr_remote=req.addr_remote,
-            addr_local=req.addr_local,
+            addr_remote=req.addr_remote or (plan.parent.addr_remote if plan.parent else ""),
+            addr_local=req.addr_local or (plan.parent.addr_local if plan.parent else ""),
             command=req.command,
             interactive=req.interactive,
+            kind=plan.kind,  # type: ignore[arg-type]
+            connection=plan.parent.sid if plan.parent else "",
+            cgroup=f"{plan.parent.cgroup}/{sid}" if plan.parent else sid,
+            key_id=plan.key_id,
+            term=req.term,
         )
         for check in self.checks:
             refusal = await check(info)
             if refusal:
                 raise Refused(refusal)
-        info.cgroup_id = self.tree.create(sid)
+        info.cgroup_id = self.tree.create(info.cgroup)
         try:
             self.store.save(info)  # before any process is inside: a restart can always attribute it
             self.bpf.add_session(info.cgroup_id, self.flags)
             assert self.watcher is not None
-            self.watcher.watch(sid, self.tree.path(sid))
+            self.watcher.watch(sid, self.tree.path(info.cgroup))
             self._track(info)
-            self.tree.move(sid, peer.pid)
+            self.tree.move(info.cgroup, plan.pid)
         except Exception as exc:
             self._forget(info)
-            raise Refused(f"cannot place process {peer.pid} in a session cgroup: {exc}") from exc
+            raise Refused(f"cannot place process {plan.pid} in a session cgroup: {exc}") from exc
         self.emit(
             SessionStart(
                 user=info.user,
@@ -130,28 +171,65 @@ class SessionManager:
                 sid=sid,
                 addr_remote=info.addr_remote,
                 addr_local=info.addr_local,
-                pid=peer.pid,
+                pid=plan.pid,
                 cgroup_id=info.cgroup_id,
                 roles=info.roles,
                 initial_command=info.command,
                 interactive=info.interactive,
+                kind=info.kind,
+                connection=info.connection,
+                proto="ssh" if info.kind != "local" else "local",
             )
         )
         await self._publish_info(info)
-        log.info("session %s opened: user %s, login %s, pid %d", sid, info.user, info.login, peer.pid)
+        log.info("session %s opened: %s, user %s, login %s, pid %d", sid, info.kind, info.user, info.login, plan.pid)
         return info
 
-    # --- end -------------------------------------------------------------------------
+    def attach_link(self, info: SessionInfo, writer: asyncio.StreamWriter, req: OpenSessionRequest) -> Link:
+        """A channel's wrapper keeps its socket open; interactive ones are recorded."""
+        link = Link(writer=writer, record=req.interactive, width=req.width, height=req.height)
+        self.links[info.sid] = link
+        if link.record:
+            self.recorder.begin(info, req.width or 80, req.height or 24, req.term)
+        return link
+
+    def on_update(self, sid: str, update: SessionUpdate) -> None:
+        info = self.by_sid.get(sid)
+        link = self.links.get(sid)
+        if info is None or link is None:
+            return
+        if any(code in ("i", "o") for _, code, _ in update.events):
+            info.last_active = now_rfc3339()
+            now = time.monotonic()
+            if now - link.published_activity > KV_ACTIVITY_INTERVAL:
+                link.published_activity = now
+                asyncio.get_running_loop().create_task(self._publish_info(info))
+        if link.record and update.events:
+            self.recorder.add(sid, update.events)
+
+    def detach_link(self, sid: str) -> None:
+        self.links.pop(sid, None)
+
+    # --- end -------------------------------------------------------------------------------
     def _on_cgroup_change(self, sid: str) -> None:
-        if sid in self.by_sid and sid not in self._ending and not self.tree.populated(sid):
-            self._ending.add(sid)
+        info = self.by_sid.get(sid)
+        if info and sid not in self._ending and not self.tree.populated(info.cgroup):
             task = asyncio.get_running_loop().create_task(self.end(sid))
             task.add_done_callback(_log_failure)
 
     async def end(self, sid: str) -> None:
+        if sid in self._ending:
+            await asyncio.shield(self._ending[sid])
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._ending[sid] = task
         info = self.by_sid.get(sid)
         if info is None:
+            self._ending.pop(sid, None)
             return
+        for channel in self.channels_of(sid):
+            await self.end(channel.sid)
         # The ring buffer may still hold this session's last records: let the
         # reader finish two rounds so they are attributed and precede session.end.
         target = self.reader_cycles() + 2
@@ -159,6 +237,7 @@ class SessionManager:
             if self.reader_cycles() >= target:
                 break
             await asyncio.sleep(0.05)
+        self.recorder.finish(sid)
         self.emit(
             SessionEnd(
                 user=info.user,
@@ -180,17 +259,33 @@ class SessionManager:
         if self.watcher:
             self.watcher.forget(info.sid)
         self.bpf.remove_session(info.cgroup_id)
-        self.tree.remove(info.sid)
+        self.tree.remove(info.cgroup)
         self.store.delete(info.sid)
         self.by_sid.pop(info.sid, None)
         self.by_cgroup.pop(info.cgroup_id, None)
-        self._ending.discard(info.sid)
+        self.by_path.pop(info.cgroup, None)
+        self.links.pop(info.sid, None)
+        self._ending.pop(info.sid, None)
         self.counters["sessions_active"] = len(self.by_sid)
 
-    def kill(self, sid: str) -> bool:
-        if sid not in self.by_sid:
+    async def terminate(self, sid: str, message: str) -> bool:
+        """Tell the user why (when a wrapper is listening), then kill every process of the session."""
+        info = self.by_sid.get(sid)
+        if info is None:
             return False
-        self.tree.kill(sid)
+        targets = [info, *self.channels_of(sid)]
+        told = False
+        for s in targets:
+            link = self.links.get(s.sid)
+            if link:
+                with contextlib.suppress(Exception):
+                    link.writer.write(msgspec.json.encode(Notice(message=message)) + b"\n")
+                    await asyncio.wait_for(link.writer.drain(), 1.0)
+                    told = True
+        if told:
+            await asyncio.sleep(NOTICE_GRACE)
+        self.tree.kill(info.cgroup)
+        log.info("session %s terminated: %s", sid, message)
         return True
 
     async def _publish_info(self, info: SessionInfo) -> None:

@@ -1,30 +1,34 @@
-"""The enforcer's local socket: `ringfence run` and the OpenSSH hooks ask it to
-open a session. The peer is identified by the kernel (SO_PEERCRED), never by
-what it claims."""
+"""The enforcer's local socket. `ringfence run`, sshd's PAM hook and the
+ForceCommand wrapper ask it to open sessions. The peer is identified by the
+kernel (SO_PEERCRED), never by what it claims.
+
+Protocol: one JSON line OpenSessionRequest, one JSON line OpenSessionReply.
+For channels the connection then stays open: SessionUpdate lines come in
+(terminal stream, activity), Notice lines go out (why the session ends).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pwd
 import socket
 import struct
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
 
-from ringfence.contract.api import OpenSessionReply, OpenSessionRequest
+from ringfence.contract.api import OpenSessionReply, OpenSessionRequest, SessionUpdate
 from ringfence.contract.strict import DecodeError, decode_json
 
-from .session_core import Peer, Refused
+from .session_core import Refused
+from .session_manager import SessionManager
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST = 64 * 1024
-Opener = Callable[[Peer, OpenSessionRequest], Awaitable[str]]
-PeerInSession = Callable[[int], str | None]
+MAX_LINE = 1024 * 1024
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -40,54 +44,86 @@ def account_name(uid: int) -> str:
 
 
 class SessionSocket:
-    def __init__(self, path: Path, opener: Opener, in_session: PeerInSession) -> None:
+    def __init__(self, path: Path, manager: SessionManager, counters: dict) -> None:
         self.path = path
-        self.opener = opener
-        self.in_session = in_session
+        self.manager = manager
+        self.counters = counters
+        counters.setdefault("updates_rejected", 0)
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.unlink(missing_ok=True)
-        self.server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_REQUEST)
+        self.server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_LINE)
         # Any local account may ask; what it gets depends on who it is (SO_PEERCRED).
         os.chmod(self.path, 0o666)
 
     async def stop(self) -> None:
         if self.server:
             self.server.close()
-            await self.server.wait_closed()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.server.wait_closed(), 2)
+
+    async def _reply(self, writer: asyncio.StreamWriter, reply: OpenSessionReply) -> None:
+        writer.write(msgspec.json.encode(reply) + b"\n")
+        await writer.drain()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            reply = await self._handle(reader, writer)
+            await self._handle(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
         except Exception as exc:
             log.exception("session socket request failed")
-            reply = OpenSessionReply(ok=False, error=f"internal error in the enforcer: {exc}")
-        try:
-            writer.write(msgspec.json.encode(reply) + b"\n")
-            await writer.drain()
-        except ConnectionError:
-            pass
+            with contextlib.suppress(Exception):
+                await self._reply(writer, OpenSessionReply(ok=False, error=f"internal error in the enforcer: {exc}"))
         finally:
             writer.close()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> OpenSessionReply:
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         pid, uid, _gid = peer_credentials(writer.get_extra_info("socket"))
         try:
             line = await asyncio.wait_for(reader.readline(), 10)
         except (asyncio.LimitOverrunError, ValueError):
-            return OpenSessionReply(ok=False, error=f"request larger than {MAX_REQUEST} bytes")
+            return await self._reply(writer, OpenSessionReply(ok=False, error=f"request larger than {MAX_LINE} bytes"))
         except TimeoutError:
-            return OpenSessionReply(ok=False, error="no request within 10s")
+            return await self._reply(writer, OpenSessionReply(ok=False, error="no request within 10s"))
         try:
             req = decode_json(line, OpenSessionRequest)
         except DecodeError as exc:
-            return OpenSessionReply(ok=False, error=f"bad request: {exc}")
-        peer = Peer(pid=pid, uid=uid, account=account_name(uid), session_path=self.in_session(pid))
+            return await self._reply(writer, OpenSessionReply(ok=False, error=f"bad request: {exc}"))
+        peer = self.manager.peer(pid, uid, account_name(uid))
         try:
-            sid = await self.opener(peer, req)
+            info = await self.manager.open(peer, req)
         except Refused as exc:
             log.info("session refused for pid %d (uid %d): %s", pid, uid, exc)
-            return OpenSessionReply(ok=False, error=str(exc))
-        return OpenSessionReply(ok=True, sid=sid)
+            return await self._reply(writer, OpenSessionReply(ok=False, error=str(exc)))
+        if info.kind != "channel":
+            return await self._reply(writer, OpenSessionReply(ok=True, sid=info.sid, user=info.user))
+        link = self.manager.attach_link(info, writer, req)
+        await self._reply(writer, OpenSessionReply(ok=True, sid=info.sid, user=info.user, record=link.record))
+        try:
+            await self._follow(info.sid, reader)
+        finally:
+            self.manager.detach_link(info.sid)
+
+    async def _follow(self, sid: str, reader: asyncio.StreamReader) -> None:
+        """Read the channel's updates until its wrapper closes the socket."""
+        while True:
+            try:
+                line = await reader.readline()
+            except (asyncio.LimitOverrunError, ValueError):
+                self.counters["updates_rejected"] += 1
+                log.warning("session %s sent an update over %d bytes; stopped reading it", sid, MAX_LINE)
+                return
+            if not line:
+                return
+            try:
+                update = msgspec.json.decode(line, type=SessionUpdate)
+            except msgspec.DecodeError as exc:
+                self.counters["updates_rejected"] += 1
+                log.warning("session %s sent a bad update: %s", sid, exc)
+                continue
+            self.manager.on_update(sid, update)
+            if update.end:
+                return

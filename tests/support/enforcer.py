@@ -71,9 +71,11 @@ class EnforcerNode:
             argv += ["--login", login]
         return subprocess.Popen([*argv, "--", *cmd], stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
-    def probe(self, *targets: str, **kw) -> dict[str, str]:
+    def probe(self, *targets: str, with_caller: bool = False, **kw) -> dict:
+        """{target: result}; with_caller adds the probe's "_pid" and "_comm"."""
         out = self.run(sys.executable, NETPROBE, *targets, **kw).stdout
-        return json.loads(out.strip().splitlines()[-1])
+        result = json.loads(out.strip().splitlines()[-1])
+        return result if with_caller else {k: v for k, v in result.items() if not k.startswith("_")}
 
     def sessions_started(self) -> list[str]:
         return re.findall(r"session (\S+) opened", self.log())

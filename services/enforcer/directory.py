@@ -1,0 +1,51 @@
+"""Users and roles as this node sees them (mirrored from the policy bucket)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+from nats.aio.client import Client
+
+from ringfence.contract import names
+from ringfence.contract.resources import Role, User
+
+from .kv_mirror import KvMirror
+from .ssh_identity import normalize_public_key
+
+
+def _decode_user(_key: str, raw: bytes) -> User:
+    return msgspec.json.decode(raw, type=User)
+
+
+def _decode_role(_key: str, raw: bytes) -> Role:
+    return msgspec.json.decode(raw, type=Role)
+
+
+class Directory:
+    def __init__(self, nc: Client) -> None:
+        self.users: KvMirror[User] = KvMirror(nc, names.POLICY_BUCKET, names.USER_KEY_PREFIX + ">", _decode_user,
+                                              self._reindex)
+        self.roles: KvMirror[Role] = KvMirror(nc, names.POLICY_BUCKET, names.ROLE_KEY_PREFIX + ">", _decode_role)
+        self.key_owners: dict[tuple[str, str], str] = {}
+        self._by_name: dict[str, User] = {}
+
+    def _reindex(self) -> None:
+        owners, by_name = {}, {}
+        for user in self.users.values.values():
+            by_name[user.metadata.name] = user
+            for line in user.spec.ssh_public_keys:
+                key = normalize_public_key(line)
+                if key:
+                    owners[key] = user.metadata.name
+        self.key_owners, self._by_name = owners, by_name
+
+    def roles_of(self, user: str) -> list[str]:
+        found = self._by_name.get(user)
+        return list(found.spec.roles) if found else []
+
+    def role(self, name: str) -> Role | None:
+        return self.roles.values.get(names.role_key(name))
+
+    def tasks(self, stop: asyncio.Event) -> list:
+        return [self.users.run(stop), self.roles.run(stop)]

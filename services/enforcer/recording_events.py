@@ -1,0 +1,126 @@
+"""Kernel exec/open records to session.command / session.disk audit events. Pure.
+
+Conventions (those of the system Ringfence replaces, so parsers carry over):
+
+- session.command: `path` is the filename passed to execve, `argv` the
+  arguments after argv[0] (argv[0] itself is in the record, not the event),
+  `program` the comm when exec returned: the new program's on success, the
+  caller's on failure; `return_code` 0 or -errno.
+- session.disk: `path` as passed to open (relative paths stay relative),
+  `flags` the open flags, `return_code` the fd or -errno.
+- Truncation is marked with "...": appended to a path or an argument that was
+  cut, and as a last argument when arguments are missing (more than the
+  kernel side keeps, or unreadable).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ringfence.contract.api import SessionInfo
+from ringfence.contract.events import AuditEvent, SessionCommand, SessionDisk
+
+from .netevents import rfc3339
+
+ELLIPSIS = "..."
+_BOOT_ID = uuid.UUID(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    """A copy of struct exec_event (bpf/recording.bpf.c), detached from the ring buffer."""
+
+    boot_ns: int  # CLOCK_BOOTTIME when exec returned
+    wall_time: float
+    cgroup_id: int
+    pid: int
+    ppid: int
+    comm: str
+    path: str
+    argv: tuple[str, ...]  # argv[0] included
+    return_code: int
+    path_truncated: bool = False
+    args_missing: bool = False  # arguments after the last one in argv were not kept
+    truncated_args: frozenset[int] = frozenset()  # indexes in argv of arguments that were cut
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    """A copy of struct disk_event (bpf/recording.bpf.c), detached from the ring buffer."""
+
+    boot_ns: int  # CLOCK_BOOTTIME when open returned
+    wall_time: float
+    cgroup_id: int
+    pid: int
+    comm: str
+    path: str
+    flags: int
+    return_code: int
+    path_truncated: bool = False
+
+
+def boot_offset() -> float:
+    """Seconds to add to CLOCK_BOOTTIME to get wall time (read the clocks once per batch or record)."""
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def wall_time(boot_ns: int, offset: float) -> float:
+    return offset + boot_ns / 1e9
+
+
+def command_uid(rec: CommandRecord) -> str:
+    """The same record always gets the same uid: a record read again (the enforcer
+    died between reading and acknowledging it) is dropped as a duplicate downstream."""
+    return str(uuid.uuid5(_BOOT_ID, f"exec:{rec.boot_ns}:{rec.pid}:{rec.cgroup_id}"))
+
+
+def disk_uid(rec: DiskRecord) -> str:
+    key = f"disk:{rec.boot_ns}:{rec.pid}:{rec.cgroup_id}:{rec.flags}:{rec.return_code}:{rec.path}"
+    return str(uuid.uuid5(_BOOT_ID, key))
+
+
+def _attribute(ev: AuditEvent, session: SessionInfo | None) -> None:
+    if session:
+        ev.sid = session.sid
+        ev.user = session.user
+        ev.login = session.login
+        ev.cluster_name = session.cluster_name
+        ev.server_id = session.server_id
+        ev.server_hostname = session.server_hostname
+
+
+def command_event(rec: CommandRecord, session: SessionInfo | None) -> SessionCommand:
+    argv = [a + ELLIPSIS if i in rec.truncated_args else a for i, a in enumerate(rec.argv)][1:]
+    if rec.args_missing:
+        argv.append(ELLIPSIS)
+    ev = SessionCommand(
+        uid=command_uid(rec),
+        time=rfc3339(rec.wall_time),
+        pid=rec.pid,
+        ppid=rec.ppid,
+        cgroup_id=rec.cgroup_id,
+        program=rec.comm,
+        path=rec.path + ELLIPSIS if rec.path_truncated else rec.path,
+        argv=argv,
+        return_code=rec.return_code,
+    )
+    _attribute(ev, session)
+    return ev
+
+
+def disk_event(rec: DiskRecord, session: SessionInfo | None) -> SessionDisk:
+    ev = SessionDisk(
+        uid=disk_uid(rec),
+        time=rfc3339(rec.wall_time),
+        pid=rec.pid,
+        cgroup_id=rec.cgroup_id,
+        program=rec.comm,
+        path=rec.path + ELLIPSIS if rec.path_truncated else rec.path,
+        flags=rec.flags,
+        return_code=rec.return_code,
+    )
+    _attribute(ev, session)
+    return ev
