@@ -172,7 +172,7 @@ class RecordingConsumer:
             raise ApiError(f"offset: {request.offset} is past the end of the recording ({rec.bytes} bytes)")
         # The text goes into a JSON string: escaping at most doubles it (each \ and " of the .cast).
         budget = (min(self.ctx.nc.max_payload, REPLY_MAX_BYTES) - REPLY_OVERHEAD) // 2
-        limit = min(request.limit, budget)
+        limit = max(4, min(request.limit, budget))  # at least one whole UTF-8 character per page
         raw = await asyncio.to_thread(self.reader.read, rec, request.offset, limit)
         page = recording_core.cut_page(raw, at_end=request.offset + len(raw) >= rec.bytes)
         next_offset = request.offset + len(page)

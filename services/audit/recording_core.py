@@ -2,7 +2,8 @@
 write chunks, how to page a .cast file. No I/O; tests/test_recordings_core.py.
 
 Ordering (per sid): chunks are written strictly in seq order, each exactly once.
-  - seq below the next expected one: a redelivery or duplicate; acked, not written;
+  - seq below the next expected one, or another message with a seq already held:
+    a duplicate; acked, not written (a redelivery of a held message replaces it);
   - seq equal to it: written (and any held chunks that now follow);
   - seq above it (a gap): held in memory, unacked, until the gap fills. At most
     HOLD_MAX_CHUNKS per sid and HOLD_MAX_BYTES in all are held; a chunk beyond
@@ -79,6 +80,7 @@ class Held:
     chunk: RecordingChunk
     token: object  # the message to ack once the chunk is written
     size: int
+    ident: int = 0  # the stream sequence: the same for a redelivery of the same message
 
 
 @dataclass
@@ -101,22 +103,25 @@ class Offer:
     replaced: object = None  # token of an older delivery of the same seq, now dropped
 
 
-def offer(seq: Sequencer, chunk: RecordingChunk, token: object, size: int, held_total: int) -> Offer:
-    """Where an incoming chunk goes. `held_total`: bytes held over every sid."""
+def offer(seq: Sequencer, chunk: RecordingChunk, token: object, size: int, held_total: int, ident: int = 0) -> Offer:
+    """Where an incoming chunk goes. `held_total`: bytes held over every sid; `ident`: the
+    message's stream sequence (tells a redelivery from another message with the same seq)."""
     if chunk.seq < seq.next_seq:
         return Offer("duplicate")
     if seq.ended:
         return Offer("after_end")
     old = seq.held.get(chunk.seq)
     if old is not None:
-        # Another delivery of a chunk already held: keep the newest message handle.
-        seq.held[chunk.seq] = Held(chunk, token, size)
+        if not ident or old.ident != ident:
+            return Offer("duplicate")  # another message with a seq already held: the held one is written
+        # A redelivery of the held message (held past ack_wait): keep the newest handle.
+        seq.held[chunk.seq] = Held(chunk, token, size, ident)
         return Offer("held", replaced=old.token)
     if chunk.seq > seq.next_seq and (
         len(seq.held) >= HOLD_MAX_CHUNKS or held_total + size > HOLD_MAX_BYTES
     ):
         return Offer("nak")
-    seq.held[chunk.seq] = Held(chunk, token, size)
+    seq.held[chunk.seq] = Held(chunk, token, size, ident)
     return Offer("held")
 
 
@@ -150,6 +155,7 @@ def advance(seq: Sequencer, now: float, gap_wait: float = GAP_WAIT) -> Advance:
                 out.skipped_from = seq.next_seq
             out.skipped += lowest - seq.next_seq
             seq.next_seq = lowest
+            seq.gap_since = now  # a gap after the chunks now written is a new gap
             continue
         break
     if not seq.held:

@@ -314,7 +314,8 @@ class RecordingStore:
         touched: dict[str, Rec] = {}
         for chunk, msg in chunks:
             rec = self._rec(chunk.sid)
-            o = offer(rec.seq, chunk, msg, len(msg.data), held_total)  # held chunks keep their message
+            # Held chunks keep their whole message (dead letter, ack).
+            o = offer(rec.seq, chunk, msg, len(msg.data), held_total, msg.stream_seq)
             if o.verdict == "duplicate":
                 out.duplicates_skipped += 1
                 out.ack.append(msg.token)
@@ -325,8 +326,7 @@ class RecordingStore:
             else:
                 if o.replaced is None:
                     held_total += len(msg.data)
-                # An older delivery being replaced is dropped unacked: if it is another stream
-                # message it is redelivered after ack_wait, and then is a duplicate.
+                # A replaced older delivery of the same message needs no ack of its own.
                 touched[rec.sid] = rec
         for rec in self.recs.values():
             if rec.seq.held:
