@@ -410,3 +410,17 @@ def test_sessions_ls_lists_the_sessions_bucket_with_idle_times(nats_server):
     r = cli("sessions", "ls", "--format", "json", "--nats-url", url)
     found = json.loads(r.stdout)
     assert [msgspec.convert(x, SessionInfo) for x in found] == [b, a]
+
+
+def test_a_recording_still_being_written_plays_what_is_stored(nats_server, data_dir, services):
+    services("audit")
+    url = nats_server.url
+    sid = "open-1"
+    publish(url, session(sid, [[(0.0, "o", "a")], [(1.0, "o", "b")], [(2.0, "o", "never")]])[:2])
+    wait_for(lambda: [e[2] for e in parse_cast(cast_file(data_dir, sid).read_text())[1]] == ["a", "b"],
+             what="the first two chunks")
+    r = cli("sessions", "ls", "--ended", "--nats-url", url)
+    assert r.stdout.decode().splitlines()[1].split()[-2:] == ["1s", "(open)"]
+    played = cli("play", sid, "--speed", "100", "--nats-url", url)
+    assert (played.returncode, played.stdout) == (0, b"ab")
+    assert "has no end yet" in played.stderr.decode()
