@@ -7,7 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
-PYTHON=${PYTHON:-python3}
+# The system Python by default: session users (SSH logins) run the ForceCommand
+# wrapper from this venv, so its interpreter must be reachable by every account
+# (a pyenv under /root is not), and Debian's bcc is built for it.
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON=python3
+    /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && PYTHON=/usr/bin/python3
+fi
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
@@ -67,9 +73,15 @@ headers_ok || die "kernel headers for $KREL not found at $KBUILD; bcc cannot com
 # --- virtual environment ---------------------------------------------------
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || die "$PYTHON is $("$PYTHON" -V 2>&1); Ringfence needs Python 3.11 or newer (set PYTHON=...)"
+base=$(readlink -f "$(command -v "$PYTHON")")
+if [ -x "$VENV/bin/python" ] && [ "$(cat "$VENV/.base-python" 2>/dev/null)" != "$base" ]; then
+    say "$VENV was made with another Python; recreating it with $base"
+    rm -rf "$VENV"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
-    say "creating $VENV"
+    say "creating $VENV with $base"
     "$PYTHON" -m venv "$VENV"
+    echo "$base" > "$VENV/.base-python"
 fi
 
 # bcc is a Debian package (it must match the system libbcc), not a wheel:

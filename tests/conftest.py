@@ -72,3 +72,20 @@ def enforcer(nats_server: NatsServer, data_dir: Path):
     yield start
     for node in nodes:
         node.cleanup()
+
+
+@pytest.fixture
+def sshd(tmp_path: Path):
+    """Start a real sshd wired to an enforcer node: `sshd(node)`; stopped and cleaned up after."""
+    from tests.support.sshd import SshServer
+
+    servers: list[SshServer] = []
+
+    def start(node, forwarding: bool = True) -> SshServer:
+        server = SshServer(tmp_path / f"sshd{len(servers)}", node.data_dir, forwarding=forwarding)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import events, locks, resources, run, sessions, status, up
+from . import events, locks, resources, run, sessions, ssh_hooks, status, up
 
 REGISTRY = [
     up.register,
@@ -11,5 +11,6 @@ REGISTRY = [
     run.register,  # run
     events.register,  # events search|tail
     sessions.register,  # sessions ls (join, kill: see sessions.py), play
-    locks.register,
+    locks.register,  # lock, unlock
+    ssh_hooks.register,  # pam-hook, ssh-session (OpenSSH integration)
 ]

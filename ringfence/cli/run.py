@@ -5,45 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import pwd
-import socket
-import sys
+import shutil
 
-import msgspec
-
-from ..contract.api import OpenSessionReply, OpenSessionRequest
+from ..contract.api import OpenSessionRequest
 from .client import CliError, config_from
-
-MAX_REPLY = 64 * 1024
-
-
-def enforcer_socket(data_dir: str) -> str:
-    return os.path.join(data_dir, "enforcer.sock")
-
-
-def open_session(path: str, req: OpenSessionRequest, timeout: float = 30.0) -> str:
-    """Ask the local enforcer to put this process into a new session; returns the sid."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(path)
-            s.sendall(msgspec.json.encode(req) + b"\n")
-            data = b""
-            while not data.endswith(b"\n") and len(data) < MAX_REPLY:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-    except FileNotFoundError:
-        raise CliError(f"no enforcer socket at {path}; is the enforcer running on this host?") from None
-    except OSError as exc:
-        raise CliError(f"cannot talk to the enforcer at {path}: {exc.strerror or exc}") from None
-    try:
-        reply = msgspec.json.decode(data, type=OpenSessionReply)
-    except msgspec.DecodeError:
-        raise CliError(f"the enforcer at {path} sent no valid reply") from None
-    if not reply.ok:
-        raise CliError(reply.error)
-    return reply.sid
+from .enforcer_link import EnforcerLink, socket_path
+from .ptyproxy import run_plain, run_with_pty, window_size
 
 
 def become(login: str) -> None:
@@ -66,22 +33,24 @@ def run(args: argparse.Namespace) -> int:
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
         raise CliError("no command given: ringfence run [--user U] [--login L] -- CMD [ARGS...]")
+    path = shutil.which(command[0])
+    if path is None:
+        raise CliError(f"command not found: {command[0]}", exit_code=127)
     cfg = config_from(args)
+    interactive = os.isatty(0) and os.isatty(1)
+    cols, rows = window_size(0) if interactive else (0, 0)
     req = OpenSessionRequest(
-        user=args.user or "",
-        login=args.login or "",
-        command=command,
-        interactive=sys.stdin.isatty(),
-        addr_remote=os.environ.get("SSH_CLIENT", "").replace(" ", ":", 1).split(" ")[0],
+        user=args.user or "", login=args.login or "", command=command, interactive=interactive,
+        term=os.environ.get("TERM", ""), width=cols, height=rows,
     )
-    sid = open_session(args.socket or enforcer_socket(cfg.data_dir), req)
-    os.environ["RINGFENCE_SESSION_ID"] = sid
+    link = EnforcerLink(args.socket or socket_path(cfg.data_dir))
+    reply = link.open(req)
+    os.environ["RINGFENCE_SESSION_ID"] = reply.sid
     if os.geteuid() == 0 and args.login and args.login != pwd.getpwuid(0).pw_name:
         become(args.login)
-    try:
-        os.execvp(command[0], command)
-    except OSError as exc:
-        raise CliError(f"cannot run {command[0]}: {exc.strerror}", exit_code=127) from None
+    if interactive:
+        return run_with_pty(path, command, link, reply.record)
+    return run_plain(path, command, link)
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -90,8 +59,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         parents=[common],
         help="run a command as a restricted session on this host",
         description="Ask the local enforcer to open a session (its own cgroup, with network "
-        "restrictions, locks and audit), then run CMD inside it. Root may name any --user and "
-        "--login (and runs CMD as that login); other accounts only open sessions for themselves.",
+        "restrictions, locks and audit), then run CMD inside it; on a terminal the session is "
+        "recorded. Root may name any --user and --login (and runs CMD as that login); other "
+        "accounts only open sessions for themselves.",
     )
     p.add_argument("--user", help="Ringfence user the session belongs to (default: the login)")
     p.add_argument("--login", help="OS login of the session (default: the calling account)")

@@ -83,7 +83,7 @@ def cast_lines(chunk: RecordingChunk) -> list[bytes]:
     """The .cast file lines this chunk contributes (header first on seq 0)."""
     out = []
     if chunk.header is not None:
-        out.append(msgspec.json.encode(chunk.header))
+        out.append(header_line(chunk.header))
     out += [msgspec.json.encode(list(e)) for e in chunk.events]
     return out
 

@@ -63,12 +63,31 @@ class Recorder:
     def add(self, sid: str, events: list[tuple[float, str, str]]) -> None:
         rec = self.active.get(sid)
         if rec:
-            self._ship(self._chunk(rec, events))
+            for part in _fitting(events):
+                self._ship(self._chunk(rec, part))
 
     def finish(self, sid: str) -> None:
         rec = self.active.pop(sid, None)
         if rec:
             self._ship(self._chunk(rec, [], end=True))
+
+
+def _fitting(events: list[tuple[float, str, str]]) -> list[list[tuple[float, str, str]]]:
+    """Split events so every chunk stays under recording.MAX_CHUNK_BYTES (JSON
+    escaping can make terminal output up to six times longer)."""
+    budget = recording.MAX_CHUNK_BYTES // 2
+    parts: list[list[tuple[float, str, str]]] = [[]]
+    size = 0
+    for t, code, data in events:
+        for i in range(0, max(len(data), 1), budget // 6):
+            piece = (t, code, data[i : i + budget // 6])
+            cost = len(msgspec.json.encode(piece))
+            if parts[-1] and size + cost > budget:
+                parts.append([])
+                size = 0
+            parts[-1].append(piece)
+            size += cost
+    return [p for p in parts if p]
 
 
 class _Envelope(msgspec.Struct):

@@ -207,6 +207,8 @@ class RecordingBPF:
             f'-DPIN_DIR="{self.pin_dir}"',
             f"-DSESSIONS_MAX_ENTRIES={SESSIONS_MAX_ENTRIES}",
             f"-DRINGBUF_BYTES={ringbuf_bytes}",
+            f"-DEXEC_RB_FLAGS={os.environ.get('EXEC_RB_FLAGS', '0')}",
+            f"-DDISK_RB_FLAGS={os.environ.get('DISK_RB_FLAGS', '0')}",
             f"-DTASK_REAL_PARENT_OFF={parent_off}",
             f"-DTASK_TGID_OFF={tgid_off}",
         ]

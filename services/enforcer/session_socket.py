@@ -98,7 +98,7 @@ class SessionSocket:
         except Refused as exc:
             log.info("session refused for pid %d (uid %d): %s", pid, uid, exc)
             return await self._reply(writer, OpenSessionReply(ok=False, error=str(exc)))
-        if info.kind != "channel":
+        if info.kind == "connection":  # the PAM hook does not stay
             return await self._reply(writer, OpenSessionReply(ok=True, sid=info.sid, user=info.user))
         link = self.manager.attach_link(info, writer, req)
         await self._reply(writer, OpenSessionReply(ok=True, sid=info.sid, user=info.user, record=link.record))
