@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from . import events, locks, resources, run, sessions, ssh_hooks, status, up
+from . import events, locks, resources, run, session_control, sessions, ssh_hooks, status, up, users
+
+_ = session_control  # registers `sessions join` and `sessions kill` with the sessions group
 
 REGISTRY = [
     up.register,
@@ -13,4 +15,5 @@ REGISTRY = [
     sessions.register,  # sessions ls (join, kill: see sessions.py), play
     locks.register,  # lock, unlock
     ssh_hooks.register,  # pam-hook, ssh-session (OpenSSH integration)
+    users.register,  # users add|ls|rm
 ]

@@ -114,7 +114,7 @@ def run_with_pty(path: str, argv: list[str], link: EnforcerLink | None, record: 
     saved = None
     with contextlib.suppress(termios.error):
         saved = termios.tcgetattr(0)
-        tty.setraw(0)
+        tty.setraw(0, termios.TCSANOW)  # TCSAFLUSH would drop what the user typed ahead
     stdin_open = True
     try:
         while True:

@@ -138,6 +138,11 @@ class SessionInfo(Struct, omit_defaults=True):
     term: str = ""
 
 
+class JoinRequest(Struct):
+    sid: str
+    user: str  # who joins (session.join / session.leave)
+
+
 class KillRequest(Struct, omit_defaults=True):
     sid: str
     message: str = ""

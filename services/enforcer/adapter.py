@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ringfence.contract import names
-from ringfence.contract.api import ApiError, KillRequest, ok_reply
+from ringfence.contract.api import ApiError, JoinRequest, KillRequest, ok_reply
 from ringfence.contract.events import AuditEvent, EventsLost, encode_event
 from ringfence.contract.strict import decode_json
 from ringfence.runtime.audit_publish import publish_encoded, stamp
@@ -119,7 +119,21 @@ class EnforcerAdapter:
         self.socket = SessionSocket(socket_path(cfg.data_dir), self.sessions, ctx.counters)
         await self.socket.start()
         log.info("session socket at %s", self.socket.path)
-        await ctx.add_endpoint("kill", names.enforcer_subject(ctx.server_id, "kill"), self._kill, queue_group="")
+        for verb, handler in (("kill", self._kill), ("join", self._join), ("leave", self._leave)):
+            await ctx.add_endpoint(verb, names.enforcer_subject(ctx.server_id, verb), handler)
+
+    async def _join(self, req) -> bytes:
+        assert self.sessions is not None
+        body = decode_json(req.data, JoinRequest)
+        if not self.sessions.join(body.sid, body.user):
+            raise ApiError(f'session "{body.sid}" is not running on {self.ctx.config.nodename}', "not_found")
+        return ok_reply({"sid": body.sid})
+
+    async def _leave(self, req) -> bytes:
+        assert self.sessions is not None
+        body = decode_json(req.data, JoinRequest)
+        self.sessions.leave(body.sid, body.user)
+        return ok_reply({"sid": body.sid})
 
     def _publish_live(self, sid: str, data: bytes) -> None:
         assert self.ctx is not None

@@ -20,7 +20,7 @@ import msgspec
 from nats.js.kv import KeyValue
 
 from ringfence.contract.api import Notice, OpenSessionRequest, SessionInfo, SessionUpdate
-from ringfence.contract.events import AuditEvent, SessionEnd, SessionStart, now_rfc3339
+from ringfence.contract.events import AuditEvent, SessionEnd, SessionJoin, SessionLeave, SessionStart, now_rfc3339
 
 from .cgroups import CgroupTree, PopulatedWatcher
 from .recorder import Recorder
@@ -78,6 +78,8 @@ class SessionManager:
         self.by_cgroup: dict[int, SessionInfo] = {}
         self.by_path: dict[str, SessionInfo] = {}
         self.links: dict[str, Link] = {}
+        self.participants: dict[str, list[str]] = {}  # everyone who took part: owner, then joiners
+        self.watching: dict[str, list[str]] = {}  # joiners still watching
         self.checks: list[AdmissionCheck] = []
         self.kv: KeyValue | None = None
         self.watcher: PopulatedWatcher | None = None
@@ -207,6 +209,25 @@ class SessionManager:
         if link.record and update.events:
             self.recorder.add(sid, update.events)
 
+    def join(self, sid: str, user: str) -> bool:
+        info = self.by_sid.get(sid)
+        if info is None:
+            return False
+        self.participants.setdefault(sid, [info.user])
+        if user not in self.participants[sid]:
+            self.participants[sid].append(user)
+        self.watching.setdefault(sid, []).append(user)
+        self.emit(SessionJoin(user=user, login=info.login, sid=sid))
+        return True
+
+    def leave(self, sid: str, user: str) -> None:
+        """A watcher left; at the session's end, everyone still watching leaves (see end())."""
+        info = self.by_sid.get(sid)
+        watching = self.watching.get(sid, [])
+        if info is not None and user in watching:
+            watching.remove(user)
+            self.emit(SessionLeave(user=user, login=info.login, sid=sid))
+
     def detach_link(self, sid: str) -> None:
         self.links.pop(sid, None)
 
@@ -238,12 +259,15 @@ class SessionManager:
                 break
             await asyncio.sleep(0.05)
         self.recorder.finish(sid)
+        for watcher in list(self.watching.get(sid, [])):
+            self.leave(sid, watcher)
+        self.watching.pop(sid, None)
         self.emit(
             SessionEnd(
                 user=info.user,
                 login=info.login,
                 sid=sid,
-                participants=[info.user],
+                participants=self.participants.pop(sid, [info.user]),
                 session_start=info.started,
                 session_stop=now_rfc3339(),
                 interactive=info.interactive,

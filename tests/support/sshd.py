@@ -95,6 +95,10 @@ class SshServer:
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes",
                 *extra, f"{login}@127.0.0.1"]
 
+    def sftp_argv(self, login: str, key: Path, batch: Path) -> list[str]:
+        return ["sftp", "-b", str(batch), "-i", str(key), "-P", str(self.port), "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", f"{login}@127.0.0.1"]
+
     def ssh(self, login: str, key: Path, command: str, *extra: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([*self.ssh_argv(login, key, *extra), command], capture_output=True, text=True,
                               timeout=timeout)
