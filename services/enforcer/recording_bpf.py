@@ -36,6 +36,8 @@ ARG_BYTES = 128  # per argument, NUL included
 EXEC_PATH_BYTES = 512
 DISK_PATH_BYTES = 512
 
+POLL_MS = 50  # the reader drains both ring buffers this often
+
 TRUNC_PATH = 1
 TRUNC_ARGS = 2
 
@@ -207,8 +209,6 @@ class RecordingBPF:
             f'-DPIN_DIR="{self.pin_dir}"',
             f"-DSESSIONS_MAX_ENTRIES={SESSIONS_MAX_ENTRIES}",
             f"-DRINGBUF_BYTES={ringbuf_bytes}",
-            f"-DEXEC_RB_FLAGS={os.environ.get('EXEC_RB_FLAGS', '0')}",
-            f"-DDISK_RB_FLAGS={os.environ.get('DISK_RB_FLAGS', '0')}",
             f"-DTASK_REAL_PARENT_OFF={parent_off}",
             f"-DTASK_TGID_OFF={tgid_off}",
         ]
@@ -229,9 +229,10 @@ class RecordingBPF:
                 self.bpf.cleanup()
             raise BpfLoadError(
                 f"cannot load {SOURCE.name}: {exc}. If the pinned maps under {self.pin_dir} come from an "
-                f"incompatible version, remove that directory (enforcement stops until the next start)"
+                f"incompatible version, stop the enforcer and run `python -m services.enforcer.uninstall`"
             ) from exc
         self._reader: threading.Thread | None = None
+        self._rings_open = False
         self._stop = threading.Event()
         self.reader_cycles = 0  # completed polls of both ring buffers: "everything before now was read"
 
@@ -266,14 +267,20 @@ class RecordingBPF:
 
             return callback
 
+        if self._rings_open:
+            raise RuntimeError("the ring buffers are read already: one reader per RecordingBPF")
+        self._rings_open = True
         self.bpf[b"events_exec"].open_ring_buffer(handler("command", parse_exec, on_command))
         self.bpf[b"events_disk"].open_ring_buffer(handler("disk", parse_disk, on_disk))
         bpf = self.bpf
 
         def loop() -> None:
+            # The programs submit without waking the reader (BPF_RB_NO_WAKEUP): a
+            # wakeup per record cost a session ~50% more time per exec. So poll
+            # sleeps out its timeout and consume() drains both rings each cycle.
             while not self._stop.is_set():
-                bpf.ring_buffer_poll(50)
-                bpf.ring_buffer_consume()  # rings whose wakeup came before this poll
+                bpf.ring_buffer_poll(POLL_MS)
+                bpf.ring_buffer_consume()
                 self.reader_cycles += 1
             bpf.ring_buffer_consume()
 

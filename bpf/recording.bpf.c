@@ -1,0 +1,359 @@
+// SPDX-License-Identifier: GPL-2.0
+// Enhanced recording: session.command from execve/execveat and session.disk
+// from open/openat/openat2/creat, for processes in recorded session cgroups.
+//
+// Syscall tracepoints only (no kprobes, no BPF-LSM on the hosts we target).
+// Every program first looks the current cgroup up in the enforcer's pinned
+// `sessions` map (shared with restricted.bpf.c, identical definition) and
+// does nothing unless the cgroup is a session with SESSION_RECORDED: the
+// filtering happens here, in the kernel, not in user space.
+//
+// Enter and exit are paired per thread (key: pid_tgid). exec reads the path
+// and argv at enter (the old address space is gone after a successful exec)
+// and emits at exit with the return code and the comm of that moment: the new
+// program's comm on success, the caller's on failure. open remembers the user
+// pointer at enter and reads the path at exit, when the kernel has already
+// faulted it in. Records are variable-length: only the bytes used are copied
+// into the ring buffers.
+//
+// Ring buffers and drop counters are pinned under PIN_DIR, like the network
+// ones. Tracepoint attachments belong to the loading process: events are
+// produced only while the enforcer runs; what was emitted before it stopped
+// waits in the pinned ring buffers for the next reader.
+//
+// Compile-time parameters (bcc cflags): PIN_DIR, SESSIONS_MAX_ENTRIES,
+// RINGBUF_BYTES, TASK_REAL_PARENT_OFF and TASK_TGID_OFF (offsets in struct
+// task_struct taken from the running kernel's BTF; -1 when unknown: ppid 0).
+
+#include <uapi/linux/bpf.h>
+
+struct session_flags {
+    u32 flags;
+};
+#define SESSION_RECORDED 2
+
+// Limits and layouts below are mirrored in services/enforcer/recording_bpf.py.
+#define MAX_ARGS 20
+#define ARG_BYTES 128
+#define EXEC_PATH_BYTES 512
+#define EXEC_DATA_BYTES (EXEC_PATH_BYTES + MAX_ARGS * ARG_BYTES)
+#define DISK_PATH_BYTES 512
+
+// Records are submitted without waking the reader, which drains the rings every
+// few tens of milliseconds instead: a wakeup per record made execs in a session
+// markedly slower (every exec brings several opens).
+#define RB_FLAGS BPF_RB_NO_WAKEUP
+
+// exec_event.truncated / disk_event.truncated
+#define TRUNC_PATH 1  // the path was longer than the buffer
+#define TRUNC_ARGS 2  // more than MAX_ARGS arguments, or an unreadable one: the rest is missing
+
+// Emitted at exec exit: header, then data[] = path (path_len bytes, NUL
+// included) followed by argc NUL-terminated arguments (args_len bytes).
+struct exec_event {
+    u64 boot_ns;  // CLOCK_BOOTTIME at exit
+    u64 cgroup_id;
+    u32 pid;  // tgid
+    u32 ppid;  // real parent's tgid
+    s32 ret;  // 0 or -errno
+    u32 args_truncated;  // bit i: argument i was cut to ARG_BYTES - 1 bytes
+    u16 path_len;
+    u16 args_len;
+    u16 argc;
+    u16 truncated;
+    char comm[16];
+    char data[EXEC_DATA_BYTES];
+};
+
+// Emitted at open exit: header, then path_len bytes of path (NUL included).
+struct disk_event {
+    u64 boot_ns;
+    u64 cgroup_id;
+    u32 pid;
+    s32 flags;  // open flags as passed (openat2: open_how.flags)
+    s32 ret;  // the fd or -errno
+    u16 path_len;
+    u16 truncated;
+    char comm[16];
+    char path[DISK_PATH_BYTES];
+};
+
+struct disk_pending {
+    u64 filename;  // user pointer, read at exit
+    u64 cgroup_id;
+    s32 flags;
+    u32 pad;
+};
+
+// Syscall tracepoint contexts: the layout every syscalls:sys_enter_*/
+// sys_exit_* event has (struct trace_entry, int nr, then 8-byte slots).
+struct sys_enter_ctx {
+    u64 common;
+    s32 nr;
+    u32 pad;
+    u64 args[6];
+};
+
+struct sys_exit_ctx {
+    u64 common;
+    s32 nr;
+    u32 pad;
+    s64 ret;
+};
+
+struct sched_exec_ctx {
+    u64 common;
+    u32 filename_loc;
+    s32 pid;
+    s32 old_pid;
+};
+
+BPF_TABLE_PINNED("hash", u64, struct session_flags, sessions, SESSIONS_MAX_ENTRIES, PIN_DIR "/sessions");
+// lost_*[0]: records dropped because the ring buffer (or the pending map) was full.
+BPF_TABLE_PINNED("array", u32, u64, lost_exec, 1, PIN_DIR "/lost_exec");
+BPF_TABLE_PINNED("array", u32, u64, lost_disk, 1, PIN_DIR "/lost_disk");
+
+// In-flight syscalls of this loader (not pinned: they belong to the attached programs).
+BPF_F_TABLE("hash", u64, struct exec_event, exec_pending, 4096, BPF_F_NO_PREALLOC);
+BPF_TABLE("hash", u64, struct disk_pending, disk_pending, 16384);
+BPF_PERCPU_ARRAY(exec_scratch, struct exec_event, 1);
+BPF_PERCPU_ARRAY(disk_scratch, struct disk_event, 1);
+
+// Pinned ring buffers: the expansion of BPF_RINGBUF_OUTPUT with a
+// "ringbuf:<path>" section, as in restricted.bpf.c.
+struct events_exec_table_t {
+    int key;
+    u32 leaf;
+    int (*ringbuf_output)(void *, u64, u64);
+    void *(*ringbuf_reserve)(u64);
+    void (*ringbuf_discard)(void *, u64);
+    void (*ringbuf_submit)(void *, u64);
+    u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" PIN_DIR "/events_exec")))
+struct events_exec_table_t events_exec = {.max_entries = RINGBUF_BYTES};
+
+struct events_disk_table_t {
+    int key;
+    u32 leaf;
+    int (*ringbuf_output)(void *, u64, u64);
+    void *(*ringbuf_reserve)(u64);
+    void (*ringbuf_discard)(void *, u64);
+    void (*ringbuf_submit)(void *, u64);
+    u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" PIN_DIR "/events_disk")))
+struct events_disk_table_t events_disk = {.max_entries = RINGBUF_BYTES};
+
+static __always_inline void count_lost_exec(void) {
+    u32 zero = 0;
+    u64 *n = lost_exec.lookup(&zero);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+static __always_inline void count_lost_disk(void) {
+    u32 zero = 0;
+    u64 *n = lost_disk.lookup(&zero);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+static __always_inline int recorded(u64 *cgid) {
+    u64 id = bpf_get_current_cgroup_id();
+    struct session_flags *sf = sessions.lookup(&id);
+    if (!sf || !(sf->flags & SESSION_RECORDED))
+        return 0;
+    *cgid = id;
+    return 1;
+}
+
+// A string read filled its whole buffer: was there more? (the byte where
+// the NUL would have been is not NUL)
+static __always_inline int continues(const char *p) {
+    char c = 0;
+    bpf_probe_read_user(&c, 1, p);
+    return c != 0;
+}
+
+static __always_inline u32 parent_tgid(void) {
+#if TASK_REAL_PARENT_OFF >= 0 && TASK_TGID_OFF >= 0
+    char *task = (char *)bpf_get_current_task();
+    char *parent = 0;
+    u32 tgid = 0;
+    if (bpf_probe_read_kernel(&parent, sizeof(parent), task + TASK_REAL_PARENT_OFF) == 0 && parent)
+        bpf_probe_read_kernel(&tgid, sizeof(tgid), parent + TASK_TGID_OFF);
+    return tgid;
+#else
+    return 0;
+#endif
+}
+
+// --- exec -----------------------------------------------------------------------------
+
+static __always_inline int exec_enter(const char *filename, const char *const *argv) {
+    u64 cgid;
+    if (!recorded(&cgid))
+        return 0;
+    u32 zero = 0;
+    struct exec_event *e = exec_scratch.lookup(&zero);
+    if (!e)
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    e->boot_ns = 0;
+    e->cgroup_id = cgid;
+    e->pid = id >> 32;
+    e->ppid = parent_tgid();
+    e->ret = 0;
+    e->args_truncated = 0;
+    e->argc = 0;
+    e->truncated = 0;
+
+    long n = bpf_probe_read_user_str(e->data, EXEC_PATH_BYTES, filename);
+    if (n < 0)
+        n = 0;
+    if (n > EXEC_PATH_BYTES)
+        n = EXEC_PATH_BYTES;
+    if (n == EXEC_PATH_BYTES && continues(filename + EXEC_PATH_BYTES - 1))
+        e->truncated |= TRUNC_PATH;
+    e->path_len = n;
+
+    u32 off = n;
+    if (!argv)  // execve(path, NULL, ...) runs with an empty argv
+        goto done;
+#pragma unroll
+    for (int i = 0; i < MAX_ARGS; i++) {
+        const char *arg = 0;
+        if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) < 0) {
+            e->truncated |= TRUNC_ARGS;
+            goto done;
+        }
+        if (!arg)
+            goto done;
+        if (off > EXEC_DATA_BYTES - ARG_BYTES)  // cannot happen; bounds `off` for the verifier
+            goto done;
+        long m = bpf_probe_read_user_str(&e->data[off], ARG_BYTES, arg);
+        if (m <= 0) {
+            e->truncated |= TRUNC_ARGS;
+            goto done;
+        }
+        if (m == ARG_BYTES && continues(arg + ARG_BYTES - 1))
+            e->args_truncated |= 1u << i;
+        off += m;
+        e->argc++;
+    }
+    {
+        const char *more = 0;
+        if (bpf_probe_read_user(&more, sizeof(more), &argv[MAX_ARGS]) < 0 || more)
+            e->truncated |= TRUNC_ARGS;
+    }
+done:
+    e->args_len = off - e->path_len;
+    if (exec_pending.update(&id, e) < 0)
+        count_lost_exec();
+    return 0;
+}
+
+static __always_inline int exec_exit(s64 ret) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct exec_event *e = exec_pending.lookup(&id);
+    if (!e)
+        return 0;
+    e->ret = ret;
+    e->boot_ns = bpf_ktime_get_boot_ns();
+    bpf_get_current_comm(e->comm, sizeof(e->comm));
+    u32 len = e->path_len + e->args_len;
+    if (len > EXEC_DATA_BYTES)
+        len = EXEC_DATA_BYTES;
+    if (events_exec.ringbuf_output(e, offsetof(struct exec_event, data) + len, RB_FLAGS) < 0)
+        count_lost_exec();
+    exec_pending.delete(&id);
+    return 0;
+}
+
+int rec_enter_execve(struct sys_enter_ctx *ctx) {
+    return exec_enter((const char *)ctx->args[0], (const char *const *)ctx->args[1]);
+}
+
+int rec_enter_execveat(struct sys_enter_ctx *ctx) {
+    return exec_enter((const char *)ctx->args[1], (const char *const *)ctx->args[2]);
+}
+
+int rec_exit_exec(struct sys_exit_ctx *ctx) { return exec_exit(ctx->ret); }
+
+// A successful exec from a thread other than the leader takes over the
+// leader's pid before sys_exit: move its pending record to the new key.
+int rec_sched_exec(struct sched_exec_ctx *ctx) {
+    if (ctx->pid == ctx->old_pid)
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    u64 old = (id & 0xffffffff00000000ULL) | (u32)ctx->old_pid;
+    struct exec_event *e = exec_pending.lookup(&old);
+    if (!e)
+        return 0;
+    if (exec_pending.update(&id, e) < 0)
+        count_lost_exec();
+    exec_pending.delete(&old);
+    return 0;
+}
+
+// --- open -----------------------------------------------------------------------------
+
+static __always_inline int open_enter(const char *filename, s32 flags) {
+    u64 cgid;
+    if (!recorded(&cgid))
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    struct disk_pending p = {.filename = (u64)filename, .cgroup_id = cgid, .flags = flags};
+    if (disk_pending.update(&id, &p) < 0)
+        count_lost_disk();
+    return 0;
+}
+
+static __always_inline int open_exit(s64 ret) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct disk_pending *p = disk_pending.lookup(&id);
+    if (!p)
+        return 0;
+    u32 zero = 0;
+    struct disk_event *e = disk_scratch.lookup(&zero);
+    if (!e)
+        goto out;
+    const char *filename = (const char *)p->filename;
+    e->boot_ns = bpf_ktime_get_boot_ns();
+    e->cgroup_id = p->cgroup_id;
+    e->pid = id >> 32;
+    e->flags = p->flags;
+    e->ret = ret;
+    e->truncated = 0;
+    long n = bpf_probe_read_user_str(e->path, DISK_PATH_BYTES, filename);
+    if (n < 0)
+        n = 0;
+    if (n > DISK_PATH_BYTES)
+        n = DISK_PATH_BYTES;
+    if (n == DISK_PATH_BYTES && continues(filename + DISK_PATH_BYTES - 1))
+        e->truncated = TRUNC_PATH;
+    e->path_len = n;
+    bpf_get_current_comm(e->comm, sizeof(e->comm));
+    if (events_disk.ringbuf_output(e, offsetof(struct disk_event, path) + n, RB_FLAGS) < 0)
+        count_lost_disk();
+out:
+    disk_pending.delete(&id);
+    return 0;
+}
+
+int rec_enter_open(struct sys_enter_ctx *ctx) { return open_enter((const char *)ctx->args[0], ctx->args[1]); }
+
+int rec_enter_creat(struct sys_enter_ctx *ctx) {
+    return open_enter((const char *)ctx->args[0], 01 | 0100 | 01000);  // O_WRONLY|O_CREAT|O_TRUNC
+}
+
+int rec_enter_openat(struct sys_enter_ctx *ctx) { return open_enter((const char *)ctx->args[1], ctx->args[2]); }
+
+int rec_enter_openat2(struct sys_enter_ctx *ctx) {
+    u64 flags = 0;  // struct open_how starts with u64 flags
+    bpf_probe_read_user(&flags, sizeof(flags), (void *)ctx->args[2]);
+    return open_enter((const char *)ctx->args[1], flags);
+}
+
+int rec_exit_open(struct sys_exit_ctx *ctx) { return open_exit(ctx->ret); }
