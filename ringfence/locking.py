@@ -121,3 +121,14 @@ def next_expiry(locks: Iterable[Lock], now: dt.datetime) -> dt.datetime | None:
     """The earliest expiry after `now` among `locks` (when the enforcer must look again), or None."""
     future = [t for lock in locks if (t := expires_at(lock)) is not None and t > now]
     return min(future, default=None)
+
+
+# --- locking modes ------------------------------------------------------------------------------------
+PREVENTIVE_LOCKOUT = "preventive lock-out due to local lock view becoming unreliable"
+
+
+def locking_mode(cluster_mode: str, role_modes: Iterable[str | None]) -> str:
+    """"strict" when the cluster default or any role involved says so (one suffices), else "best_effort"."""
+    if cluster_mode == "strict" or any(m == "strict" for m in role_modes):
+        return "strict"
+    return "best_effort"

@@ -87,11 +87,13 @@ class _Batch:
 
 
 def _notify(link: EnforcerLink, out_fd: int, crlf: bool) -> bool:
-    """Show the enforcer's notices to the user; True when the link closed."""
+    """Show the enforcer's notices to the user, then say so; True when the link closed."""
     notices, closed = link.notices()
     for n in notices:
         text = f"\r\n{n.message}\r\n" if crlf else f"{n.message}\n"
         _write_all(out_fd, text.encode())
+    if notices and not closed:
+        link.send(SessionUpdate(noticed=True))
     return closed
 
 

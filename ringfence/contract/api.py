@@ -189,6 +189,7 @@ class SessionUpdate(Struct, omit_defaults=True):
     width: int = 0
     height: int = 0
     end: bool = False
+    noticed: bool = False  # the last Notice is on the user's terminal
 
 
 class Notice(Struct):

@@ -13,12 +13,14 @@ from ringfence.contract import names
 from ringfence.contract.api import ApiError, JoinRequest, KillRequest, ok_reply
 from ringfence.contract.events import AuditEvent, EventsLost, encode_event
 from ringfence.contract.strict import decode_json
+from ringfence.durations import parse_duration
 from ringfence.runtime.audit_publish import publish_encoded, stamp
 from ringfence.runtime.service import ServiceContext, StartupError
 
 from . import kernel
 from .cgroups import CgroupTree
 from .directory import Directory
+from .lock_guard import LockGuard
 from .netevents import NetRecord, to_event
 from .policy_follower import PolicyFollower
 from .recorder import Recorder, publish_chunks
@@ -105,6 +107,9 @@ class EnforcerAdapter:
         self.policy = PolicyFollower(
             self.bpf, ctx.nc, cfg.ssh_service.restricted_session.enabled, rec.enabled, ctx.counters
         )
+        self.guard = LockGuard(ctx.nc, self.sessions, self.directory, parse_duration(cfg.lock_view_max_staleness),
+                               self.emit, ctx.counters)
+        self.sessions.checks.append(self.guard.check)
         self.tasks = [
             asyncio.create_task(self.policy.run(self.stop_event), name="policy"),
             asyncio.create_task(self.spool.run(lambda lines: publish_encoded(ctx.js, lines), self.stop_event),
@@ -113,6 +118,7 @@ class EnforcerAdapter:
                                 name="recordings"),
             asyncio.create_task(self._report_lost(data / "lost_reported"), name="lost"),
             *(asyncio.create_task(t, name="directory") for t in self.directory.tasks(self.stop_event)),
+            *(asyncio.create_task(t, name="locks") for t in self.guard.tasks(self.stop_event)),
         ]
         for t in self.tasks:
             t.add_done_callback(_crash_on_failure)

@@ -20,7 +20,15 @@ import msgspec
 from nats.js.kv import KeyValue
 
 from ringfence.contract.api import Notice, OpenSessionRequest, SessionInfo, SessionUpdate
-from ringfence.contract.events import AuditEvent, SessionEnd, SessionJoin, SessionLeave, SessionStart, now_rfc3339
+from ringfence.contract.events import (
+    AuditEvent,
+    SessionEnd,
+    SessionJoin,
+    SessionLeave,
+    SessionRejected,
+    SessionStart,
+    now_rfc3339,
+)
 
 from .cgroups import CgroupTree, PopulatedWatcher
 from .recorder import Recorder
@@ -32,7 +40,8 @@ log = logging.getLogger(__name__)
 
 # Checks run before a session opens (locks, limits): return a refusal message or None.
 AdmissionCheck = Callable[[SessionInfo], Awaitable[str | None]]
-NOTICE_GRACE = 0.3  # seconds between telling the user and ending the session
+NOTICE_WAIT = 0.05  # at most this long for a wrapper to show a notice before its session ends
+CONNECTION_GRACE = 0.03  # channels go first, so sshd can pass their last words on
 KV_ACTIVITY_INTERVAL = 10.0  # how often last_active reaches the fleet-wide listing
 
 
@@ -45,6 +54,7 @@ class Link:
     width: int = 0
     height: int = 0
     published_activity: float = field(default=0.0)
+    noticed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class SessionManager:
@@ -81,6 +91,7 @@ class SessionManager:
         self.participants: dict[str, list[str]] = {}  # everyone who took part: owner, then joiners
         self.watching: dict[str, list[str]] = {}  # joiners still watching
         self.checks: list[AdmissionCheck] = []
+        self.terminating: set[str] = set()
         self.kv: KeyValue | None = None
         self.watcher: PopulatedWatcher | None = None
         self._ending: dict[str, asyncio.Task] = {}
@@ -154,6 +165,7 @@ class SessionManager:
         for check in self.checks:
             refusal = await check(info)
             if refusal:
+                self.emit(SessionRejected(user=info.user, login=info.login, reason=refusal))
                 raise Refused(refusal)
         info.cgroup_id = self.tree.create(info.cgroup)
         try:
@@ -184,7 +196,8 @@ class SessionManager:
             )
         )
         await self._publish_info(info)
-        log.info("session %s opened: %s, user %s, login %s, pid %d", sid, info.kind, info.user, info.login, plan.pid)
+        log.info("session %s opened: %s, user %s, login %s, pid %d, roles %s", sid, info.kind, info.user, info.login,
+                 plan.pid, ",".join(info.roles) or "-")
         return info
 
     def attach_link(self, info: SessionInfo, writer: asyncio.StreamWriter, req: OpenSessionRequest) -> Link:
@@ -200,6 +213,8 @@ class SessionManager:
         link = self.links.get(sid)
         if info is None or link is None:
             return
+        if update.noticed:
+            link.noticed.set()
         if any(code in ("i", "o") for _, code, _ in update.events):
             info.last_active = now_rfc3339()
             now = time.monotonic()
@@ -290,27 +305,37 @@ class SessionManager:
         self.by_path.pop(info.cgroup, None)
         self.links.pop(info.sid, None)
         self._ending.pop(info.sid, None)
+        self.terminating.discard(info.sid)
         self.counters["sessions_active"] = len(self.by_sid)
 
     async def terminate(self, sid: str, message: str) -> bool:
-        """Tell the user why (when a wrapper is listening), then kill every process of the session."""
+        """Tell the user why (where a wrapper listens), then kill every process of
+        the session; a connection's channels go first so sshd can deliver the message."""
         info = self.by_sid.get(sid)
         if info is None:
             return False
-        targets = [info, *self.channels_of(sid)]
-        told = False
-        for s in targets:
-            link = self.links.get(s.sid)
-            if link:
-                with contextlib.suppress(Exception):
-                    link.writer.write(msgspec.json.encode(Notice(message=message)) + b"\n")
-                    await asyncio.wait_for(link.writer.drain(), 1.0)
-                    told = True
-        if told:
-            await asyncio.sleep(NOTICE_GRACE)
+        if sid in self.terminating:
+            return True
+        self.terminating.add(sid)
+        channels = self.channels_of(sid)
+        waits = [self._tell(s.sid, message) for s in (info, *channels) if s.sid in self.links]
+        if waits:
+            await asyncio.wait([asyncio.ensure_future(w) for w in waits], timeout=NOTICE_WAIT)
+        for channel in channels:
+            self.tree.kill(channel.cgroup)
+        if channels:
+            await asyncio.sleep(CONNECTION_GRACE)
         self.tree.kill(info.cgroup)
         log.info("session %s terminated: %s", sid, message)
         return True
+
+    async def _tell(self, sid: str, message: str) -> None:
+        link = self.links[sid]
+        link.noticed.clear()
+        with contextlib.suppress(Exception):
+            link.writer.write(msgspec.json.encode(Notice(message=message)) + b"\n")
+            await link.writer.drain()
+            await link.noticed.wait()
 
     async def _publish_info(self, info: SessionInfo) -> None:
         if self.kv is None:
