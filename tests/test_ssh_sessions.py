@@ -241,3 +241,29 @@ def test_interactive_session_is_recorded_and_joinable_and_play_reproduces_it(sta
     assert "SID=" + sid in output and output.index("SID=") < output.index("live-42")
     ended = cli(stack.url, "sessions", "ls", "--ended", "--format", "json")
     assert sid in ended.stdout
+
+
+def test_enhanced_recording_of_an_ssh_session(nats_server, data_dir, services, enforcer, sshd):
+    services("audit")
+    node = enforcer(config="ssh_service:\n  enhanced_recording:\n    enabled: true\n")
+    server = sshd(node)
+    login, key = server.add_user()
+    command = ("echo sid=$RINGFENCE_SESSION_ID; /bin/cat /etc/hostname; /usr/bin/head -c 3 /etc/os-release; echo; "
+               + PROBE.format(host="127.0.0.1", port=9))
+    result = server.ssh(login, key, command)
+    assert result.returncode == 0, result.stderr
+    sid = re.search(r"sid=(\S+)", result.stdout).group(1)
+    events = events_of(data_dir, sid)
+    commands = [e for e in events if e["event"] == "session.command"]
+    cat = next(e for e in commands if e["path"] == "/bin/cat")
+    assert cat["argv"] == ["/etc/hostname"] and cat["return_code"] == 0 and cat["program"] == "cat"
+    assert cat["code"] == "T4000I" and cat["user"] == login and cat["ppid"] > 0
+    head = next(e for e in commands if e["path"] == "/usr/bin/head")
+    assert head["argv"] == ["-c", "3", "/etc/os-release"]
+    disk = [e for e in events if e["event"] == "session.disk"]
+    opened = next(e for e in disk if e["path"] == "/etc/hostname" and e["program"] == "cat")
+    assert opened["code"] == "T4001I" and opened["return_code"] >= 0 and opened["flags"] & 3 == 0  # O_RDONLY
+    observed = [e for e in events if e["event"] == "session.network" and e["dst_port"] == 9]
+    assert observed and observed[0]["action"] == 0 and observed[0]["dst_addr"] == "127.0.0.1"
+    # Processes outside sessions are not recorded.
+    assert not [e for e in log_events(data_dir) if e["event"] == "session.command" and not e["sid"]]

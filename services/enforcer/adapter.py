@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from pathlib import Path
+
+import msgspec
 
 from ringfence.contract import names
 from ringfence.contract.api import ApiError, JoinRequest, KillRequest, ok_reply
@@ -24,6 +25,9 @@ from .lock_guard import LockGuard
 from .netevents import NetRecord, to_event
 from .policy_follower import PolicyFollower
 from .recorder import Recorder, publish_chunks
+from .recording_bpf import RecordingBPF
+from .recording_events import command_event, disk_event
+from .records import boot_offset, wall_time
 from .restricted_bpf import SESSION_RECORDED, SESSION_RESTRICTED, BpfLoadError, NetEvent, RestrictedBPF
 from .session_manager import SessionManager
 from .session_socket import SessionSocket
@@ -43,6 +47,7 @@ class EnforcerAdapter:
     def __init__(self) -> None:
         self.ctx: ServiceContext | None = None
         self.bpf: RestrictedBPF | None = None
+        self.recording_bpf: RecordingBPF | None = None
         self.spool: Spool | None = None
         self.recordings: Spool | None = None
         self.sessions: SessionManager | None = None
@@ -87,7 +92,7 @@ class EnforcerAdapter:
             recorder=recorder,
             node=node,
             flags=flags,
-            reader_cycles=lambda: self.bpf.reader_cycles,
+            reader_cycles=self._reader_cycles,
             counters=ctx.counters,
             key_owners=lambda: self.directory.key_owners,
             roles_of=self.directory.roles_of,
@@ -99,6 +104,14 @@ class EnforcerAdapter:
         for key in ("network_events", "unattributed_events", "lost_network"):
             ctx.counters.setdefault(key, 0)
         self.bpf.start_reader(self._on_net_event)
+        if rec.enabled:
+            try:
+                self.recording_bpf = await asyncio.to_thread(RecordingBPF, bpffs / "ringfence" / cfg.nodename,
+                                                             rec.ring_buffer_kib * 1024)
+            except (kernel.HostNotReady, BpfLoadError) as exc:
+                raise StartupError(f"enhanced recording: {exc}") from None
+            self.recording_bpf.start_reader(self._on_command, self._on_disk)
+            log.info("enhanced recording on: command and disk events for session processes")
         for sid in ended:
             await self.sessions.end(sid)
 
@@ -154,6 +167,25 @@ class EnforcerAdapter:
             raise ApiError(f'session "{body.sid}" is not running on {self.ctx.config.nodename}', "not_found")
         return ok_reply({"sid": body.sid})
 
+    def _reader_cycles(self) -> int:
+        """Rounds completed by every kernel-record reader (the slowest one counts)."""
+        cycles = [self.bpf.reader_cycles] if self.bpf else [0]
+        if self.recording_bpf:
+            cycles.append(self.recording_bpf.reader_cycles)
+        return min(cycles)
+
+    # Run on the recording reader thread.
+    def _on_command(self, rec) -> None:
+        self._spool_record(command_event(rec, self.sessions.lookup_cgroup(rec.cgroup_id)), "command_events")
+
+    def _on_disk(self, rec) -> None:
+        self._spool_record(disk_event(rec, self.sessions.lookup_cgroup(rec.cgroup_id)), "disk_events")
+
+    def _spool_record(self, event: AuditEvent, counter: str) -> None:
+        assert self.ctx is not None and self.spool is not None
+        self.ctx.counters[counter] = self.ctx.counters.get(counter, 0) + 1
+        self.spool.append(encode_event(stamp(event, self.ctx)))
+
     def emit(self, event: AuditEvent) -> None:
         """Queue an event for the audit trail (durably, before returning)."""
         assert self.ctx is not None and self.spool is not None
@@ -162,7 +194,7 @@ class EnforcerAdapter:
     # Runs on the ring-buffer thread.
     def _on_net_event(self, raw: NetEvent) -> None:
         assert self.ctx is not None and self.sessions is not None and self.spool is not None
-        wall = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) + raw.boot_ns / 1e9
+        wall = wall_time(raw.boot_ns, boot_offset())
         rec = NetRecord(
             boot_ns=raw.boot_ns,
             wall_time=wall,
@@ -184,22 +216,30 @@ class EnforcerAdapter:
             log.warning("network event from cgroup %d that is no known session", rec.cgroup_id)
         self.spool.append(encode_event(stamp(to_event(rec, session), self.ctx)))
 
+    def _lost_counts(self) -> dict[str, int]:
+        assert self.bpf is not None
+        counts = {"network": self.bpf.lost()}
+        if self.recording_bpf:
+            counts.update(self.recording_bpf.lost())
+        return counts
+
     async def _report_lost(self, state: Path) -> None:
-        """Turn the kernel's drop counter into audit events (and a stats counter)."""
-        assert self.bpf is not None and self.ctx is not None
+        """Turn the kernel's drop counters into audit events (and stats counters)."""
+        assert self.ctx is not None
         try:
-            reported = int(state.read_text())
-        except (FileNotFoundError, ValueError):
-            reported = 0
+            reported = msgspec.json.decode(state.read_bytes(), type=dict[str, int])
+        except (FileNotFoundError, msgspec.DecodeError):
+            reported = {}
         while not self.stop_event.is_set():
-            total = self.bpf.lost()
-            self.ctx.counters["lost_network"] = total
-            if total > reported:
-                self.emit(EventsLost(source="network", lost=total - reported, total=total))
-                log.warning("%d network events lost: the ring buffer was full (total %d); "
-                            "raise ssh_service.enhanced_recording.ring_buffer_kib", total - reported, total)
-                reported = total
-                state.write_text(str(reported))
+            for source, total in self._lost_counts().items():
+                self.ctx.counters[f"lost_{source}"] = total
+                before = reported.get(source, 0)
+                if total > before:
+                    self.emit(EventsLost(source=source, lost=total - before, total=total))
+                    log.warning("%d %s events lost: the ring buffer was full (total %d); "
+                                "raise ssh_service.enhanced_recording.ring_buffer_kib", total - before, source, total)
+                    reported[source] = total
+                    state.write_bytes(msgspec.json.encode(reported))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), LOST_REPORT_INTERVAL)
 
@@ -211,6 +251,8 @@ class EnforcerAdapter:
         for t in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(t, 10)
+        if self.recording_bpf:
+            self.recording_bpf.close()
         if self.bpf:
             self.bpf.stop_reader()
         if self.spool:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 import socket
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 from ringfence.contract.api import SessionInfo
 from ringfence.contract.events import SessionNetwork
 
-_BOOT_ID = uuid.UUID(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+from .records import attribute, rfc3339, stable_uid
 
 
 @dataclass(frozen=True)
@@ -38,15 +35,11 @@ def _addr(family: int, raw: bytes) -> str:
     return str(ipaddress.IPv6Address(raw[:16]))
 
 
-def rfc3339(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def record_uid(rec: NetRecord) -> str:
     """The same record always gets the same uid: a record read again after the
     enforcer died mid-read is then dropped as a duplicate downstream."""
-    key = f"{rec.boot_ns}:{rec.pid}:{rec.cgroup_id}:{rec.family}:{rec.dst_addr.hex()}:{rec.dst_port}:{rec.operation}"
-    return str(uuid.uuid5(_BOOT_ID, key))
+    return stable_uid(f"{rec.boot_ns}:{rec.pid}:{rec.cgroup_id}:{rec.family}:{rec.dst_addr.hex()}:{rec.dst_port}:"
+                      f"{rec.operation}")
 
 
 def to_event(rec: NetRecord, session: SessionInfo | None) -> SessionNetwork:
@@ -63,11 +56,4 @@ def to_event(rec: NetRecord, session: SessionInfo | None) -> SessionNetwork:
         operation=rec.operation,
         action=rec.action,
     )
-    if session:
-        ev.sid = session.sid
-        ev.user = session.user
-        ev.login = session.login
-        ev.cluster_name = session.cluster_name
-        ev.server_id = session.server_id
-        ev.server_hostname = session.server_hostname
-    return ev
+    return attribute(ev, session)

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import kernel
-from .recording_events import CommandRecord, DiskRecord, boot_offset, wall_time
+from .recording_events import CommandRecord, DiskRecord
+from .records import boot_offset, wall_time
 from .restricted_bpf import PIN_LAYOUT, SESSIONS_MAX_ENTRIES, BpfLoadError
 
 log = logging.getLogger(__name__)

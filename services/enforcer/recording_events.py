@@ -15,18 +15,14 @@ Conventions (those of the system Ringfence replaces, so parsers carry over):
 
 from __future__ import annotations
 
-import time
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 from ringfence.contract.api import SessionInfo
-from ringfence.contract.events import AuditEvent, SessionCommand, SessionDisk
+from ringfence.contract.events import SessionCommand, SessionDisk
 
-from .netevents import rfc3339
+from .records import attribute, rfc3339, stable_uid
 
 ELLIPSIS = "..."
-_BOOT_ID = uuid.UUID(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
 
 
 @dataclass(frozen=True)
@@ -62,34 +58,15 @@ class DiskRecord:
     path_truncated: bool = False
 
 
-def boot_offset() -> float:
-    """Seconds to add to CLOCK_BOOTTIME to get wall time (read the clocks once per batch or record)."""
-    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
-def wall_time(boot_ns: int, offset: float) -> float:
-    return offset + boot_ns / 1e9
-
-
 def command_uid(rec: CommandRecord) -> str:
     """The same record always gets the same uid: a record read again (the enforcer
     died between reading and acknowledging it) is dropped as a duplicate downstream."""
-    return str(uuid.uuid5(_BOOT_ID, f"exec:{rec.boot_ns}:{rec.pid}:{rec.cgroup_id}"))
+    return stable_uid(f"exec:{rec.boot_ns}:{rec.pid}:{rec.cgroup_id}")
 
 
 def disk_uid(rec: DiskRecord) -> str:
     key = f"disk:{rec.boot_ns}:{rec.pid}:{rec.cgroup_id}:{rec.flags}:{rec.return_code}:{rec.path}"
-    return str(uuid.uuid5(_BOOT_ID, key))
-
-
-def _attribute(ev: AuditEvent, session: SessionInfo | None) -> None:
-    if session:
-        ev.sid = session.sid
-        ev.user = session.user
-        ev.login = session.login
-        ev.cluster_name = session.cluster_name
-        ev.server_id = session.server_id
-        ev.server_hostname = session.server_hostname
+    return stable_uid(key)
 
 
 def command_event(rec: CommandRecord, session: SessionInfo | None) -> SessionCommand:
@@ -107,8 +84,7 @@ def command_event(rec: CommandRecord, session: SessionInfo | None) -> SessionCom
         argv=argv,
         return_code=rec.return_code,
     )
-    _attribute(ev, session)
-    return ev
+    return attribute(ev, session)
 
 
 def disk_event(rec: DiskRecord, session: SessionInfo | None) -> SessionDisk:
@@ -122,5 +98,4 @@ def disk_event(rec: DiskRecord, session: SessionInfo | None) -> SessionDisk:
         flags=rec.flags,
         return_code=rec.return_code,
     )
-    _attribute(ev, session)
-    return ev
+    return attribute(ev, session)
