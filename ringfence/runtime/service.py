@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -122,6 +123,9 @@ def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Ad
         sys.exit(1)
 
 
+STOP_TIMEOUT = 8.0  # a service asked to stop is gone within this, even if NATS is gone too
+
+
 class StartupError(Exception):
     """A service cannot start; the message says why and what to do."""
 
@@ -168,7 +172,10 @@ async def _serve(short_name: str, config: Config, adapter: Adapter) -> None:
         log.info("%s service stopping", short_name)
     finally:
         try:
-            await adapter.stop()
+            await asyncio.wait_for(adapter.stop(), STOP_TIMEOUT)
+        except TimeoutError:
+            log.error("%s service did not stop within %.0fs; exiting anyway", short_name, STOP_TIMEOUT)
         finally:
-            await ctx._micro.stop()
-            await wait_closed(nc)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ctx._micro.stop(), 2)
+            await wait_closed(nc, 2)

@@ -37,6 +37,7 @@ from .spool import Spool
 log = logging.getLogger(__name__)
 
 LOST_REPORT_INTERVAL = 5.0
+STOP_TIMEOUT = 5.0
 
 
 def socket_path(data_dir: str) -> Path:
@@ -248,9 +249,13 @@ class EnforcerAdapter:
         self.stop_event.set()
         if self.socket:
             await self.socket.stop()
-        for t in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(t, 10)
+        # Tasks finish their round and see stop_event; one stuck on a NATS that is
+        # gone too (SIGTERM to everything at once) is cancelled, not waited for.
+        if self.tasks:
+            _, stuck = await asyncio.wait(self.tasks, timeout=STOP_TIMEOUT)
+            for t in stuck:
+                t.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
         if self.recording_bpf:
             self.recording_bpf.close()
         if self.bpf:
