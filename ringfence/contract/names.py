@@ -71,6 +71,11 @@ def decode_key_part(part: str) -> str:
     return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)).decode()
 
 
+def lease_key(user: str) -> str:
+    """The LEASES_BUCKET key holding a user's SSH connection leases."""
+    return "conn." + encode_key_part(user)
+
+
 def role_key(name: str) -> str:
     return ROLE_KEY_PREFIX + encode_key_part(name)
 

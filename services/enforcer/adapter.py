@@ -21,6 +21,7 @@ from ringfence.runtime.service import ServiceContext, StartupError
 from . import kernel
 from .cgroups import CgroupTree
 from .directory import Directory
+from .limits import ConnectionLeases, SessionLimits
 from .lock_guard import LockGuard
 from .netevents import NetRecord, to_event
 from .policy_follower import PolicyFollower
@@ -60,6 +61,37 @@ class EnforcerAdapter:
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         cfg = ctx.config
+        tree, bpffs = await self._load_restrictions()
+        data = Path(cfg.data_dir) / "enforcer"
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        Path(cfg.data_dir).chmod(0o755)  # session users reach the socket inside it
+        self.spool = Spool(data / "spool")
+        self.recordings = Spool(data / "recordings-spool")
+        self.directory = Directory(ctx.nc)
+        self.sessions = self._session_manager(tree, data)
+        self.guard = LockGuard(ctx.nc, self.sessions, self.directory, parse_duration(cfg.lock_view_max_staleness),
+                               self.emit, ctx.counters)
+        leases = ConnectionLeases(await ctx.js.key_value(names.LEASES_BUCKET), ctx.server_id)
+        self.limits = SessionLimits(ctx.nc, leases, self.sessions, self.directory, self.emit, ctx.counters)
+        self.sessions.checks += [self.guard.check, self.limits.check]  # limits last: it takes a lease
+        self.sessions.end_hooks.append(self.limits.on_end)
+
+        await self._take_back_sessions(bpffs, leases)
+        self.sessions.kv = await ctx.js.key_value(names.SESSIONS_BUCKET)
+        await self.sessions.publish_all()
+        self.policy = PolicyFollower(self.bpf, ctx.nc, cfg.ssh_service.restricted_session.enabled,
+                                     cfg.ssh_service.enhanced_recording.enabled, ctx.counters)
+        self._start_tasks(data)
+        self.socket = SessionSocket(socket_path(cfg.data_dir), self.sessions, ctx.counters)
+        await self.socket.start()
+        log.info("session socket at %s", self.socket.path)
+        for verb, handler in (("kill", self._kill), ("join", self._join), ("leave", self._leave)):
+            await ctx.add_endpoint(verb, names.enforcer_subject(ctx.server_id, verb), handler)
+
+    async def _load_restrictions(self) -> tuple[CgroupTree, Path]:
+        """The node's cgroup tree with the restricted-session programs attached to it."""
+        assert self.ctx is not None
+        cfg = self.ctx.config
         rec = cfg.ssh_service.enhanced_recording
         try:
             kernel.check_host()
@@ -73,38 +105,43 @@ class EnforcerAdapter:
         except (kernel.HostNotReady, BpfLoadError) as exc:
             raise StartupError(str(exc)) from None
         log.info("restricted-session programs attached to %s (cgroup2 at %s)", tree.root, mount)
+        return tree, bpffs
 
-        data = Path(cfg.data_dir) / "enforcer"
-        data.mkdir(parents=True, exist_ok=True, mode=0o700)
-        Path(cfg.data_dir).chmod(0o755)  # session users reach the socket inside it
-        self.spool = Spool(data / "spool")
-        self.recordings = Spool(data / "recordings-spool")
-        self.directory = Directory(ctx.nc)
-        recorder = Recorder(self.recordings, self._publish_live)
+    def _session_manager(self, tree: CgroupTree, data: Path) -> SessionManager:
+        assert self.ctx is not None and self.bpf is not None
+        cfg, ctx = self.ctx.config, self.ctx
         flags = (SESSION_RESTRICTED if cfg.ssh_service.restricted_session.enabled else 0) | (
-            SESSION_RECORDED if rec.enabled else 0
+            SESSION_RECORDED if cfg.ssh_service.enhanced_recording.enabled else 0
         )
-        node = {"cluster_name": cfg.cluster_name, "server_id": ctx.server_id, "server_hostname": ctx.hostname}
-        self.sessions = SessionManager(
+        manager = SessionManager(
             tree=tree,
             bpf=self.bpf,
             store=SessionStore(data / "sessions"),
             emit=self.emit,
-            recorder=recorder,
-            node=node,
+            recorder=Recorder(self.recordings, self._publish_live),
+            node={"cluster_name": cfg.cluster_name, "server_id": ctx.server_id, "server_hostname": ctx.hostname},
             flags=flags,
             reader_cycles=self._reader_cycles,
             counters=ctx.counters,
             key_owners=lambda: self.directory.key_owners,
             roles_of=self.directory.roles_of,
         )
-        self.sessions.start(asyncio.get_running_loop())
+        manager.start(asyncio.get_running_loop())
+        return manager
+
+    async def _take_back_sessions(self, bpffs: Path, leases: ConnectionLeases) -> None:
+        """Sessions an earlier enforcer left: known before the first kernel record is
+        read, so records written while no enforcer ran are still attributed."""
+        assert self.ctx is not None and self.sessions is not None and self.bpf is not None
+        cfg, counters = self.ctx.config, self.ctx.counters
         ended = self.sessions.restore()
-        # Sessions are known before the first record is read, so even records
-        # written while no enforcer ran are attributed to their session.
+        for info in self.sessions.by_sid.values():
+            if info.kind == "connection":
+                leases.held[info.sid] = info.user  # renewed from now on, released at its end
         for key in ("network_events", "unattributed_events", "lost_network"):
-            ctx.counters.setdefault(key, 0)
+            counters.setdefault(key, 0)
         self.bpf.start_reader(self._on_net_event)
+        rec = cfg.ssh_service.enhanced_recording
         if rec.enabled:
             try:
                 self.recording_bpf = await asyncio.to_thread(RecordingBPF, bpffs / "ringfence" / cfg.nodename,
@@ -116,31 +153,21 @@ class EnforcerAdapter:
         for sid in ended:
             await self.sessions.end(sid)
 
-        self.sessions.kv = await ctx.js.key_value(names.SESSIONS_BUCKET)
-        await self.sessions.publish_all()
-        self.policy = PolicyFollower(
-            self.bpf, ctx.nc, cfg.ssh_service.restricted_session.enabled, rec.enabled, ctx.counters
-        )
-        self.guard = LockGuard(ctx.nc, self.sessions, self.directory, parse_duration(cfg.lock_view_max_staleness),
-                               self.emit, ctx.counters)
-        self.sessions.checks.append(self.guard.check)
+    def _start_tasks(self, data: Path) -> None:
+        assert self.ctx is not None and self.spool is not None and self.recordings is not None
+        js, stop = self.ctx.js, self.stop_event
         self.tasks = [
-            asyncio.create_task(self.policy.run(self.stop_event), name="policy"),
-            asyncio.create_task(self.spool.run(lambda lines: publish_encoded(ctx.js, lines), self.stop_event),
-                                name="spool"),
-            asyncio.create_task(self.recordings.run(lambda lines: publish_chunks(ctx.js, lines), self.stop_event),
+            asyncio.create_task(self.policy.run(stop), name="policy"),
+            asyncio.create_task(self.spool.run(lambda lines: publish_encoded(js, lines), stop), name="spool"),
+            asyncio.create_task(self.recordings.run(lambda lines: publish_chunks(js, lines), stop),
                                 name="recordings"),
             asyncio.create_task(self._report_lost(data / "lost_reported"), name="lost"),
-            *(asyncio.create_task(t, name="directory") for t in self.directory.tasks(self.stop_event)),
-            *(asyncio.create_task(t, name="locks") for t in self.guard.tasks(self.stop_event)),
+            *(asyncio.create_task(t, name="directory") for t in self.directory.tasks(stop)),
+            *(asyncio.create_task(t, name="locks") for t in self.guard.tasks(stop)),
+            *(asyncio.create_task(t, name="limits") for t in self.limits.tasks(stop)),
         ]
         for t in self.tasks:
             t.add_done_callback(_crash_on_failure)
-        self.socket = SessionSocket(socket_path(cfg.data_dir), self.sessions, ctx.counters)
-        await self.socket.start()
-        log.info("session socket at %s", self.socket.path)
-        for verb, handler in (("kill", self._kill), ("join", self._join), ("leave", self._leave)):
-            await ctx.add_endpoint(verb, names.enforcer_subject(ctx.server_id, verb), handler)
 
     async def _join(self, req) -> bytes:
         assert self.sessions is not None

@@ -27,6 +27,14 @@ class Refused(Exception):
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """Why an admission check turned a session away (session.rejected: reason, max)."""
+
+    reason: str
+    max: int = 0
+
+
+@dataclass(frozen=True)
 class Peer:
     """The process on the other end of the enforcer socket (from SO_PEERCRED)."""
 

@@ -33,13 +33,15 @@ from ringfence.contract.events import (
 from .cgroups import CgroupTree, PopulatedWatcher
 from .recorder import Recorder
 from .restricted_bpf import RestrictedBPF
-from .session_core import Peer, Plan, Refused, plan_session
+from .session_core import Peer, Plan, Refusal, Refused, plan_session
 from .session_store import SessionStore
 
 log = logging.getLogger(__name__)
 
-# Checks run before a session opens (locks, limits): return a refusal message or None.
-AdmissionCheck = Callable[[SessionInfo], Awaitable[str | None]]
+# Checks run before a session opens (locks, limits): a refusal (or its message), or None.
+AdmissionCheck = Callable[[SessionInfo], Awaitable[Refusal | str | None]]
+# Run when a session ends, or when it could not be opened after the checks passed.
+EndHook = Callable[[SessionInfo], Awaitable[None]]
 NOTICE_WAIT = 0.05  # at most this long for a wrapper to show a notice before its session ends
 CONNECTION_GRACE = 0.03  # channels go first, so sshd can pass their last words on
 KV_ACTIVITY_INTERVAL = 10.0  # how often last_active reaches the fleet-wide listing
@@ -55,6 +57,7 @@ class Link:
     height: int = 0
     published_activity: float = field(default=0.0)
     noticed: asyncio.Event = field(default_factory=asyncio.Event)
+    last_io: float = field(default_factory=time.monotonic)  # input or output: not idle
 
 
 class SessionManager:
@@ -91,6 +94,7 @@ class SessionManager:
         self.participants: dict[str, list[str]] = {}  # everyone who took part: owner, then joiners
         self.watching: dict[str, list[str]] = {}  # joiners still watching
         self.checks: list[AdmissionCheck] = []
+        self.end_hooks: list[EndHook] = []
         self.terminating: set[str] = set()
         self.kv: KeyValue | None = None
         self.watcher: PopulatedWatcher | None = None
@@ -165,10 +169,14 @@ class SessionManager:
         for check in self.checks:
             refusal = await check(info)
             if refusal:
-                self.emit(SessionRejected(user=info.user, login=info.login, reason=refusal))
-                raise Refused(refusal)
-        info.cgroup_id = self.tree.create(info.cgroup)
+                if isinstance(refusal, str):
+                    refusal = Refusal(refusal)
+                await self._run_end_hooks(info)  # give back what earlier checks took
+                self.emit(SessionRejected(user=info.user, login=info.login, reason=refusal.reason,
+                                          max=refusal.max))
+                raise Refused(refusal.reason)
         try:
+            info.cgroup_id = self.tree.create(info.cgroup)
             self.store.save(info)  # before any process is inside: a restart can always attribute it
             self.bpf.add_session(info.cgroup_id, self.flags)
             assert self.watcher is not None
@@ -177,6 +185,7 @@ class SessionManager:
             self.tree.move(info.cgroup, plan.pid)
         except Exception as exc:
             self._forget(info)
+            await self._run_end_hooks(info)
             raise Refused(f"cannot place process {plan.pid} in a session cgroup: {exc}") from exc
         self.emit(
             SessionStart(
@@ -217,7 +226,7 @@ class SessionManager:
             link.noticed.set()
         if any(code in ("i", "o") for _, code, _ in update.events):
             info.last_active = now_rfc3339()
-            now = time.monotonic()
+            now = link.last_io = time.monotonic()
             if now - link.published_activity > KV_ACTIVITY_INTERVAL:
                 link.published_activity = now
                 asyncio.get_running_loop().create_task(self._publish_info(info))
@@ -289,10 +298,18 @@ class SessionManager:
             )
         )
         self._forget(info)
+        await self._run_end_hooks(info)
         if self.kv:
             with contextlib.suppress(Exception):
                 await self.kv.delete(sid)
         log.info("session %s ended", sid)
+
+    async def _run_end_hooks(self, info: SessionInfo) -> None:
+        for hook in self.end_hooks:
+            try:
+                await hook(info)
+            except Exception:
+                log.exception("end hook for session %s failed", info.sid)
 
     def _forget(self, info: SessionInfo) -> None:
         if self.watcher:

@@ -1,0 +1,226 @@
+"""Session control (seed 002): max_connections, max_sessions, client_idle_timeout.
+
+- max_connections: SSH connections per user across the whole fleet. One KV key
+  per user holds the user's connection leases; a connection takes a lease with
+  compare-and-set (so two nodes can never both take the last slot), gives it
+  back the moment it ends, and renews it while it lasts. A node that dies stops
+  renewing: its leases expire after LEASE_TTL and stop counting.
+- max_sessions: session channels per SSH connection (all on this node).
+- client_idle_timeout: no input and no output on an interactive channel for
+  that long ends the connection with the original's message.
+Each limit is the smallest non-zero value among the user's roles (and, for the
+idle timeout, the cluster networking config).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+
+import msgspec
+from msgspec import Struct
+from nats.aio.client import Client
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from ringfence.contract import names
+from ringfence.contract.api import SessionInfo
+from ringfence.contract.events import ClientDisconnect
+from ringfence.contract.resources import ClusterNetworkingConfig, Role
+from ringfence.durations import format_duration, parse_duration
+
+from .kv_mirror import KvMirror
+from .session_core import Refusal
+
+log = logging.getLogger(__name__)
+
+LEASE_TTL = 30.0  # seconds a dead node's leases keep counting
+RENEW_INTERVAL = LEASE_TTL / 3
+IDLE_CHECK = 0.5
+CAS_ATTEMPTS = 50
+
+
+# --- pure ---------------------------------------------------------------------------------------------
+def smallest_limit(values: Iterable[int | float]) -> int | float:
+    """The smallest non-zero value; 0 when none is set."""
+    return min((v for v in values if v and v > 0), default=0)
+
+
+def idle_timeout(cluster: str, roles: Iterable[Role]) -> float:
+    values = [parse_duration(cluster)] if cluster else []
+    values += [parse_duration(r.spec.options.client_idle_timeout) for r in roles if r.spec.options.client_idle_timeout]
+    return float(smallest_limit(values))
+
+
+def too_many_connections(user: str, limit: int) -> Refusal:
+    return Refusal(f'too many concurrent ssh connections for user "{user}" (max={limit})', limit)
+
+
+def too_many_channels(user: str, limit: int) -> Refusal:
+    return Refusal(f'too many session channels for user "{user}" (max={limit})', limit)
+
+
+def idle_message(timeout: float) -> str:
+    return f"Client exceeded idle timeout of {format_duration(timeout)}"
+
+
+class Lease(Struct):
+    sid: str
+    server_id: str
+    expires: float  # unix seconds
+
+
+class UserLeases(Struct):
+    leases: list[Lease] = msgspec.field(default_factory=list)
+
+
+def live_leases(leases: list[Lease], now: float, excluding: str = "") -> list[Lease]:
+    return [lease for lease in leases if lease.expires > now and lease.sid != excluding]
+
+
+# --- fleet-wide leases -------------------------------------------------------------------------------
+class ConnectionLeases:
+    def __init__(self, kv: KeyValue, server_id: str) -> None:
+        self.kv = kv
+        self.server_id = server_id
+        self.held: dict[str, str] = {}  # sid -> user, leases this node holds
+
+    async def _change(self, user: str, change) -> bool:
+        """Apply `change(live leases) -> new list | None` with compare-and-set; None means refused."""
+        key = names.lease_key(user)
+        for _ in range(CAS_ATTEMPTS):
+            try:
+                entry = await self.kv.get(key)
+                revision, current = entry.revision, msgspec.json.decode(entry.value, type=UserLeases).leases
+            except KeyNotFoundError as exc:
+                marker = getattr(exc, "entry", None)
+                revision, current = (marker.revision if marker else 0), []
+            new = change(live_leases(current, time.time()))
+            if new is None:
+                return False
+            try:
+                await self.kv.update(key, msgspec.json.encode(UserLeases(new)), last=revision)
+                return True
+            except KeyWrongLastSequenceError:
+                await asyncio.sleep(0.002)  # another node changed it first: read again
+        raise RuntimeError(f"the connection leases of {user} stayed contended for {CAS_ATTEMPTS} attempts")
+
+    async def acquire(self, user: str, sid: str, limit: int) -> bool:
+        def take(live: list[Lease]) -> list[Lease] | None:
+            if len(live) >= limit:
+                return None
+            return [*live, Lease(sid, self.server_id, time.time() + LEASE_TTL)]
+
+        taken = await self._change(user, take)
+        if taken:
+            self.held[sid] = user
+        return taken
+
+    async def release(self, sid: str) -> None:
+        user = self.held.pop(sid, None)
+        if user:
+            await self._change(user, lambda live: [lease for lease in live if lease.sid != sid])
+
+    async def renew(self) -> None:
+        """Extend every lease this node holds (and put back any that was pruned)."""
+        by_user: dict[str, set[str]] = {}
+        for sid, user in self.held.items():
+            by_user.setdefault(user, set()).add(sid)
+        for user, sids in by_user.items():
+            expires = time.time() + LEASE_TTL
+
+            def extend(live: list[Lease], sids=sids, expires=expires) -> list[Lease]:
+                others = [lease for lease in live if lease.sid not in sids]
+                return others + [Lease(sid, self.server_id, expires) for sid in sorted(sids)]
+
+            await self._change(user, extend)
+
+
+# --- the enforcer's side -------------------------------------------------------------------------------
+def _decode_networking(_key: str, raw: bytes) -> ClusterNetworkingConfig:
+    return msgspec.json.decode(raw, type=ClusterNetworkingConfig)
+
+
+class SessionLimits:
+    def __init__(self, nc: Client, leases: ConnectionLeases, sessions, directory, emit, counters: dict) -> None:
+        self.leases = leases
+        self.sessions = sessions
+        self.directory = directory
+        self.emit = emit
+        self.counters = counters
+        self.networking: KvMirror[ClusterNetworkingConfig] = KvMirror(
+            nc, names.POLICY_BUCKET, names.NETWORKING_KEY, _decode_networking)
+        counters.setdefault("idle_terminations", 0)
+
+    def _roles(self, info: SessionInfo) -> list[Role]:
+        return [r for r in (self.directory.role(name) for name in info.roles) if r]
+
+    def max_connections(self, info: SessionInfo) -> int:
+        return int(smallest_limit(r.spec.options.max_connections for r in self._roles(info)))
+
+    def max_sessions(self, info: SessionInfo) -> int:
+        return int(smallest_limit(r.spec.options.max_sessions for r in self._roles(info)))
+
+    def idle_timeout(self, info: SessionInfo) -> float:
+        cfg = self.networking.values.get(names.NETWORKING_KEY)
+        return idle_timeout(cfg.spec.client_idle_timeout if cfg else "", self._roles(info))
+
+    async def check(self, info: SessionInfo) -> Refusal | None:
+        """Admission: a connection takes a fleet-wide lease, a channel needs a free slot."""
+        if info.kind == "channel":
+            limit = self.max_sessions(info)
+            open_channels = len(self.sessions.channels_of(info.connection))
+            if limit and open_channels >= limit:
+                return too_many_channels(info.user, limit)
+        elif info.kind == "connection":
+            limit = self.max_connections(info)
+            if limit:
+                try:
+                    taken = await self.leases.acquire(info.user, info.sid, limit)
+                except Exception as exc:
+                    return Refusal(f"cannot check the connection limit of {info.user} ({exc}); try again")
+                if not taken:
+                    return too_many_connections(info.user, limit)
+        return None
+
+    async def on_end(self, info: SessionInfo) -> None:
+        if info.sid in self.leases.held:
+            try:
+                await self.leases.release(info.sid)
+            except Exception as exc:  # it expires after LEASE_TTL anyway
+                log.warning("cannot release the connection lease of %s now (%s)", info.sid, exc)
+
+    async def renew_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RENEW_INTERVAL)
+            if self.leases.held:
+                try:
+                    await self.leases.renew()
+                except Exception as exc:
+                    log.warning("renewing connection leases failed (%s); retrying", exc)
+
+    async def idle_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), IDLE_CHECK)
+            now = time.monotonic()
+            for sid, link in list(self.sessions.links.items()):
+                info = self.sessions.by_sid.get(sid)
+                if info is None or not info.interactive:
+                    continue
+                timeout = self.idle_timeout(info)
+                if timeout and now - link.last_io > timeout:
+                    message = idle_message(timeout)
+                    top = info.connection or sid
+                    if top in self.sessions.terminating:
+                        continue
+                    self.counters["idle_terminations"] += 1
+                    self.emit(ClientDisconnect(user=info.user, login=info.login, sid=sid, reason=message))
+                    await self.sessions.terminate(top, message)
+
+    def tasks(self, stop: asyncio.Event) -> list:
+        return [self.networking.run(stop), self.renew_loop(stop), self.idle_loop(stop)]
