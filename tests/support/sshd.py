@@ -69,7 +69,7 @@ class SshServer:
             "@include common-account\n"
             "@include common-session\n"
             # Last in the session stack, so nothing after it moves sshd elsewhere.
-            f"session required pam_exec.so stdout {hook}\n"
+            f"session required pam_exec.so quiet stdout {hook}\n"
         )
         config = self.dir / "sshd_config"
         example = (Path(__file__).resolve().parents[2] / "examples" / "sshd_config.d" / "ringfence.conf").read_text()
