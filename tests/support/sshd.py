@@ -62,17 +62,18 @@ class SshServer:
 
     def start(self) -> SshServer:
         hostkey = keygen(self.dir / "hostkey")
-        hook = f"{RINGFENCE} pam-hook --data-dir {self.data_dir}"
+        examples = Path(__file__).resolve().parents[2] / "examples"
+        # The shipped PAM line, last in the session stack as the README says.
+        hook = (examples / "pam.d" / "sshd.append").read_text().replace(
+            "/usr/local/bin/ringfence pam-hook", f"{RINGFENCE} pam-hook --data-dir {self.data_dir}")
         self.pam_file.write_text(
             "@include common-auth\n"
             "account required pam_nologin.so\n"
             "@include common-account\n"
-            "@include common-session\n"
-            # Last in the session stack, so nothing after it moves sshd elsewhere.
-            f"session required pam_exec.so quiet stdout {hook}\n"
+            "@include common-session\n" + hook
         )
         config = self.dir / "sshd_config"
-        example = (Path(__file__).resolve().parents[2] / "examples" / "sshd_config.d" / "ringfence.conf").read_text()
+        example = (examples / "sshd_config.d" / "ringfence.conf").read_text()
         config.write_text(
             f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {hostkey}\nPidFile {self.dir}/sshd.pid\n"
             f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
