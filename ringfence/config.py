@@ -63,6 +63,8 @@ class SSHService(Struct, forbid_unknown_fields=True):
     enabled: bool = True
     enhanced_recording: EnhancedRecording = field(default_factory=EnhancedRecording)
     restricted_session: RestrictedSession = field(default_factory=RestrictedSession)
+    # How long a connection lease (max_connections) of a node that died keeps counting.
+    connection_lease_ttl: str = "30s"
 
 
 class Config(Struct, forbid_unknown_fields=True):
@@ -106,10 +108,17 @@ def _validate(cfg: Config, source: str) -> None:
             raise ConfigError(f'{source}: nats_url: "{url}": expected nats://host:port')
     from .durations import parse_duration
 
-    try:
-        parse_duration(cfg.lock_view_max_staleness)
-    except ValueError as exc:
-        raise ConfigError(f"{source}: lock_view_max_staleness: {exc}") from None
+    durations = {
+        "lock_view_max_staleness": cfg.lock_view_max_staleness,
+        "ssh_service.connection_lease_ttl": cfg.ssh_service.connection_lease_ttl,
+    }
+    for key, text in durations.items():
+        try:
+            seconds = parse_duration(text)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {key}: {exc}") from None
+        if seconds < 1:
+            raise ConfigError(f'{source}: {key}: "{text}" is shorter than 1s')
 
 
 def parse_config(text: str, source: str) -> Config:

@@ -71,7 +71,8 @@ class EnforcerAdapter:
         self.sessions = self._session_manager(tree, data)
         self.guard = LockGuard(ctx.nc, self.sessions, self.directory, parse_duration(cfg.lock_view_max_staleness),
                                self.emit, ctx.counters)
-        leases = ConnectionLeases(await ctx.js.key_value(names.LEASES_BUCKET), ctx.server_id)
+        leases = ConnectionLeases(await ctx.js.key_value(names.LEASES_BUCKET), ctx.server_id,
+                                  parse_duration(cfg.ssh_service.connection_lease_ttl))
         self.limits = SessionLimits(ctx.nc, leases, self.sessions, self.directory, self.emit, ctx.counters)
         self.sessions.checks += [self.guard.check, self.limits.check]  # limits last: it takes a lease
         self.sessions.end_hooks.append(self.limits.on_end)

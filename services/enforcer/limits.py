@@ -4,7 +4,7 @@
   per user holds the user's connection leases; a connection takes a lease with
   compare-and-set (so two nodes can never both take the last slot), gives it
   back the moment it ends, and renews it while it lasts. A node that dies stops
-  renewing: its leases expire after LEASE_TTL and stop counting.
+  renewing: its leases expire after the lease TTL and stop counting.
 - max_sessions: session channels per SSH connection (all on this node).
 - client_idle_timeout: no input and no output on an interactive channel for
   that long ends the connection with the original's message.
@@ -37,8 +37,6 @@ from .session_core import Refusal
 
 log = logging.getLogger(__name__)
 
-LEASE_TTL = 30.0  # seconds a dead node's leases keep counting
-RENEW_INTERVAL = LEASE_TTL / 3
 IDLE_CHECK = 0.5
 CAS_ATTEMPTS = 50
 
@@ -83,9 +81,10 @@ def live_leases(leases: list[Lease], now: float, excluding: str = "") -> list[Le
 
 # --- fleet-wide leases -------------------------------------------------------------------------------
 class ConnectionLeases:
-    def __init__(self, kv: KeyValue, server_id: str) -> None:
+    def __init__(self, kv: KeyValue, server_id: str, ttl: float) -> None:
         self.kv = kv
         self.server_id = server_id
+        self.ttl = ttl  # seconds a dead node's leases keep counting (ssh_service.connection_lease_ttl)
         self.held: dict[str, str] = {}  # sid -> user, leases this node holds
 
     async def _change(self, user: str, change) -> bool:
@@ -112,7 +111,7 @@ class ConnectionLeases:
         def take(live: list[Lease]) -> list[Lease] | None:
             if len(live) >= limit:
                 return None
-            return [*live, Lease(sid, self.server_id, time.time() + LEASE_TTL)]
+            return [*live, Lease(sid, self.server_id, time.time() + self.ttl)]
 
         taken = await self._change(user, take)
         if taken:
@@ -130,7 +129,7 @@ class ConnectionLeases:
         for sid, user in self.held.items():
             by_user.setdefault(user, set()).add(sid)
         for user, sids in by_user.items():
-            expires = time.time() + LEASE_TTL
+            expires = time.time() + self.ttl
 
             def extend(live: list[Lease], sids=sids, expires=expires) -> list[Lease]:
                 others = [lease for lease in live if lease.sid not in sids]
@@ -152,8 +151,16 @@ class SessionLimits:
         self.emit = emit
         self.counters = counters
         self.networking: KvMirror[ClusterNetworkingConfig] = KvMirror(
-            nc, names.POLICY_BUCKET, names.NETWORKING_KEY, _decode_networking)
+            nc, names.POLICY_BUCKET, names.NETWORKING_KEY, _decode_networking, self._networking_changed)
+        self.cluster_idle_timeout = ""
         counters.setdefault("idle_terminations", 0)
+
+    def _networking_changed(self) -> None:
+        cfg = self.networking.values.get(names.NETWORKING_KEY)
+        value = cfg.spec.client_idle_timeout if cfg else ""
+        if value != self.cluster_idle_timeout:
+            self.cluster_idle_timeout = value
+            log.info("cluster client_idle_timeout: %s", value or "none")
 
     def _roles(self, info: SessionInfo) -> list[Role]:
         return [r for r in (self.directory.role(name) for name in info.roles) if r]
@@ -165,8 +172,7 @@ class SessionLimits:
         return int(smallest_limit(r.spec.options.max_sessions for r in self._roles(info)))
 
     def idle_timeout(self, info: SessionInfo) -> float:
-        cfg = self.networking.values.get(names.NETWORKING_KEY)
-        return idle_timeout(cfg.spec.client_idle_timeout if cfg else "", self._roles(info))
+        return idle_timeout(self.cluster_idle_timeout, self._roles(info))
 
     async def check(self, info: SessionInfo) -> Refusal | None:
         """Admission: a connection takes a fleet-wide lease, a channel needs a free slot."""
@@ -190,13 +196,13 @@ class SessionLimits:
         if info.sid in self.leases.held:
             try:
                 await self.leases.release(info.sid)
-            except Exception as exc:  # it expires after LEASE_TTL anyway
+            except Exception as exc:  # it expires after the lease TTL anyway
                 log.warning("cannot release the connection lease of %s now (%s)", info.sid, exc)
 
     async def renew_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), RENEW_INTERVAL)
+                await asyncio.wait_for(stop.wait(), self.leases.ttl / 3)
             if self.leases.held:
                 try:
                     await self.leases.renew()
