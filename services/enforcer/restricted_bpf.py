@@ -98,18 +98,14 @@ class RestrictedBPF:
                 f"cannot load {SOURCE.name}: {exc}. If the pinned maps under {self.pin_dir} come from an "
                 f"incompatible version, remove that directory (enforcement stops until the next start)"
             ) from exc
-        self._lib = self.bpf_lib()
+        from bcc.libbcc import lib
+
+        self._lib = lib
         self._maps = {n: self.bpf[n] for n in ("policy4", "policy6", "settings", "sessions", "lost")}
         self._reader: threading.Thread | None = None
         self._stop = threading.Event()
         self._cgroup_fd: int | None = None
         self.reader_cycles = 0  # completed ring-buffer polls: "everything before now was read"
-
-    @staticmethod
-    def bpf_lib():
-        from bcc.libbcc import lib
-
-        return lib
 
     # --- attaching -----------------------------------------------------------------
     def attach(self, cgroup: Path) -> None:
@@ -127,18 +123,6 @@ class RestrictedBPF:
                 if stale != ours:
                     bpf_sys.detach_prog_id(fd, attach_type, stale)
                     log.info("replaced program %d (%s) left by an earlier enforcer", stale, name)
-
-    def detach(self) -> None:
-        """Remove the programs (uninstall/tests only: enforcement stops)."""
-        from bcc import BPF
-
-        if self._cgroup_fd is None:
-            return
-        for name, attach_type in PROGRAMS:
-            try:
-                BPF.detach_func(self.funcs[name], self._cgroup_fd, attach_type)
-            except Exception as exc:
-                log.warning("detaching %s: %s", name, exc)
 
     def close(self) -> None:
         self.stop_reader()
@@ -176,10 +160,6 @@ class RestrictedBPF:
             n += 1
         return n
 
-    def settings(self) -> tuple[bool, bool]:
-        s = self._maps["settings"][ct.c_uint32(0)]
-        return bool(s.enforce), bool(s.observe)
-
     def set_settings(self, enforce: bool, observe: bool) -> None:
         self._maps["settings"][ct.c_uint32(0)] = Settings(int(enforce), int(observe))
 
@@ -194,9 +174,6 @@ class RestrictedBPF:
             del table[table.Key(cgroup_id)]
         except KeyError:
             pass
-
-    def session_ids(self) -> set[int]:
-        return {k.value for k in self._maps["sessions"]}
 
     # --- events ----------------------------------------------------------------------
     def lost(self) -> int:
