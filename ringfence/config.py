@@ -10,6 +10,8 @@
         cgroup_path: ""          # empty: use the host's cgroup2 mount
       restricted_session:
         enabled: true
+    operator_auth: required       # or off: accept unsigned control requests (tests, migration)
+    nats_nkey: /path/to/seed.nk   # NATS nkey seed this process connects with (default: none)
 
 Precedence: command-line flag, then environment (RINGFENCE_*), then the file
 (--config, RINGFENCE_CONFIG, or /etc/ringfence.yaml when present), then the
@@ -38,6 +40,10 @@ ENV_CONFIG = "RINGFENCE_CONFIG"
 ENV_DATA_DIR = "RINGFENCE_DATA_DIR"
 ENV_NATS_URL = "RINGFENCE_NATS_URL"
 ENV_NODENAME = "RINGFENCE_NODENAME"
+ENV_OPERATOR_AUTH = "RINGFENCE_OPERATOR_AUTH"
+ENV_NATS_NKEY = "RINGFENCE_NATS_NKEY"
+
+OPERATOR_AUTH_MODES = ("required", "off")
 
 _NODENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -77,6 +83,11 @@ class Config(Struct, forbid_unknown_fields=True):
     # strict-mode sessions are locked out (Go-style duration).
     lock_view_max_staleness: str = "30s"
     ssh_service: SSHService = field(default_factory=SSHService)
+    # Control requests: "required" (signed by a registered operator identity and
+    # allowed by the user's roles) or "off" (accepted unsigned, as before).
+    operator_auth: str | bool = "required"  # YAML reads a bare off/on as a bool: accepted
+    # Path of the NATS nkey seed this process connects with; empty: no NATS credentials.
+    nats_nkey: str = ""
 
     @property
     def nats_urls(self) -> list[str]:
@@ -106,6 +117,14 @@ def _validate(cfg: Config, source: str) -> None:
     for url in cfg.nats_urls or [""]:
         if not re.match(r"^(nats|tls|ws|wss)://[^\s]+$", url):
             raise ConfigError(f'{source}: nats_url: "{url}": expected nats://host:port')
+    if isinstance(cfg.operator_auth, bool):
+        cfg.operator_auth = "required" if cfg.operator_auth else "off"
+    if cfg.operator_auth not in OPERATOR_AUTH_MODES:
+        raise ConfigError(
+            f'{source}: operator_auth: "{cfg.operator_auth}": use {" or ".join(OPERATOR_AUTH_MODES)}'
+        )
+    if cfg.nats_nkey and not os.path.isabs(cfg.nats_nkey):
+        cfg.nats_nkey = os.path.abspath(cfg.nats_nkey)
     from .durations import parse_duration
 
     durations = {
@@ -142,6 +161,7 @@ def load_config(
     data_dir: str | None = None,
     nats_url: str | None = None,
     nodename: str | None = None,
+    nats_nkey: str | None = None,
 ) -> Config:
     """Load the configuration with flag > environment > file > default precedence."""
     path = path or os.environ.get(ENV_CONFIG) or None
@@ -160,7 +180,12 @@ def load_config(
         "data_dir": data_dir or os.environ.get(ENV_DATA_DIR),
         "nats_url": nats_url or os.environ.get(ENV_NATS_URL),
         "nodename": nodename or os.environ.get(ENV_NODENAME),
+        "nats_nkey": nats_nkey or os.environ.get(ENV_NATS_NKEY),
+        "operator_auth": os.environ.get(ENV_OPERATOR_AUTH),
     }
+    mode = overrides["operator_auth"]
+    if mode and mode not in OPERATOR_AUTH_MODES:
+        raise ConfigError(f'{ENV_OPERATOR_AUTH}: "{mode}": use {" or ".join(OPERATOR_AUTH_MODES)}')
     for key, value in overrides.items():
         if value:
             setattr(cfg, key, value)

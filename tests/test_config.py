@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ringfence.config import ConfigError, load_config, parse_config
@@ -77,3 +79,25 @@ def test_defaults_without_a_file(monkeypatch):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"cannot read config file .*nope\.yaml"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_operator_auth_defaults_to_required_and_is_validated(tmp_path, monkeypatch):
+    monkeypatch.delenv("RINGFENCE_OPERATOR_AUTH", raising=False)
+    path = tmp_path / "c.yaml"
+    path.write_text("nats_nkey: relative/cli.nk\n")
+    cfg = load_config(str(path))
+    assert cfg.operator_auth == "required"
+    assert cfg.nats_nkey == str(Path.cwd() / "relative/cli.nk")
+    path.write_text("operator_auth: off\n")  # YAML reads a bare off as false
+    assert load_config(str(path)).operator_auth == "off"
+    path.write_text('operator_auth: "off"\n')
+    assert load_config(str(path)).operator_auth == "off"
+    path.write_text('operator_auth: "maybe"\n')
+    with pytest.raises(ConfigError, match=r'operator_auth: "maybe": use required or off'):
+        load_config(str(path))
+    path.write_text('operator_auth: "off"\n')
+    monkeypatch.setenv("RINGFENCE_OPERATOR_AUTH", "required")
+    assert load_config(str(path)).operator_auth == "required"
+    monkeypatch.setenv("RINGFENCE_OPERATOR_AUTH", "no")
+    with pytest.raises(ConfigError, match=r'^RINGFENCE_OPERATOR_AUTH: "no": use required or off$'):
+        load_config(str(path))

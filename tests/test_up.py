@@ -44,8 +44,10 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def status(url: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*RINGFENCE, "status", "--nats-url", url, "--wait", "0.5"],
+def status(url: str, data_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """`ringfence status`; with the data dir of a `ringfence up`, its NATS credential is found there."""
+    extra = ["--data-dir", str(data_dir)] if data_dir else []
+    return subprocess.run([*RINGFENCE, "status", "--nats-url", url, "--wait", "0.5", *extra],
                           capture_output=True, text=True, cwd=ROOT, timeout=30)
 
 
@@ -72,7 +74,7 @@ def test_up_runs_all_four_and_stops_without_leftovers(tmp_path, stop_signal, nod
     url = f"nats://127.0.0.1:{port}"
     up = start_up(tmp_path, port, nodename)
     try:
-        result = wait_for(lambda: (r := status(url)).returncode == 0 and r, timeout=60,
+        result = wait_for(lambda: (r := status(url, tmp_path / "data")).returncode == 0 and r, timeout=60,
                           what="`ringfence status` to see all four services")
         for name in ("policy", "locks", "enforcer", "audit"):
             assert f"\n{name} " in "\n" + result.stdout, result.stdout
@@ -101,7 +103,8 @@ def test_sigkilled_up_takes_its_children_along(tmp_path, nodename):
     port = free_port()
     up = start_up(tmp_path, port, nodename)
     try:
-        wait_for(lambda: status(f"nats://127.0.0.1:{port}").returncode == 0, timeout=60, what="all services")
+        wait_for(lambda: status(f"nats://127.0.0.1:{port}", tmp_path / "data").returncode == 0, timeout=60,
+                 what="all services")
         children = descendants(up.pid)
         up.kill()
         up.wait()

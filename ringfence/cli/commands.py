@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from . import events, locks, resources, run, session_control, sessions, ssh_hooks, status, up, users
+from . import bootstrap, events, locks, resources, run, session_control, sessions, ssh_hooks, status, up, users
 
 _ = session_control  # registers `sessions join` and `sessions kill` with the sessions group
 
 REGISTRY = [
     up.register,
+    bootstrap.register,  # bootstrap (the first admin, for stacks not started by up)
     status.register,
     resources.register,  # create, get, rm
     run.register,  # run

@@ -19,6 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--config", help="YAML config file (default: /etc/ringfence.yaml when present)")
     group.add_argument("--nats-url", help="NATS URL(s), comma-separated (env RINGFENCE_NATS_URL)")
     group.add_argument("--data-dir", help="data directory (env RINGFENCE_DATA_DIR, default /var/lib/ringfence)")
+    group.add_argument("--nats-nkey", metavar="SEED_FILE",
+                       help="NATS nkey seed to connect with (env RINGFENCE_NATS_NKEY; default "
+                            "<data_dir>/nats/cli.nk when readable)")
+    group.add_argument("--identity", metavar="FILE",
+                       help="operator identity that signs control requests (env RINGFENCE_IDENTITY; default "
+                            "~/.ringfence/identity, else <data_dir>/admin.nk when readable)")
 
     parser = argparse.ArgumentParser(
         prog="ringfence",

@@ -22,9 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from nats.errors import Error as NatsError
+from nats.errors import NoServersError
+
 from ..config import ENV_NATS_URL, Config
 from ..contract import names
-from ..runtime.nats_conn import nats_server_binary, write_server_config
+from ..contract.streams import ensure_streams
+from ..runtime import nats_security
+from ..runtime.nats_conn import NatsCredentialError, connect, nats_server_binary, wait_closed, write_server_config
+from .bootstrap import BootstrapError, bootstrap_admin
 from .client import CliError, config_from
 
 log = logging.getLogger(__name__)
@@ -116,6 +122,8 @@ class Supervisor:
 
 def _check_port_free(host: str, port: int) -> None:
     with socket.socket() as probe:
+        # As nats-server binds: connections of a NATS that just stopped (TIME_WAIT) do not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError:
@@ -163,6 +171,17 @@ def _service_list(text: str) -> list[str]:
     return chosen
 
 
+async def bootstrap(cfg: Config, nats_url: str, seed: str | None) -> Path | None:
+    """Streams, buckets and the first admin, before any service starts; the new identity file or None."""
+    nc = await connect([nats_url], "ringfence-up", retry_forever=False, connect_timeout=5.0, nkey_seed=seed)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js)
+        return await bootstrap_admin(js, cfg)
+    finally:
+        await wait_closed(nc, 2)
+
+
 async def run(args: argparse.Namespace) -> int:
     cfg = config_from(args)
     data_dir = Path(cfg.data_dir)
@@ -184,9 +203,12 @@ async def run(args: argparse.Namespace) -> int:
         store = data_dir / "nats"
         store.mkdir(parents=True, exist_ok=True)
         nats_url = f"nats://{host}:{port}"
+        # Every client authenticates: one nkey per service and one for the CLI (runtime/nats_security.py).
+        publics = nats_security.ensure_credentials(store)
+        credentials = {role: str(nats_security.seed_path(store, role)) for role in publics}
         conf = write_server_config(
             store / "nats-server.conf", store_dir=store, host=host, port=port,
-            server_name=f"ringfence-{cfg.nodename}",
+            server_name=f"ringfence-{cfg.nodename}", extra=nats_security.authorization_block(publics),
         )
         nats_child = Child("nats", [nats_server_binary(), "--config", str(conf)])
         await sup.start(nats_child)
@@ -195,16 +217,34 @@ async def run(args: argparse.Namespace) -> int:
         except CliError:
             await sup.stop_child(nats_child)
             raise
-        sup.emit("up", f"embedded NATS with JetStream on {nats_url} (store {store})")
+        sup.emit("up", f"embedded NATS with JetStream on {nats_url} (store {store}; clients authenticate "
+                       f"with the nkeys there, the CLI with {credentials[nats_security.CLI]})")
     else:
         nats_url = cfg.nats_url
+        credentials = {}
         sup.emit("up", f"using NATS at {nats_url}")
+
+    try:
+        admin = await bootstrap(cfg, nats_url, credentials.get(nats_security.UP) or cfg.nats_nkey or None)
+    except (BootstrapError, NatsCredentialError, NatsError, NoServersError, OSError, TimeoutError) as exc:
+        message = f"creating the streams and the bootstrap admin failed: {exc!r}"
+        if nats_child is None:  # someone else's NATS: the services may still manage
+            sup.emit("up", f"warning: {message}")
+            admin = None
+        else:
+            await sup.stop_child(nats_child)
+            raise CliError(message) from None
+    if admin:
+        sup.emit("up", f"bootstrap admin identity: {admin}")
+        sup.emit("up", "  (role admin: every verb on every resource; root on this node signs with it by default, "
+                       "elsewhere pass --identity)")
 
     common = ["--data-dir", str(data_dir), "--nats-url", nats_url, "--nodename", cfg.nodename]
     if args.config:
         common += ["--config", args.config]
     for svc in args.services:
-        child = Child(svc, [sys.executable, "-m", f"services.{svc}", *common])
+        creds = ["--nats-nkey", credentials[svc]] if svc in credentials else []
+        child = Child(svc, [sys.executable, "-m", f"services.{svc}", *common, *creds])
         sup.children.append(child)
         await sup.start(child)
     sup.emit("up", f"started {', '.join(args.services)}; `ringfence status` lists them; Ctrl-C stops all")

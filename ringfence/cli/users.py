@@ -1,7 +1,13 @@
-"""`ringfence users add|ls|rm`: Ringfence users, their roles and SSH keys.
+"""`ringfence users add|ls|rm`: Ringfence users, their roles, SSH keys and operator identity.
 
 An SSH login belongs to the user named by its certificate's key ID, else to
 the user whose registered public key it used, else to the login name.
+
+`users add NAME --operator` also issues an operator identity: a new ed25519
+nkey whose public half becomes the user's spec.operator_nkey and whose seed
+is written to ~/.ringfence/NAME.nk (or --out), mode 0600. The CLI signs
+control requests with it (--identity FILE, RINGFENCE_IDENTITY, or
+~/.ringfence/identity). Issuing a new one replaces the old key.
 """
 
 from __future__ import annotations
@@ -11,10 +17,12 @@ from pathlib import Path
 
 import msgspec
 
+from .. import auth
 from ..contract import names
 from ..contract.api import CreateRequest, CreateResult, DeleteRequest, DeleteResult, GetRequest
 from ..contract.resources import Metadata, User, UserSpec
-from .client import CliError, call, open_client
+from ..keyfiles import write_identity
+from .client import USER_DIR, CliError, call, open_client
 
 
 def _read_key(path: str) -> str:
@@ -28,18 +36,55 @@ def _read_key(path: str) -> str:
     return " ".join(parts[:3])
 
 
+def identity_path(args: argparse.Namespace) -> Path:
+    if args.out:
+        return Path(args.out).expanduser()
+    if "/" in args.name or args.name.startswith("."):
+        raise CliError(f'user name "{args.name}" cannot name a file: choose where the identity goes with --out')
+    return Path(USER_DIR).expanduser() / f"{args.name}.nk"
+
+
+def _issue_identity(args: argparse.Namespace) -> tuple[auth.Identity, Path]:
+    """A new operator identity for the user, written (0600) before the user is registered with it."""
+    identity = auth.Identity(user=args.name, seed=auth.new_user_seed())
+    path = identity_path(args)
+    try:
+        write_identity(path, identity)
+    except FileExistsError:
+        raise CliError(f"{path} already exists; remove it or choose another file with --out "
+                       "(an identity file is never overwritten)") from None
+    except OSError as exc:
+        raise CliError(f"cannot write the operator identity to {path}: {exc.strerror}") from None
+    return identity, path
+
+
 async def run_add(args: argparse.Namespace) -> int:
     roles = [r for r in (args.roles or "").split(",") if r]
-    user = User(metadata=Metadata(name=args.name),
-                spec=UserSpec(roles=roles, ssh_public_keys=[_read_key(k) for k in args.key or []]))
+    if args.out and not args.operator:
+        raise CliError("--out applies to --operator only")
+    spec = UserSpec(roles=roles, ssh_public_keys=[_read_key(k) for k in args.key or []])
     nc = await open_client(args)
+    issued: tuple[auth.Identity, Path] | None = None
     try:
+        if args.operator:
+            issued = _issue_identity(args)
+            spec.operator_nkey = issued[0].public_key
+        user = User(metadata=Metadata(name=args.name), spec=spec)
         req = CreateRequest(resources=[msgspec.Raw(msgspec.json.encode(user))])
         result = await call(nc, names.api_subject(names.POLICY_API, "create"), req, CreateResult)
+    except BaseException:
+        if issued:  # the user was not registered with it: leave no identity that works nowhere
+            issued[1].unlink(missing_ok=True)
+        raise
     finally:
         await nc.close()
     for line in result.messages:
         print(line)
+    if issued:
+        identity, path = issued
+        print(f"operator identity of {args.name} ({identity.public_key}) written to {path}")
+        print(f"keep it secret; use it with --identity {path}, RINGFENCE_IDENTITY={path}, "
+              f"or as {USER_DIR}/identity")
     return 0
 
 
@@ -49,9 +94,10 @@ async def run_ls(args: argparse.Namespace) -> int:
         users = await call(nc, names.api_subject(names.POLICY_API, "get"), GetRequest(kind="user"), list[User])
     finally:
         await nc.close()
-    rows = [("USER", "ROLES", "SSH KEYS")]
-    rows += [(u.metadata.name, ",".join(u.spec.roles) or "-", str(len(u.spec.ssh_public_keys))) for u in users]
-    widths = [max(len(r[c]) for r in rows) for c in range(3)]
+    rows = [("USER", "ROLES", "SSH KEYS", "OPERATOR KEY")]
+    rows += [(u.metadata.name, ",".join(u.spec.roles) or "-", str(len(u.spec.ssh_public_keys)),
+              u.spec.operator_nkey or "-") for u in users]
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     return 0
@@ -77,6 +123,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     add.add_argument("--roles", help="comma-separated role names")
     add.add_argument("--key", action="append", metavar="PUBKEY_FILE",
                      help="an OpenSSH public key file that identifies this user (repeatable)")
+    add.add_argument("--operator", action="store_true",
+                     help="issue an operator identity (new nkey) for signing control requests; "
+                          "replaces the user's previous one")
+    add.add_argument("--out", metavar="PATH",
+                     help=f"with --operator: where to write the identity (default {USER_DIR}/NAME.nk; "
+                          "never overwritten)")
     add.set_defaults(func=run_add)
     ls = group.add_parser("ls", parents=[common], help="list users")
     ls.set_defaults(func=run_ls)

@@ -20,13 +20,19 @@ async def connect(
     *,
     connect_timeout: float = 2.0,
     retry_forever: bool = True,
+    nkey_seed: str | None = None,
     **options,
 ) -> Client:
     """Connect, and keep reconnecting for as long as the process lives.
 
     With `retry_forever`, a server that is not up yet is waited for (services
     may start before NATS); the CLI passes False to fail fast with a clear error.
+    `nkey_seed`: path of an nkey seed file to authenticate with (NatsCredentialError
+    when it cannot be read); without it the connection is anonymous.
     """
+    if nkey_seed:
+        check_seed_file(nkey_seed)
+        options["nkeys_seed"] = nkey_seed
 
     async def on_error(exc: Exception) -> None:
         if retry_forever:  # the CLI reports its single failure itself
@@ -67,6 +73,24 @@ async def connect(
             if attempt == 1 or attempt % 20 == 0:
                 log.warning("nats: cannot connect to %s yet (%s); retrying", ",".join(urls), exc)
             await asyncio.sleep(min(2.0, 0.2 * attempt))
+
+
+class NatsCredentialError(Exception):
+    """The NATS credential named by the configuration cannot be used; the message says why."""
+
+
+def check_seed_file(path: str) -> None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise NatsCredentialError(f"cannot read the NATS nkey seed {path}: {exc.strerror}") from None
+    if not text.startswith("SU"):
+        raise NatsCredentialError(f"{path} is not a NATS user nkey seed (expected one line starting with SU)")
+
+
+def is_authorization_error(exc: BaseException) -> bool:
+    """The server refused our credentials (or their absence)."""
+    return "authorization violation" in str(exc).lower() or "authentication" in str(exc).lower()
 
 
 # Large network_restrictions resources (up to 131,072 CIDRs per list) are one

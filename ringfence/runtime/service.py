@@ -4,6 +4,14 @@ A service provides an adapter (its thin NATS layer) with `start(ctx)` and
 `stop()`. This module parses the common flags, loads the config, connects,
 creates streams and buckets, registers the service for NATS service discovery
 ($SRV.PING/INFO/STATS) and runs until SIGTERM or SIGINT.
+
+Every endpoint declares what it does as (resource, verb), e.g.
+`ctx.add_endpoint("create", subject, handler, action=("lock", "create"))`, or
+a resolver `async def (req) -> [(resource, verb), ...]` when that depends on
+the body. With `operator_auth: required` (the default) a request reaches its
+handler only when it is signed by a registered operator identity whose roles
+allow every action (runtime/operator_auth.py); `request_actor(req)` is then
+the verified user. Service discovery ($SRV.*) stays open.
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ from ..contract import names
 from ..contract.api import ApiError, error_reply
 from ..contract.streams import ensure_streams
 from .logs import setup_logging
-from .nats_conn import connect, wait_closed
+from .nats_conn import NatsCredentialError, connect, wait_closed
+from .operator_auth import ActionSpec, OperatorDirectory, RequestAuth
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +59,26 @@ class ServiceContext:
     server_id: str
     # Counters shown under each endpoint's `data` in $SRV.STATS.
     counters: dict[str, int] = field(default_factory=dict)
+    auth: RequestAuth | None = None
     _micro: micro.Service | None = None
 
-    async def add_endpoint(self, name: str, subject: str, handler: Handler, *, queue_group: str | None = None):
-        """Serve `subject`; ApiError becomes an error reply, anything else is logged and reported."""
+    async def add_endpoint(self, name: str, subject: str, handler: Handler, *, action: ActionSpec = None,
+                           queue_group: str | None = None):
+        """Serve `subject`; ApiError becomes an error reply, anything else is logged and reported.
+
+        `action`: (resource, verb) the caller's roles must allow, or an async
+        resolver returning several. Without one, only roles allowing "*" on "*"
+        may call the endpoint."""
+        if action is None:
+            log.warning("%s: endpoint %s declares no action; only roles allowing every verb on every "
+                        "resource may call it", self.name, name)
+        if self.auth is None:
+            self.auth = RequestAuth("off", None, self.counters)
+        request_auth = self.auth
 
         async def serve(req: Request) -> None:
             try:
+                req._ringfence_actor = await request_auth.check(req, action)  # type: ignore[attr-defined]
                 body = await handler(req)
             except ApiError as exc:
                 body = error_reply(str(exc), exc.kind)
@@ -69,6 +91,11 @@ class ServiceContext:
         await self._micro.add_endpoint(
             name=name, subject=subject, handler=serve, queue_group=queue_group or "ringfence"
         )
+
+
+def request_actor(req: Request) -> str:
+    """The user a request acts as: verified with operator_auth required, as stated when off."""
+    return getattr(req, "_ringfence_actor", "")
 
 
 class Adapter(Protocol):
@@ -101,6 +128,8 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="data directory (env RINGFENCE_DATA_DIR, default /var/lib/ringfence)")
     parser.add_argument("--nodename", help="this node's name (env RINGFENCE_NODENAME, default: hostname)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (env RINGFENCE_LOG_LEVEL)")
+    parser.add_argument("--nats-nkey", metavar="SEED_FILE",
+                        help="NATS nkey seed file to authenticate with (env RINGFENCE_NATS_NKEY)")
 
 
 def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Adapter], argv=None) -> None:
@@ -111,14 +140,15 @@ def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Ad
     args = parser.parse_args(argv)
     setup_logging(short_name, args.log_level)
     try:
-        config = load_config(args.config, data_dir=args.data_dir, nats_url=args.nats_url, nodename=args.nodename)
+        config = load_config(args.config, data_dir=args.data_dir, nats_url=args.nats_url, nodename=args.nodename,
+                             nats_nkey=args.nats_nkey)
     except ConfigError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         sys.exit(2)
     try:
         adapter = make_adapter(args)
         asyncio.run(_serve(short_name, config, adapter))
-    except StartupError as exc:
+    except (StartupError, NatsCredentialError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         sys.exit(1)
 
@@ -137,7 +167,8 @@ async def _serve(short_name: str, config: Config, adapter: Adapter) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     Path(config.data_dir).mkdir(parents=True, exist_ok=True)
-    nc = await connect(config.nats_urls, f"ringfence-{short_name}@{config.nodename}")
+    nc = await connect(config.nats_urls, f"ringfence-{short_name}@{config.nodename}",
+                       nkey_seed=config.nats_nkey or None)
     js = nc.jetstream()
     await ensure_streams(js)
     ctx = ServiceContext(
@@ -148,6 +179,15 @@ async def _serve(short_name: str, config: Config, adapter: Adapter) -> None:
         hostname=socket.gethostname(),
         server_id=server_id_for(config.data_dir),
     )
+    directory_stop = asyncio.Event()
+    directory_tasks: list[asyncio.Task] = []
+    if config.operator_auth == "required":
+        directory = OperatorDirectory(nc)
+        ctx.auth = RequestAuth("required", directory, ctx.counters)
+        directory_tasks = [asyncio.create_task(t, name="operator-directory") for t in directory.tasks(directory_stop)]
+    else:
+        ctx.auth = RequestAuth("off", None, ctx.counters)
+        log.warning("operator_auth is off: control requests are accepted without a signature or a role check")
 
     def stats_data(_endpoint: Any) -> dict[str, int]:
         return dict(ctx.counters)
@@ -176,6 +216,10 @@ async def _serve(short_name: str, config: Config, adapter: Adapter) -> None:
         except TimeoutError:
             log.error("%s service did not stop within %.0fs; exiting anyway", short_name, STOP_TIMEOUT)
         finally:
+            directory_stop.set()
+            for task in directory_tasks:
+                task.cancel()
+            await asyncio.gather(*directory_tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ctx._micro.stop(), 2)
             await wait_closed(nc, 2)

@@ -70,7 +70,8 @@ class Adapter:
         await asyncio.to_thread(self.writer.start)
         self.search_index = SearchIndex(directory / INDEX_FILE)
         await self._subscribe()
-        await ctx.add_endpoint("search", names.api_subject(names.AUDIT_API, "search"), self._search)
+        await ctx.add_endpoint("search", names.api_subject(names.AUDIT_API, "search"), self._search,
+                               action=("event", "list"))
         self._task = asyncio.create_task(self._consume(), name="audit-consumer")
         await self.recordings.start(ctx)
 

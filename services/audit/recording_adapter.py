@@ -87,8 +87,10 @@ class RecordingConsumer:
         await asyncio.to_thread(self.store.start)
         self.reader = RecordingReader(directory)
         await self._subscribe()
-        await ctx.add_endpoint("recordings", names.api_subject(names.AUDIT_API, "recordings"), self._list)
-        await ctx.add_endpoint("recording", names.api_subject(names.AUDIT_API, "recording"), self._get)
+        await ctx.add_endpoint("recordings", names.api_subject(names.AUDIT_API, "recordings"), self._list,
+                               action=("session", "list"))
+        await ctx.add_endpoint("recording", names.api_subject(names.AUDIT_API, "recording"), self._get,
+                               action=("session", "read"))
         self._task = asyncio.create_task(self._consume(), name="recording-consumer")
 
     async def _subscribe(self) -> None:

@@ -86,8 +86,10 @@ class EnforcerAdapter:
         self.socket = SessionSocket(socket_path(cfg.data_dir), self.sessions, ctx.counters)
         await self.socket.start()
         log.info("session socket at %s", self.socket.path)
-        for verb, handler in (("kill", self._kill), ("join", self._join), ("leave", self._leave)):
-            await ctx.add_endpoint(verb, names.enforcer_subject(ctx.server_id, verb), handler)
+        for verb, handler, action in (("kill", self._kill, ("session", "delete")),
+                                      ("join", self._join, ("session", "read")),
+                                      ("leave", self._leave, ("session", "read"))):
+            await ctx.add_endpoint(verb, names.enforcer_subject(ctx.server_id, verb), handler, action=action)
 
     async def _load_restrictions(self) -> tuple[CgroupTree, Path]:
         """The node's cgroup tree with the restricted-session programs attached to it."""

@@ -29,15 +29,12 @@ from ringfence.contract import api, names
 from ringfence.contract import resources as r
 from ringfence.contract.events import AuditEvent
 from ringfence.runtime.audit_publish import publish_event, stamp
-from ringfence.runtime.service import ServiceContext
+from ringfence.runtime.service import ServiceContext, request_actor
 
 from . import core
 
 log = logging.getLogger(__name__)
 
-# Until operator authentication lands, the acting user is whatever the caller
-# states here (or nobody). actor_of() is the one place that decides it.
-ACTOR_HEADER = "Ringfence-Actor"
 PUBLISH_ATTEMPTS = 3
 SWEEP_INTERVAL = 60.0  # full re-read of the bucket; also the longest the timer sleeps
 RETRY_AFTER_ERROR = 5.0
@@ -48,7 +45,8 @@ COUNTERS = ("locks_created", "locks_deleted", "locks_expired", "requests_rejecte
 
 
 def actor_of(req: Request) -> str:
-    return (req.headers or {}).get(ACTOR_HEADER, "")
+    """The user the request acts as: its verified operator identity (see ringfence.runtime.service)."""
+    return request_actor(req)
 
 
 def utcnow() -> dt.datetime:
@@ -70,9 +68,14 @@ class Adapter:
         await self._sweep()  # expired while no locks service ran
         self.tasks = [asyncio.create_task(self._watch(), name="locks-watch"),
                       asyncio.create_task(self._expire(), name="locks-expire")]
-        for verb, handler in (("create", self.create), ("lock", self.lock), ("get", self.get),
-                              ("delete", self.delete), ("unlock", self.unlock)):
-            await ctx.add_endpoint(verb, names.api_subject(names.LOCKS_API, verb), self._counted(handler))
+        # What each request does, for the role check: (resource, verb) or a resolver.
+        for verb, handler, action in (("create", self.create, self._create_actions),
+                                      ("lock", self.lock, ("lock", "create")),
+                                      ("get", self.get, self._get_actions),
+                                      ("delete", self.delete, ("lock", "delete")),
+                                      ("unlock", self.unlock, ("lock", "delete"))):
+            await ctx.add_endpoint(verb, names.api_subject(names.LOCKS_API, verb), self._counted(handler),
+                                   action=action)
 
     async def stop(self) -> None:
         self.stopping.set()
@@ -91,6 +94,21 @@ class Adapter:
                 raise
 
         return serve
+
+    async def _create_actions(self, req: Request) -> list[tuple[str, str]]:
+        """create -f: ("lock", "update") for a document replacing a stored lock, else ("lock", "create")."""
+        docs, _ = core.decode_create_request(req.data)
+        actions = []
+        for doc in docs:
+            md = doc.get("metadata") if isinstance(doc, dict) else None
+            name = md.get("name") if isinstance(md, dict) else None
+            exists = isinstance(name, str) and core.valid_name(name) and await self._read(name) is not None
+            actions.append(("lock", "update" if exists else "create"))
+        return actions
+
+    async def _get_actions(self, req: Request) -> list[tuple[str, str]]:
+        request = core.decode(req.data, api.GetRequest)
+        return [("lock", "read" if request.name else "list")]
 
     # --- endpoints ------------------------------------------------------------------
 

@@ -13,22 +13,20 @@ from nats.micro.request import Request
 from ringfence.contract import api, names
 from ringfence.contract.events import AuditEvent
 from ringfence.runtime.audit_publish import publish_event, stamp
-from ringfence.runtime.service import ServiceContext
+from ringfence.runtime.service import ServiceContext, request_actor
 
 from . import core
 
 log = logging.getLogger(__name__)
 
-# Until operator authentication lands, the acting user is whatever the caller
-# states here (or nobody). actor_of() is the one place that decides it.
-ACTOR_HEADER = "Ringfence-Actor"
 PUBLISH_ATTEMPTS = 3
 # Room for the KV subject and headers next to a value within NATS's max_payload.
 MESSAGE_OVERHEAD = 1024
 
 
 def actor_of(req: Request) -> str:
-    return (req.headers or {}).get(ACTOR_HEADER, "")
+    """The user the request acts as: its verified operator identity (see ringfence.runtime.service)."""
+    return request_actor(req)
 
 
 class Adapter:
@@ -40,12 +38,36 @@ class Adapter:
         self.write_lock = asyncio.Lock()
         for counter in ("changes_applied", "requests_rejected", "audit_publish_failures"):
             ctx.counters.setdefault(counter, 0)
-        await ctx.add_endpoint("create", names.api_subject(names.POLICY_API, "create"), self.create)
-        await ctx.add_endpoint("get", names.api_subject(names.POLICY_API, "get"), self.get)
-        await ctx.add_endpoint("delete", names.api_subject(names.POLICY_API, "delete"), self.delete)
+        await ctx.add_endpoint("create", names.api_subject(names.POLICY_API, "create"), self.create,
+                               action=self._create_actions)
+        await ctx.add_endpoint("get", names.api_subject(names.POLICY_API, "get"), self.get,
+                               action=self._get_actions)
+        await ctx.add_endpoint("delete", names.api_subject(names.POLICY_API, "delete"), self.delete,
+                               action=self._delete_actions)
 
     async def stop(self) -> None:
         pass
+
+    # --- what each request does, for the role check (ServiceContext.add_endpoint) ---------
+
+    async def _create_actions(self, req: Request) -> list[tuple[str, str]]:
+        """(kind, "create") per document, or (kind, "update") when it replaces a stored one."""
+        docs, _ = core.decode_create_request(req.data)
+        actions = []
+        for doc in docs:
+            kind, key = core.document_key(doc)
+            if kind:  # a document of no known kind is refused by the create itself
+                actions.append((kind, "update" if key and await self._read(key) is not None else "create"))
+        return actions
+
+    async def _get_actions(self, req: Request) -> list[tuple[str, str]]:
+        request = _decode(req.data, api.GetRequest)
+        look = core.lookup(request.kind, request.name)
+        return [(look.kind, "read" if look.key else "list")]
+
+    async def _delete_actions(self, req: Request) -> list[tuple[str, str]]:
+        request = _decode(req.data, api.DeleteRequest)
+        return [(core.canonical_kind(request.kind), "delete")]
 
     # --- endpoints ------------------------------------------------------------------
 

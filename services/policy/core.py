@@ -120,6 +120,21 @@ def storage_key(res: r.Resource) -> str:
     return NAMED_KEYS[kind](res.metadata.name)  # type: ignore[attr-defined]
 
 
+def document_key(doc: Any) -> tuple[str, str]:
+    """(kind, storage key) of a document not checked yet; ("", "") for no policy kind, and no
+    key when the name is missing (the create reports both)."""
+    kind = doc.get("kind") if isinstance(doc, dict) else None
+    if not isinstance(kind, str) or kind not in r.POLICY_KINDS:
+        return "", ""
+    if kind in SINGLETON_KEYS:
+        return kind, SINGLETON_KEYS[kind]
+    metadata = doc.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    if not isinstance(name, str) or not name or len(name) > r.MAX_NAME_LEN:
+        return kind, ""
+    return kind, NAMED_KEYS[kind](name)
+
+
 def check_documents(docs: list[Any]) -> list[Document]:
     """Decode and check every document; raise one ApiError naming every problem."""
     problems: list[str] = []

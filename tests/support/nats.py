@@ -20,10 +20,12 @@ def free_port() -> int:
 
 
 class NatsServer:
-    def __init__(self, store: Path, port: int | None = None, extra_args: list[str] | None = None) -> None:
+    def __init__(self, store: Path, port: int | None = None, extra_args: list[str] | None = None,
+                 extra_conf: str = "") -> None:
         self.store = store
         self.port = port or free_port()
         self.extra_args = extra_args or []
+        self.extra_conf = extra_conf  # appended to nats-server.conf, e.g. an authorization block
         self.proc: subprocess.Popen | None = None
         self.log = store / "nats.log"
 
@@ -38,7 +40,7 @@ class NatsServer:
             raise RuntimeError(f"cannot start the test NATS server: {exc}") from None
         self.store.mkdir(parents=True, exist_ok=True)
         conf = write_server_config(self.store / "nats-server.conf", store_dir=self.store, host="127.0.0.1",
-                                   port=self.port, server_name=f"test-{self.port}")
+                                   port=self.port, server_name=f"test-{self.port}", extra=self.extra_conf)
         self.proc = subprocess.Popen(
             [binary, "--config", str(conf), *self.extra_args],
             stdout=open(self.log, "ab"),  # noqa: SIM115 - owned by the process

@@ -37,7 +37,9 @@ class ServiceProcess:
         self.nats_url = nats_url
         self.data_dir = data_dir
         self.extra = list(extra)
-        self.env = {**os.environ, "RINGFENCE_LOG_LEVEL": "DEBUG", **(env or {})}
+        # Fixtures call services without operator identities: auth is off unless a test asks
+        # for it (env={"RINGFENCE_OPERATOR_AUTH": "required"}), as tests/test_operator_auth.py does.
+        self.env = {**os.environ, "RINGFENCE_LOG_LEVEL": "DEBUG", "RINGFENCE_OPERATOR_AUTH": "off", **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.log = data_dir / f"{name}.log"
 

@@ -1,0 +1,110 @@
+"""A local copy of part of a KV bucket, kept current by a watch (shared by services;
+the enforcer has its own copy in services/enforcer/kv_mirror.py).
+
+Each (re)start of the watch delivers every current value first, so the copy is
+rebuilt from scratch whenever the watch is restarted: after a reconnect, when
+the watch dies, and every RESYNC_INTERVAL. `synced_at` says when the copy was
+last known to be complete and current; a strict lock view uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from nats.aio.client import Client
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RESYNC_INTERVAL = 30.0
+HEARTBEAT = 1.0
+
+
+class KvMirror(Generic[T]):
+    def __init__(
+        self,
+        nc: Client,
+        bucket: str,
+        key_filter: str,
+        decode: Callable[[str, bytes], T | None],
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.nc = nc
+        self.bucket = bucket
+        self.key_filter = key_filter
+        self.decode = decode  # returning None (or raising) skips a value, logged
+        self.on_change = on_change
+        self.values: dict[str, T] = {}
+        self.synced_at = 0.0  # monotonic; 0 = never complete
+        self.ready = asyncio.Event()
+        self.errors = 0
+
+    def _decoded(self, key: str, raw: bytes) -> T | None:
+        try:
+            return self.decode(key, raw)
+        except Exception as exc:
+            self.errors += 1
+            log.error("%s/%s does not decode (%s); ignoring it", self.bucket, key, exc)
+            return None
+
+    def _changed(self) -> None:
+        if self.on_change:
+            self.on_change()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        kv = await self.nc.jetstream().key_value(self.bucket)
+        while not stop.is_set():
+            try:
+                await self._watch_once(kv, stop)
+            except Exception as exc:
+                log.warning("watch of %s/%s stopped (%s); restarting", self.bucket, self.key_filter, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+
+    async def _watch_once(self, kv: Any, stop: asyncio.Event) -> None:
+        watcher = await kv.watch(self.key_filter)
+        fresh: dict[str, T] | None = {}
+        started = time.monotonic()
+        was_connected = True
+        try:
+            while not stop.is_set():
+                if fresh is None:  # caught up: the copy is current while we stay connected
+                    connected = self.nc.is_connected
+                    if connected:
+                        self.synced_at = time.monotonic()
+                    elif was_connected:
+                        log.warning("lost NATS; %s view may go stale", self.bucket)
+                    if connected and not was_connected:
+                        return  # reconnected: restart for a full snapshot
+                    was_connected = connected
+                    if time.monotonic() - started > RESYNC_INTERVAL:
+                        return
+                try:
+                    entry = await watcher.updates(timeout=HEARTBEAT)
+                except TimeoutError:
+                    continue
+                if entry is None:  # end of the initial snapshot
+                    if fresh is not None:
+                        self.values = fresh
+                        fresh = None
+                        self.synced_at = time.monotonic()
+                        self.ready.set()
+                        self._changed()
+                    continue
+                target = fresh if fresh is not None else self.values
+                if entry.operation in ("DEL", "PURGE") or entry.value is None:
+                    target.pop(entry.key, None)
+                else:
+                    value = self._decoded(entry.key, entry.value)
+                    if value is not None:
+                        target[entry.key] = value
+                if fresh is None:
+                    self._changed()
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()

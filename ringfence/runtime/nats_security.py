@@ -1,0 +1,152 @@
+"""NATS credentials and permissions for the embedded nats-server (`ringfence up`).
+
+One nkey per role: the four services, the CLI, and `up` itself (it creates
+streams and buckets and the first admin before any service starts). `ringfence
+up` keeps the seeds under `<data_dir>/nats/<role>.nk` (0600, created once) and
+writes the public keys into nats-server.conf with the permissions below; a
+client without one of these keys is refused.
+
+What the permissions guarantee:
+- only the policy service writes the policy bucket and only the locks service
+  the locks bucket ($KV.<bucket>.> publishes, and the JetStream API calls that
+  purge, delete, restore or reconfigure their streams are denied to the rest);
+- only services publish audit events and recordings (ringfence.audit.>,
+  ringfence.recording.>); the CLI never;
+- only the service that owns an API subscribes to it, so nobody else can
+  answer (or read) requests meant for it;
+- the CLI may send control requests, ask service discovery ($SRV.>), follow
+  the audit stream (`events tail`), read the sessions bucket (`sessions ls`)
+  and watch live sessions (`sessions join`), and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..auth import new_user_seed, public_key_of
+from ..contract import names
+from ..keyfiles import write_secret
+
+CLI = "cli"
+UP = "up"
+ROLES = (names.POLICY, names.LOCKS, names.AUDIT, names.ENFORCER, CLI, UP)
+
+INBOXES = "_INBOX.>"
+JS_API = "$JS.API"
+
+
+def kv_subjects(bucket: str) -> str:
+    return f"$KV.{bucket}.>"
+
+
+def kv_stream(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+# Buckets a single service writes; every other client is kept from changing them.
+OWNED_BUCKETS = {
+    names.POLICY: (names.POLICY_BUCKET,),
+    names.LOCKS: (names.LOCKS_BUCKET,),
+    names.AUDIT: (),
+    names.ENFORCER: (names.SESSIONS_BUCKET, names.LEASES_BUCKET),
+}
+PROTECTED_BUCKETS = (names.POLICY_BUCKET, names.LOCKS_BUCKET)
+STREAM_MUTATIONS = ("UPDATE", "DELETE", "PURGE", "MSG.DELETE", "RESTORE")
+
+# Core subjects each service publishes besides JetStream, KV and replies.
+SERVICE_PUBLISH = {
+    names.POLICY: (names.AUDIT_SUBJECTS,),
+    names.LOCKS: (names.AUDIT_SUBJECTS,),
+    names.AUDIT: (),
+    names.ENFORCER: (names.AUDIT_SUBJECTS, names.RECORDING_SUBJECTS, "ringfence.live.>"),
+}
+
+
+def _service_permissions(role: str) -> dict:
+    publish = [
+        f"{JS_API}.>",  # streams, buckets, consumers (mutations of others' buckets denied below)
+        "$JS.ACK.>",  # acknowledging pull-consumer messages (audit)
+        "$JS.FC.>",  # flow control of ordered consumers (KV watches)
+        INBOXES,  # replies to requests, $SRV discovery included
+        *SERVICE_PUBLISH[role],
+        *(kv_subjects(b) for b in OWNED_BUCKETS[role]),
+    ]
+    deny = [
+        f"{JS_API}.STREAM.{op}.{kv_stream(bucket)}"
+        for bucket in PROTECTED_BUCKETS
+        if bucket not in OWNED_BUCKETS[role]
+        for op in STREAM_MUTATIONS
+    ]
+    deny += [kv_subjects(b) for b in PROTECTED_BUCKETS if b not in OWNED_BUCKETS[role]]
+    return {
+        "publish": {"allow": publish, "deny": deny},
+        "subscribe": {"allow": [INBOXES, "$SRV.>", f"{names.API_PREFIX}.{role}.>"]},
+    }
+
+
+def _cli_permissions() -> dict:
+    sessions = kv_stream(names.SESSIONS_BUCKET)
+    audit = names.AUDIT_STREAM
+    publish = [
+        f"{names.API_PREFIX}.>",  # control requests (signed; the services check them)
+        "$SRV.>",  # service discovery (`ringfence status`)
+        f"{JS_API}.INFO",
+        f"{JS_API}.STREAM.INFO.{sessions}",  # `sessions ls` reads the sessions bucket
+        f"{JS_API}.DIRECT.GET.{sessions}.>",
+        f"{JS_API}.STREAM.MSG.GET.{sessions}",
+        f"{JS_API}.STREAM.INFO.{audit}",  # `events tail` follows the audit stream
+        # Ephemeral consumers only (one token after CREATE: no durable, no name).
+        f"{JS_API}.CONSUMER.CREATE.{sessions}",
+        f"{JS_API}.CONSUMER.CREATE.{audit}",
+        f"{JS_API}.CONSUMER.INFO.{sessions}.*",
+        f"{JS_API}.CONSUMER.INFO.{audit}.*",
+        "$JS.FC.>",  # flow control of those ordered consumers
+    ]
+    return {
+        "publish": {"allow": publish, "deny": [names.AUDIT_SUBJECTS, names.RECORDING_SUBJECTS, "$KV.>"]},
+        "subscribe": {"allow": [INBOXES, "ringfence.live.>"]},
+    }
+
+
+def _up_permissions() -> dict:
+    """`ringfence up` before the services start: streams and buckets in their current shape (stream
+    updates the services themselves may not make), and the bootstrap admin in the policy bucket."""
+    return {
+        "publish": {"allow": [f"{JS_API}.>", kv_subjects(names.POLICY_BUCKET), names.AUDIT_SUBJECTS, INBOXES]},
+        "subscribe": {"allow": [INBOXES]},
+    }
+
+
+def permissions(role: str) -> dict:
+    if role == CLI:
+        return _cli_permissions()
+    if role == UP:
+        return _up_permissions()
+    if role in OWNED_BUCKETS:
+        return _service_permissions(role)
+    raise ValueError(f"unknown NATS role {role!r}; one of {', '.join(ROLES)}")
+
+
+def seed_path(nats_dir: Path, role: str) -> Path:
+    return Path(nats_dir) / f"{role}.nk"
+
+
+def ensure_credentials(nats_dir: Path) -> dict[str, str]:
+    """One nkey seed per role under `nats_dir` (created 0600 when missing); {role: public key}."""
+    publics: dict[str, str] = {}
+    for role in ROLES:
+        path = seed_path(nats_dir, role)
+        if not path.exists():
+            try:
+                write_secret(path, new_user_seed() + "\n")
+            except FileExistsError:  # created meanwhile by another `up`: use that one
+                pass
+        publics[role] = public_key_of(path.read_text().strip())
+    return publics
+
+
+def authorization_block(publics: dict[str, str]) -> str:
+    """nats-server.conf `authorization` with one nkey user per role (JSON is valid NATS config)."""
+    users = [{"nkey": publics[role], "permissions": permissions(role)} for role in ROLES if role in publics]
+    return "authorization " + json.dumps({"users": users}, indent=2) + "\n"
