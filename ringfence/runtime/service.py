@@ -147,13 +147,38 @@ def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Ad
         sys.exit(2)
     try:
         adapter = make_adapter(args)
-        asyncio.run(_serve(short_name, config, adapter))
+        _run_to_the_end(_serve(short_name, config, adapter))
     except (StartupError, NatsCredentialError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         sys.exit(1)
 
 
+def _run_to_the_end(main) -> None:
+    """asyncio.run, except that shutdown cannot hang: asyncio.run waits forever for
+    a task that swallows its cancellation (seen inside client libraries); here
+    leftovers get LEFTOVER_GRACE seconds, and then the process exits regardless,
+    so a stopped service never lingers."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main)
+    finally:
+        leftovers = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            _, stuck = loop.run_until_complete(asyncio.wait(leftovers, timeout=LEFTOVER_GRACE))
+            if stuck:
+                log.error("exiting with %d task(s) that ignored cancellation: %s", len(stuck),
+                          ", ".join(sorted({t.get_coro().__qualname__ for t in stuck})))
+                logging.shutdown()
+                sys.stdout.flush()
+                os._exit(0)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
 STOP_TIMEOUT = 8.0  # a service asked to stop is gone within this, even if NATS is gone too
+LEFTOVER_GRACE = 2.0
 
 
 class StartupError(Exception):
