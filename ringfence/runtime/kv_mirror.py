@@ -1,5 +1,4 @@
-"""A local copy of part of a KV bucket, kept current by a watch (shared by services;
-the enforcer has its own copy in services/enforcer/kv_mirror.py).
+"""A local copy of part of a KV bucket, kept current by a watch.
 
 Each (re)start of the watch delivers every current value first, so the copy is
 rebuilt from scratch whenever the watch is restarted: after a reconnect, when

@@ -9,8 +9,8 @@ from nats.aio.client import Client
 
 from ringfence.contract import names
 from ringfence.contract.resources import Role, User
+from ringfence.runtime.kv_mirror import KvMirror
 
-from .kv_mirror import KvMirror
 from .ssh_identity import normalize_public_key
 
 

@@ -31,8 +31,8 @@ from ringfence.contract.api import SessionInfo
 from ringfence.contract.events import ClientDisconnect
 from ringfence.contract.resources import ClusterNetworkingConfig, Role
 from ringfence.durations import format_duration, parse_duration
+from ringfence.runtime.kv_mirror import KvMirror
 
-from .kv_mirror import KvMirror
 from .session_core import Refusal
 
 log = logging.getLogger(__name__)

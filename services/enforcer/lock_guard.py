@@ -24,9 +24,9 @@ from ringfence.contract import names
 from ringfence.contract.api import SessionInfo
 from ringfence.contract.events import ClientDisconnect, LockViewStale
 from ringfence.contract.resources import ClusterAuthPreference, Lock
+from ringfence.runtime.kv_mirror import KvMirror
 
 from .directory import Directory
-from .kv_mirror import KvMirror
 from .session_manager import SessionManager
 
 log = logging.getLogger(__name__)
