@@ -145,6 +145,8 @@ def parse_config(text: str, source: str) -> Config:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):

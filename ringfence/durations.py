@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from .contract.strict import show
+
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d)")
 MAX_SECONDS = 100 * 365 * 86400.0
@@ -21,9 +23,9 @@ def parse_duration(text: str) -> float:
         total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
         pos = m.end()
     if pos != len(s) or pos == 0:
-        raise ValueError(f'"{text}" is not a duration; use e.g. 90s, 15m, 10h or 1h30m')
+        raise ValueError(f"{show(text)} is not a duration; use e.g. 90s, 15m, 10h or 1h30m")
     if total > MAX_SECONDS:
-        raise ValueError(f'"{text}" is longer than 100 years')
+        raise ValueError(f"{show(text)} is longer than 100 years")
     return total
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from .contract.api import SessionInfo
 from .contract.resources import LOCK_TARGET_FIELDS, Lock
+from .contract.strict import show
 
 # RFC 3339 date-time: a date, "T" (or a space), a time, an explicit offset.
 _RFC3339 = re.compile(
@@ -33,14 +34,17 @@ def parse_time(text: str) -> dt.datetime:
     Raises ValueError naming the text. Fractions beyond microseconds are cut."""
     m = _RFC3339.fullmatch(text.strip())
     if not m:
-        raise ValueError(f'"{text}" is not an RFC 3339 time; use e.g. 2021-08-14T22:27:00Z')
+        raise ValueError(f"{show(text)} is not an RFC 3339 time; use e.g. 2021-08-14T22:27:00Z")
     zone = "+00:00" if m["zone"] in ("Z", "z") else m["zone"]
     frac = f".{(m['frac'] + '000000')[:6]}" if m["frac"] else ""
     try:
         parsed = dt.datetime.fromisoformat(f"{m['date']}T{m['time']}{frac}{zone}")
     except ValueError:
-        raise ValueError(f'"{text}" is not a valid time (no such date or time of day)') from None
-    return parsed.astimezone(dt.UTC)
+        raise ValueError(f"{show(text)} is not a valid time (no such date or time of day)") from None
+    try:
+        return parsed.astimezone(dt.UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-01:00 is in the year 10000
+        raise ValueError(f"{show(text)} is out of range (years 0001 to 9999 in UTC)") from None
 
 
 def format_time(when: dt.datetime) -> str:

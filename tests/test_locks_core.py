@@ -99,7 +99,7 @@ def test_good_names(name):
     ("spec.target", {"user": ""}, "spec.target: at least one target field must be set"),
     ("spec.target.usr", "a", "spec.target.usr: unknown field"),
     ("spec.target.user", " alice", 'spec.target.user: " alice" is not a valid value'),
-    ("spec.target.role", "a\nb", 'spec.target.role: "a\nb" is not a valid value'),
+    ("spec.target.role", "a\nb", 'spec.target.role: "a\\nb" is not a valid value'),  # escaped: one line
     ("spec.target.login", "x" * 254, "spec.target.login: "),
     ("spec.expires", "tomorrow", 'spec.expires: "tomorrow" is not an RFC 3339 time'),
     ("spec.expires", "2021-08-14", 'spec.expires: "2021-08-14" is not an RFC 3339 time'),

@@ -12,7 +12,7 @@ import sys
 
 from ..contract import api, names
 from ..contract.resources import LOCK_TARGET_FIELDS, LockTarget
-from .client import call, open_client
+from .client import CliError, call, open_client
 
 TARGET_HELP = {
     "user": "a user, by name",
@@ -26,8 +26,18 @@ TARGET_HELP = {
 }
 
 
+def text_flag(args: argparse.Namespace, field: str) -> str:
+    """A flag's value; bytes that are not UTF-8 (which Python carries as surrogates) are an error."""
+    value = getattr(args, field) or ""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise CliError(f"--{field.replace('_', '-')}: not valid UTF-8 text") from None
+    return value
+
+
 def target_of(args: argparse.Namespace) -> LockTarget:
-    return LockTarget(**{f: getattr(args, f) or "" for f in LOCK_TARGET_FIELDS})
+    return LockTarget(**{f: text_flag(args, f) for f in LOCK_TARGET_FIELDS})
 
 
 def print_lines(text: str) -> None:
@@ -44,8 +54,8 @@ async def _call(args: argparse.Namespace, verb: str, body, result_type):
 
 
 async def lock(args: argparse.Namespace) -> int:
-    request = api.LockRequest(target=target_of(args), message=args.message or "", ttl=args.ttl or "",
-                              expires=args.expires or "")
+    request = api.LockRequest(target=target_of(args), message=text_flag(args, "message"),
+                              ttl=text_flag(args, "ttl"), expires=text_flag(args, "expires"))
     result = await _call(args, "lock", request, api.LockResult)
     print_lines(result.message)
     return 0

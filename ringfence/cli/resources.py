@@ -18,9 +18,13 @@ import yaml
 from nats.aio.client import Client
 
 from ..contract import api, names, resources
+from ..contract.strict import visible
 from .client import CliError, call, open_client
 
 MAX_FILE_BYTES = 16 * 1024 * 1024  # the services refuse larger requests anyway
+# YAML aliases repeat a part of the file wherever they are used; what the documents
+# expand to (as JSON) is bounded too, or a few lines could make gigabytes.
+MAX_EXPANDED_BYTES = 64 * 1024 * 1024  # NATS's largest possible max_payload
 STDIN = "-"
 NAMED_KINDS = ("role", "user", "lock")  # the other kinds are one per cluster
 FORMATS = ("yaml", "json", "text")
@@ -48,6 +52,12 @@ class _UniqueKeyLoader(_SafeLoader):  # type: ignore[misc, valid-type]
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # a list or mapping as a key (`? [a, b]`)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a {type(key).__name__} cannot be a key", key_node.start_mark
+                ) from None
             if key in seen:
                 mark = key_node.start_mark
                 raise yaml.constructor.ConstructorError(
@@ -83,17 +93,57 @@ def parse_documents(label: str, data: bytes) -> list[Source]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{label}:{mark.line + 1}:{mark.column + 1}" if mark else label
-        raise CliError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
+        raise CliError(f"{where}: YAML syntax error: {visible(str(exc.problem or exc.context))}") from None
     except yaml.YAMLError as exc:
-        raise CliError(f"{label}: YAML syntax error: {exc}") from None
+        raise CliError(f"{label}: YAML syntax error: {visible(str(exc))}") from None
+    except RecursionError:
+        raise CliError(f"{label}: YAML nested too deeply") from None
     sources = []
+    expanded = 0
     for doc in (d for d in docs if d is not None):
         position = len(sources) + 1
         if not isinstance(doc, dict):
             raise CliError(f"{label}: document {position} is a {type(doc).__name__}, not a resource "
                            "(kind, version, metadata, spec)")
+        expanded += json_size(doc, MAX_EXPANDED_BYTES - expanded, f"{label}: document {position}")
         sources.append(Source(label, position, doc))
     return sources
+
+
+def json_size(doc: Any, limit: int, what: str) -> int:
+    """About how many bytes `doc` takes as JSON, counting a part shared through YAML
+    aliases once per use; CliError when that passes `limit` or a part contains itself."""
+    sizes: dict[int, int] = {}  # containers already measured (aliases share them)
+    open_: set[int] = set()  # containers being measured: meeting one again is a cycle
+
+    def size(value: Any) -> int:
+        if isinstance(value, str):
+            return len(value) + 2
+        if isinstance(value, bytes):
+            return len(value) * 4 // 3 + 6
+        if not isinstance(value, (dict, list, set, tuple)):
+            return 24  # numbers, booleans, null, dates
+        key = id(value)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise CliError(f"{what} contains itself (a YAML alias inside its own anchor)")
+        open_.add(key)
+        items = value.items() if isinstance(value, dict) else value
+        total = 2
+        for item in items:
+            total += (size(item[0]) + size(item[1]) + 2) if isinstance(value, dict) else size(item) + 1
+            if total > limit:
+                raise CliError(f"{what} is more than {MAX_EXPANDED_BYTES >> 20} MiB once its YAML aliases are "
+                               "expanded, together with the documents before it")
+        open_.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        return size(doc)
+    except RecursionError:
+        raise CliError(f"{what} is nested too deeply") from None
 
 
 def load_sources(paths: list[str]) -> list[Source]:
@@ -139,10 +189,14 @@ def renumber(error: str, batch: list[Source], several_files: bool) -> str:
 
 
 def _request_bytes(nc: Client, batch: list[Source], dry_run: bool) -> bytes:
-    try:
-        raws = [msgspec.Raw(msgspec.json.encode(s.doc)) for s in batch]
-    except (TypeError, msgspec.EncodeError) as exc:
-        raise CliError(f"a document cannot be sent as JSON: {exc}") from None
+    raws = []
+    for s in batch:
+        try:
+            raws.append(msgspec.Raw(msgspec.json.encode(s.doc)))
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:  # e.g. a key that is not a string
+            raise CliError(f"{s.file}: document {s.position} cannot be sent as JSON: {visible(str(exc))}") from None
+        except RecursionError:
+            raise CliError(f"{s.file}: document {s.position} is nested too deeply") from None
     payload = msgspec.json.encode(api.CreateRequest(resources=raws, dry_run=dry_run))
     if len(payload) > nc.max_payload:
         raise CliError(

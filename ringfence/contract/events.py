@@ -238,7 +238,13 @@ def encode_event(event: AuditEvent) -> bytes:
 
 
 def decode_event(data: bytes) -> AuditEvent:
-    return _decoder.decode(data)
+    """The event in `data`; msgspec.DecodeError (ValidationError for a bad field) otherwise."""
+    try:
+        return _decoder.decode(data)
+    except UnicodeDecodeError as exc:  # msgspec's report of bad UTF-8 inside a string
+        raise msgspec.DecodeError(f"invalid UTF-8 in a string: {exc}") from None
+    except RecursionError:  # skipping a deeply nested unknown field
+        raise msgspec.DecodeError("nested too deeply") from None
 
 
 def event_to_dict(event: AuditEvent) -> dict[str, Any]:

@@ -63,7 +63,13 @@ def encode(chunk: RecordingChunk) -> bytes:
 
 
 def decode(data: bytes) -> RecordingChunk:
-    return msgspec.json.decode(data, type=RecordingChunk)
+    """The chunk in `data`; msgspec.DecodeError (ValidationError for a bad field) otherwise."""
+    try:
+        return msgspec.json.decode(data, type=RecordingChunk)
+    except UnicodeDecodeError as exc:  # msgspec's report of bad UTF-8 inside a string
+        raise msgspec.DecodeError(f"invalid UTF-8 in a string: {exc}") from None
+    except RecursionError:  # skipping a deeply nested unknown field
+        raise msgspec.DecodeError("nested too deeply") from None
 
 
 def header_line(header: CastHeader) -> bytes:
@@ -128,8 +134,17 @@ def parse_cast(text: str) -> tuple[dict[str, Any], list[tuple[float, str, str]]]
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise ValueError("empty recording")
-    header = msgspec.json.decode(lines[0])
+    try:
+        header = msgspec.json.decode(lines[0])
+    except (ValueError, RecursionError) as exc:  # msgspec's errors are ValueErrors
+        raise ValueError(f"not an asciicast v2 recording (bad header line: {exc})") from None
     if not isinstance(header, dict) or header.get("version") != 2:
         raise ValueError("not an asciicast v2 recording (bad header line)")
-    events = [tuple(msgspec.json.decode(line)) for line in lines[1:]]
-    return header, events  # type: ignore[return-value]
+    events = []
+    for n, line in enumerate(lines[1:], start=2):
+        try:
+            event = msgspec.json.decode(line, type=tuple[float, str, str])
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"line {n} is not an asciicast v2 event [time, code, data]: {exc}") from None
+        events.append(event)
+    return header, events

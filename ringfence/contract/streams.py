@@ -79,3 +79,24 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
         except BucketNotFoundError:
             await js.create_key_value(kv)
             log.info("created bucket %s", kv.bucket)
+        if kv.bucket in ATOMIC_BUCKETS:
+            await _allow_atomic(js, f"KV_{kv.bucket}")
+
+
+# Buckets whose services write several keys for one request, all or none (runtime/kv_batch.py).
+ATOMIC_BUCKETS = (names.POLICY_BUCKET, names.LOCKS_BUCKET)
+
+
+async def _allow_atomic(js: JetStreamContext, stream: str) -> None:
+    info = await js.stream_info(stream)
+    if info.config.allow_atomic:
+        return
+    info.config.allow_atomic = True
+    try:
+        updated = await js.update_stream(info.config)
+    except Exception as exc:  # e.g. only the bucket's owner may reconfigure it (runtime/nats_security.py)
+        log.warning("stream %s: cannot allow atomic batch publish (%r); the service that writes it will", stream, exc)
+        return
+    if not updated.config.allow_atomic:
+        log.error("stream %s: the NATS server does not support atomic batch publish (nats-server 2.12 or later "
+                  "does); requests that change several keys are then applied one key at a time", stream)

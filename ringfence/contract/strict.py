@@ -18,6 +18,7 @@ _UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
 _STEP = re.compile(r"\.([A-Za-z_][\w-]*)|\[(\d+)\]|\[\"([^\"]+)\"\]")
 
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+NESTED_TOO_DEEPLY = "the document is nested too deeply (or refers to itself)"
 
 
 class DecodeError(ValueError):
@@ -60,16 +61,33 @@ def explain(exc: msgspec.ValidationError, doc: Any) -> str:
     unknown = _UNKNOWN.match(problem)
     if unknown:
         key = format_path([*steps, unknown.group("field")])
-        return f"{key}: unknown field"
+        return visible(f"{key}: unknown field")
     found, value = _lookup(doc, steps)
     where = format_path(steps)
     if found:
-        return f"{where}: {_show(value)}: {problem[0].lower()}{problem[1:]}"
-    return f"{where}: {problem[0].lower()}{problem[1:]}"
+        return visible(f"{where}: {show(value)}: {problem[0].lower()}{problem[1:]}")
+    return visible(f"{where}: {problem[0].lower()}{problem[1:]}")
 
 
-def _show(value: Any) -> str:
-    text = repr(value) if not isinstance(value, str) else f'"{value}"'
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def visible(text: str) -> str:
+    """`text` with control and other unprintable characters escaped (\\n, \\x00, \\u2028),
+    so a value quoted in an error message stays on one line and shows what was sent."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _ESCAPES.get(ch) or _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def show(value: Any) -> str:
+    """A value for an error message: quoted when a string, on one line, cut when long."""
+    text = repr(value) if not isinstance(value, str) else f'"{visible(value)}"'
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -79,6 +97,8 @@ def convert(doc: Any, type_: type[T]) -> T:
         return msgspec.convert(doc, type=type_, strict=True)
     except msgspec.ValidationError as exc:
         raise DecodeError(explain(exc, doc)) from None
+    except RecursionError:  # deeply nested, or (from YAML aliases) containing itself
+        raise DecodeError(NESTED_TOO_DEEPLY) from None
 
 
 def decode_json(data: bytes, type_: type[T]) -> T:
@@ -87,6 +107,8 @@ def decode_json(data: bytes, type_: type[T]) -> T:
         raise DecodeError(f"document is {len(data)} bytes; the limit is {MAX_DOCUMENT_BYTES}")
     try:
         doc = msgspec.json.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string: UnicodeDecodeError
         raise DecodeError(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise DecodeError(NESTED_TOO_DEEPLY) from None
     return convert(doc, type_)

@@ -20,7 +20,7 @@ from ringfence.contract.strict import DecodeError, decode_json
 from ringfence.runtime.service import ServiceContext, StartupError
 
 from . import core
-from .index import INDEX_FILE, SearchIndex
+from .index import INDEX_FILE, IndexWriteError, SearchIndex
 from .recording_adapter import RecordingConsumer
 from .writer import AuditWriter, Incoming
 
@@ -121,10 +121,14 @@ class Adapter:
         batch = [Incoming(m.data, m.subject, _stream_seq(m)) for m in msgs]
         try:
             outcome = await asyncio.to_thread(self.writer.write_batch, batch)
-        except Exception:
+        except Exception as exc:
             # Nothing is acked: JetStream redelivers, and the writer recovers from disk first.
             self.ctx.counters["write_errors"] += 1
-            log.exception("audit: writing a batch of %d events failed; it will be redelivered", len(batch))
+            if isinstance(exc, (OSError, IndexWriteError)):  # e.g. disk full: the message names the file
+                log.error("audit: cannot write a batch of %d events (%s); none of it is acked, retrying",
+                          len(batch), exc)
+            else:
+                log.exception("audit: writing a batch of %d events failed; it will be redelivered", len(batch))
             for m in msgs:
                 await m.nak(delay=RETRY_PAUSE)
             await asyncio.sleep(RETRY_PAUSE)

@@ -6,6 +6,7 @@ No I/O here; tests/test_audit_core.py covers it table-driven.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import msgspec
 from ringfence.contract.api import MAX_SEARCH_LIMIT, ApiError, SearchRequest
 from ringfence.contract.events import EVENT_TYPES, AuditEvent, decode_event
 from ringfence.contract.streams import MAX_EVENT_BYTES
+from ringfence.contract.strict import show
 
 # --- accepting messages ------------------------------------------------------------------
 
@@ -55,9 +57,9 @@ def parse_time_ms(text: str) -> int:
     try:
         when = dt.datetime.fromisoformat(text)
     except (ValueError, TypeError):
-        raise ValueError(f'"{text}" is not an RFC 3339 time (e.g. 2021-07-22T22:24:14Z)') from None
+        raise ValueError(f"{show(text)} is not an RFC 3339 time (e.g. 2021-07-22T22:24:14Z)") from None
     if when.tzinfo is None:
-        raise ValueError(f'"{text}" is not an RFC 3339 time with a UTC offset (e.g. 2021-07-22T22:24:14Z)')
+        raise ValueError(f"{show(text)} is not an RFC 3339 time with a UTC offset (e.g. 2021-07-22T22:24:14Z)")
     return (when - _EPOCH) // _MS  # integer arithmetic: no float rounding of milliseconds
 
 
@@ -121,11 +123,14 @@ def encode_key(time_ms: int, seq: int) -> str:
     return f"{time_ms}.{seq}"
 
 
+_KEY = re.compile(r"(-?[0-9]{1,18})\.([0-9]{1,18})")  # within SQLite's 64-bit integers
+
+
 def decode_key(key: str) -> tuple[int, int]:
-    parts = key.split(".")
-    if len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts):
-        raise ValueError(f'start_key: "{key}" is not a key returned by a previous search')
-    return int(parts[0]), int(parts[1])
+    m = _KEY.fullmatch(key)
+    if not m:
+        raise ValueError(f"start_key: {show(key)} is not a key returned by a previous search")
+    return int(m[1]), int(m[2])
 
 
 def validate_search(req: SearchRequest) -> SearchQuery:
@@ -139,14 +144,15 @@ def validate_search(req: SearchRequest) -> SearchQuery:
     except ValueError as exc:
         raise ApiError(f"end: {exc}") from None
     if start is not None and end is not None and end <= start:
-        raise ApiError(f'end: "{req.end}" is not after start "{req.start}"')
+        raise ApiError(f"end: {show(req.end)} is not after start {show(req.start)}")
     if not 1 <= req.limit <= MAX_SEARCH_LIMIT:
         raise ApiError(f"limit: {req.limit} is out of range (1 to {MAX_SEARCH_LIMIT})")
     for i, name in enumerate(req.event_types):
         if name not in EVENT_TYPES:
-            raise ApiError(f'event_types[{i}]: "{name}" is not an event type; known: {", ".join(sorted(EVENT_TYPES))}')
+            known = ", ".join(sorted(EVENT_TYPES))
+            raise ApiError(f"event_types[{i}]: {show(name)} is not an event type; known: {known}")
     if req.order not in ("asc", "desc"):
-        raise ApiError(f'order: "{req.order}" must be asc or desc')
+        raise ApiError(f"order: {show(req.order)} must be asc or desc")
     try:
         after = decode_key(req.start_key) if req.start_key else None
     except ValueError as exc:

@@ -40,6 +40,10 @@ CREATE INDEX IF NOT EXISTS events_by_type ON events (event, time_ms);
 """
 
 
+class IndexWriteError(RuntimeError):
+    """The index could not be written (disk full, I/O error); str() names the file."""
+
+
 @dataclass(frozen=True)
 class Row:
     uid: str
@@ -103,16 +107,19 @@ class WriteIndex:
     def insert(self, rows: list[Row], ignore_known: bool = False) -> None:
         """One transaction: after a crash either all of a batch is indexed or none."""
         verb = "INSERT OR IGNORE" if ignore_known else "INSERT"
-        with self.conn:
-            self.conn.execute("BEGIN")
-            self.conn.executemany(
-                f"{verb} INTO events (uid, time_ms, event, user, sid, ei, file, offset, length, hash, line)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (r.uid, r.time_ms, r.event, r.user, r.sid, r.ei, r.file, r.offset, r.length, r.hash, r.line)
-                    for r in rows
-                ],
-            )
+        try:
+            with self.conn:
+                self.conn.execute("BEGIN")
+                self.conn.executemany(
+                    f"{verb} INTO events (uid, time_ms, event, user, sid, ei, file, offset, length, hash, line)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (r.uid, r.time_ms, r.event, r.user, r.sid, r.ei, r.file, r.offset, r.length, r.hash, r.line)
+                        for r in rows
+                    ],
+                )
+        except sqlite3.OperationalError as exc:  # e.g. "database or disk is full": say which database
+            raise IndexWriteError(f"cannot write the index {self.path}: {exc}") from exc
 
     def count(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]

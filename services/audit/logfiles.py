@@ -48,6 +48,15 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def cut_back(fd: int, size: int) -> None:
+    """After a failed append: truncate to `size`, the end of the last whole line."""
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    except OSError as exc:  # recovery cuts the partial line at the next attempt
+        log.error("audit log: cannot cut a failed write back to byte %d: %s", size, exc)
+
+
 def lock_dir(path: Path) -> int:
     """Hold an exclusive lock on the log folder for the life of the process: two
     writers would interleave lines and fork the hash chain."""
@@ -128,14 +137,19 @@ class DailyLog:
         point_link(self.directory, name)
 
     def append(self, data: bytes) -> int:
-        """Write and fsync; returns the offset the data starts at. Not durable until this returns."""
+        """Write and fsync; returns the offset the data starts at. Not durable until this returns.
+
+        On failure (e.g. the disk is full) the file is cut back to where it was, so no
+        reader ever sees a partial line, and the OSError names the file."""
         assert self._fd is not None, "roll_to() first"
         offset = self.size
         try:
             write_all(self._fd, data)
             os.fsync(self._fd)
-        except OSError:
-            # How much reached the file is unknown now; the caller recovers from disk.
+        except OSError as exc:
+            cut_back(self._fd, offset)
+            exc.filename = exc.filename or str(self.directory / self.name)
+            # The caller recovers from disk (which also cuts a partial line cut_back could not).
             self.close()
             raise
         self.size = offset + len(data)
@@ -155,9 +169,18 @@ class RejectLog:
         self.path = directory / REJECTED_FILE
 
     def append(self, data: bytes) -> None:
-        fd = open_append(self.path)
         try:
+            fd = open_append(self.path)
+        except OSError as exc:
+            exc.filename = exc.filename or str(self.path)
+            raise
+        try:
+            offset = os.fstat(fd).st_size
             write_all(fd, data)
             os.fsync(fd)
+        except OSError as exc:
+            cut_back(fd, offset)  # no partial record
+            exc.filename = exc.filename or str(self.path)
+            raise
         finally:
             os.close(fd)

@@ -57,7 +57,7 @@ def decode_chunk(data: bytes, subject: str = "") -> RecordingChunk:
     if not recording.is_valid_sid(chunk.sid):
         raise Rejected(f'sid: "{chunk.sid[:200]}" is not a valid session id')
     if subject and subject != names.recording_subject(chunk.sid):
-        raise Rejected(f'sid "{chunk.sid}" does not match the subject {subject[:200]}')
+        raise Rejected(f'sid "{chunk.sid[:200]}" does not match the subject {subject[:200]}')
     if chunk.seq < 0 or chunk.seq >= 1 << 53:
         raise Rejected(f"seq: {chunk.seq} is out of range")
     if chunk.header is not None and chunk.seq != 0:
@@ -182,12 +182,19 @@ def started_of(chunk: RecordingChunk, now: float) -> str:
     if chunk.started:
         return chunk.started
     if chunk.header is not None and chunk.header.timestamp > 0:
-        return rfc3339(chunk.header.timestamp)
+        try:
+            return rfc3339(chunk.header.timestamp)
+        except ValueError:  # a timestamp past year 9999: the header is wrong, not the recording
+            pass
     return rfc3339(now)
 
 
 def rfc3339(unix: float) -> str:
-    when = dt.datetime.fromtimestamp(unix, dt.UTC)
+    """ValueError for a time no datetime holds (before year 1, after 9999)."""
+    try:
+        when = dt.datetime.fromtimestamp(unix, dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        raise ValueError(f"{unix} is not a time in years 1 to 9999") from None
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

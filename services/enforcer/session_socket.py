@@ -120,7 +120,7 @@ class SessionSocket:
                 return
             try:
                 update = msgspec.json.decode(line, type=SessionUpdate)
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:  # bad UTF-8, deep nesting
                 self.counters["updates_rejected"] += 1
                 log.warning("session %s sent a bad update: %s", sid, exc)
                 continue

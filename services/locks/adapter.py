@@ -28,6 +28,7 @@ from ringfence import locking
 from ringfence.contract import api, names
 from ringfence.contract import resources as r
 from ringfence.contract.events import AuditEvent
+from ringfence.runtime import kv_batch
 from ringfence.runtime.audit_publish import publish_event, stamp
 from ringfence.runtime.service import ServiceContext, request_actor
 
@@ -192,33 +193,42 @@ class Adapter:
     async def _apply(self, changes: list[core.Change], create_only: bool = False) -> list[str]:
         """Write every change, then publish its event; warnings for events that were lost.
 
-        Events follow the writes, so the audit log never records a change that did
-        not happen; when a write fails part-way, the ones before it still get theirs."""
+        The changes of a request are written all or none, even if this process dies
+        meanwhile (runtime/kv_batch.py); only an `unlock` of more locks than one batch
+        holds is written in several. Events follow the writes, so the audit log never
+        records a change that did not happen; when a batch fails, the ones before it
+        still get theirs."""
         applied: list[core.Change] = []
         try:
-            for change in changes:
-                if change.value is None:
-                    await self._delete(change)
-                elif create_only:
-                    await self.kv.create(change.key, change.value)
+            for start in range(0, len(changes), kv_batch.MAX_WRITES):
+                batch = changes[start : start + kv_batch.MAX_WRITES]
+                if create_only:  # `ringfence lock`: one new key
+                    for change in batch:
+                        await self.kv.create(change.key, change.value)
                 else:
-                    await self.kv.put(change.key, change.value)
-                applied.append(change)
-                self.ctx.counters["locks_deleted" if change.value is None else "locks_created"] += 1
-                log.info("%s (actor %r)", change.message, change.event.user)
+                    await self._write_all(batch)
+                applied += batch
+                for change in batch:
+                    self.ctx.counters["locks_deleted" if change.value is None else "locks_created"] += 1
+                    log.info("%s (actor %r)", change.message, change.event.user)
         finally:
             warnings = [w for change in applied if (w := await self._publish(change.event))]
         return warnings
 
-    async def _delete(self, change: core.Change) -> None:
+    async def _write_all(self, changes: list[core.Change]) -> None:
+        writes = [kv_batch.KvWrite(c.key, c.value, last=c.last) for c in changes]
         try:
-            await self.kv.delete(change.key, last=change.last)
-        except APIError as exc:
-            if exc.err_code == WRONG_LAST_SEQUENCE:
-                raise api.ApiError(f"lock {core.quote(change.key)} changed while it was being removed "
-                                   "(expired, removed or rewritten by someone else): check with "
-                                   "ringfence get locks and try again", "conflict") from None
-            raise
+            await kv_batch.write_all(self.ctx.nc, names.LOCKS_BUCKET, writes)
+        except kv_batch.BatchError as exc:
+            if exc.err_code == kv_batch.WRONG_LAST_SEQUENCE:
+                removing = [c.key for c in changes if c.last is not None]
+                which = (f"lock {core.quote(removing[0])}" if len(removing) == 1
+                         else f"one of the {len(removing)} locks")
+                raise api.ApiError(f"{which} changed while it was being removed (expired, removed or rewritten "
+                                   "by someone else): nothing was removed; check with ringfence get locks and "
+                                   "try again", "conflict") from None
+            raise api.ApiError(f"nothing was changed: the NATS server refused the write ({exc})",
+                               "unavailable") from None
 
     async def _publish(self, event: AuditEvent) -> str:
         """Publish `event`; on failure the change stands, so say so instead of failing the request."""

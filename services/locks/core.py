@@ -28,6 +28,9 @@ from ringfence.durations import parse_duration
 
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 MAX_PROBLEMS_SHOWN = 50
+# A request is applied as one atomic write (runtime/kv_batch.py), which holds at most 1000 keys.
+MAX_DOCUMENTS = 1000
+MAX_QUOTED = r.MAX_NAME_LEN + 3  # longer names are invalid; messages show their start
 MAX_HINTS_SHOWN = 5
 
 NO_TARGET = "at least one target field must be set"
@@ -51,13 +54,16 @@ _EXPIRY_NAMESPACE = uuid.UUID("0b8d6a53-2f0e-4e4a-9d3c-6c1f1b7a4e21")
 
 
 def quote(name: str) -> str:
-    """Go's %q for the names we allow (no control characters): "alice"."""
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """Go's %q: "alice". For names we reject: control characters are escaped, and a name
+    longer than any valid one is cut (an error reply must fit in a NATS message)."""
+    if len(name) > MAX_QUOTED:
+        name = name[: MAX_QUOTED - 3] + "..."
+    return '"' + strict.visible(name.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
 def show(value: Any) -> str:
     """A value as the user wrote it, quoted when a string, cut when long."""
-    text = f'"{value}"' if isinstance(value, str) else repr(value)
+    text = f'"{strict.visible(value)}"' if isinstance(value, str) else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -145,8 +151,10 @@ def parse_expires(text: str, path: str) -> tuple[str, list[str]]:
 def decode(data: bytes, type_: type) -> Any:
     try:
         return msgspec.json.decode(data, type=type_)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise api.ApiError(f"malformed request: {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string: UnicodeDecodeError
+        raise api.ApiError(f"malformed request: {strict.visible(str(exc))}") from None
+    except RecursionError:
+        raise api.ApiError(f"malformed request: {strict.NESTED_TOO_DEEPLY}") from None
 
 
 def decode_create_request(data: bytes) -> tuple[list[Any], bool]:
@@ -157,9 +165,13 @@ def decode_create_request(data: bytes) -> tuple[list[Any], bool]:
             "are accepted: split the documents into several requests"
         )
     request = decode(data, api.CreateRequest)
-    if not request.resources:
+    docs = [decode(raw, Any) for raw in request.resources]
+    if not docs:
         raise api.ApiError("the request contains no documents")
-    return [msgspec.json.decode(raw) for raw in request.resources], request.dry_run
+    if len(docs) > MAX_DOCUMENTS:
+        raise api.ApiError(f"the request contains {len(docs)} documents; at most {MAX_DOCUMENTS} are applied "
+                           "together: split them into several requests")
+    return docs, request.dry_run
 
 
 def check_kind(text: str) -> None:
@@ -198,6 +210,7 @@ def document_label(position: int, doc: Any) -> str:
     name = metadata.get("name") if isinstance(metadata, dict) else None
     if not isinstance(kind, str):
         return f"document {position}"
+    kind = strict.visible(kind if len(kind) <= 60 else kind[:57] + "...")
     if isinstance(name, str):
         return f"document {position} ({kind} {quote(name)})"
     return f"document {position} ({kind})"

@@ -12,6 +12,7 @@ from nats.micro.request import Request
 
 from ringfence.contract import api, names
 from ringfence.contract.events import AuditEvent
+from ringfence.runtime import kv_batch
 from ringfence.runtime.audit_publish import publish_event, stamp
 from ringfence.runtime.service import ServiceContext, request_actor
 
@@ -134,12 +135,15 @@ class Adapter:
         return [found[k] for k in sorted(found)]
 
     async def _apply(self, changes: list[core.Change]) -> list[str]:
-        """Write every change, then publish its event; warnings for events that were lost."""
+        """Write every change (all or none, even if this process dies meanwhile), then publish
+        the events; warnings for events that were lost."""
+        try:
+            await kv_batch.write_all(self.ctx.nc, names.POLICY_BUCKET,
+                                     [kv_batch.KvWrite(c.key, c.value) for c in changes])
+        except kv_batch.BatchError as exc:
+            raise api.ApiError(f"nothing was changed: the NATS server refused the write ({exc})",
+                               "unavailable") from None
         for change in changes:
-            if change.value is None:
-                await self.kv.delete(change.key)
-            else:
-                await self.kv.put(change.key, change.value)
             self.ctx.counters["changes_applied"] += 1
             log.info("%s (actor %r)", change.message, change.event.user)
         # Events after every write: the audit log never records a change that did not happen.
@@ -164,7 +168,7 @@ class Adapter:
 def _decode(data: bytes, type_: type):
     try:
         return msgspec.json.decode(data, type=type_)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:  # bad UTF-8, deep nesting
         raise api.ApiError(f"malformed request: {exc}") from None
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from ringfence.contract import resources as r
+from ringfence.contract.strict import visible
 from ringfence.durations import parse_duration
 
 from .cidrs import normalise_cidr
@@ -28,7 +29,7 @@ _NAME = re.compile(r"[^\s/\x00-\x1f\x7f]+")
 
 def show(value: Any) -> str:
     """A value as the user wrote it, quoted when a string, cut when long."""
-    text = f'"{value}"' if isinstance(value, str) else repr(value)
+    text = f'"{visible(value)}"' if isinstance(value, str) else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 

@@ -19,6 +19,9 @@ from .checks import check
 
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 MAX_PROBLEMS_SHOWN = 50  # more would scroll the first (usually the cause) out of sight
+MAX_QUOTED = r.MAX_NAME_LEN + 3  # longer names are invalid; messages show their start
+# A request is applied as one atomic write (runtime/kv_batch.py), which holds at most 1000 keys.
+MAX_DOCUMENTS = 1000
 
 SINGLETON_KEYS = {
     "network_restrictions": names.NETWORK_RESTRICTIONS_KEY,
@@ -49,8 +52,11 @@ NETWORKING_RESET = "cluster networking configuration has been reset to defaults"
 
 
 def quote(name: str) -> str:
-    """Go's %q for the names we allow (no control characters): "alice"."""
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """Go's %q: "alice". For names we reject: control characters are escaped, and a name
+    longer than any valid one is cut (an error reply must fit in a NATS message)."""
+    if len(name) > MAX_QUOTED:
+        name = name[: MAX_QUOTED - 3] + "..."
+    return '"' + strict.visible(name.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
 @dataclass(frozen=True)
@@ -81,11 +87,17 @@ def decode_create_request(data: bytes) -> tuple[list[Any], bool]:
     try:
         # Typed decoding keeps each document as raw JSON; strict.convert checks it below.
         request = msgspec.json.decode(data, type=api.CreateRequest)
-    except msgspec.DecodeError as exc:
+        docs = [msgspec.json.decode(raw) for raw in request.resources]
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string: UnicodeDecodeError
         raise api.ApiError(f"malformed create request: {exc}") from None
-    if not request.resources:
+    except RecursionError:
+        raise api.ApiError(f"malformed create request: {strict.NESTED_TOO_DEEPLY}") from None
+    if not docs:
         raise api.ApiError("the request contains no documents")
-    return [msgspec.json.decode(raw) for raw in request.resources], request.dry_run
+    if len(docs) > MAX_DOCUMENTS:
+        raise api.ApiError(f"the request contains {len(docs)} documents; at most {MAX_DOCUMENTS} are applied "
+                           "together: split them into several requests")
+    return docs, request.dry_run
 
 
 def canonical_kind(text: str) -> str:
@@ -108,6 +120,7 @@ def document_label(position: int, doc: Any) -> str:
     name = metadata.get("name") if isinstance(metadata, dict) else None
     if not isinstance(kind, str):
         return f"document {position}"
+    kind = strict.visible(kind if len(kind) <= 60 else kind[:57] + "...")
     if isinstance(name, str):
         return f"document {position} ({kind} {quote(name)})"
     return f"document {position} ({kind})"
@@ -263,6 +276,8 @@ def lookup(kind_text: str, name: str) -> Lookup:
             raise api.ApiError(f"{kind} {quote(name)} not found; the only one is named {quote(expected)}",
                                "not_found")
         return Lookup(kind, expected, key=SINGLETON_KEYS[kind])
+    if len(name) > r.MAX_NAME_LEN:  # never stored, and too long for a KV key
+        raise not_found(Lookup(kind, name))
     if name:
         return Lookup(kind, name, key=NAMED_KEYS[kind](name))
     return Lookup(kind, "", prefix=NAMED_KEY_PREFIXES[kind])
