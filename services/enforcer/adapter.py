@@ -18,7 +18,7 @@ from ringfence.durations import parse_duration
 from ringfence.runtime.audit_publish import publish_encoded, stamp
 from ringfence.runtime.service import ServiceContext, StartupError
 
-from . import kernel
+from . import kernel, simulated
 from .cgroups import CgroupTree
 from .directory import Directory
 from .limits import ConnectionLeases, SessionLimits
@@ -90,12 +90,27 @@ class EnforcerAdapter:
                                       ("join", self._join, ("session", "read")),
                                       ("leave", self._leave, ("session", "read"))):
             await ctx.add_endpoint(verb, names.enforcer_subject(ctx.server_id, verb), handler, action=action)
+        if simulated.enabled():
+            await ctx.add_endpoint("simulate", names.enforcer_subject(ctx.server_id, "simulate"), self._simulate,
+                                   action=("session", "update"))
+
+    async def _simulate(self, req) -> bytes:
+        """Benchmarks: make the simulated kernel write `events` denied-connect records."""
+        body = msgspec.json.decode(req.data, type=dict[str, int])
+        self.bpf.generate(max(0, min(body.get("events", 0), 1_000_000)))  # type: ignore[union-attr]
+        return ok_reply({"queued": body.get("events", 0)})
 
     async def _load_restrictions(self) -> tuple[CgroupTree, Path]:
         """The node's cgroup tree with the restricted-session programs attached to it."""
         assert self.ctx is not None
         cfg = self.ctx.config
         rec = cfg.ssh_service.enhanced_recording
+        if simulated.enabled():
+            log.warning("SIMULATED KERNEL (%s): no BPF, no cgroups, nothing is enforced; benchmarks only",
+                        simulated.ENV)
+            self.bpf = simulated.SimulatedKernel()  # type: ignore[assignment]
+            fake = Path(cfg.data_dir) / "simulated-kernel"
+            return CgroupTree(fake / "cgroup2", cfg.nodename), fake / "bpffs"
         try:
             kernel.check_host()
             mount = kernel.find_cgroup2(rec.cgroup_path)
@@ -145,7 +160,7 @@ class EnforcerAdapter:
             counters.setdefault(key, 0)
         self.bpf.start_reader(self._on_net_event)
         rec = cfg.ssh_service.enhanced_recording
-        if rec.enabled:
+        if rec.enabled and not simulated.enabled():
             try:
                 self.recording_bpf = await asyncio.to_thread(RecordingBPF, bpffs / "ringfence" / cfg.nodename,
                                                              rec.ring_buffer_kib * 1024)

@@ -84,6 +84,7 @@ class LockGuard:
 
     # --- enforcement ------------------------------------------------------------------------------------
     def _changed(self) -> None:
+        self.counters["locks_known"] = len(self.view.values)
         cap = self.cap.values.get(names.CAP_KEY)
         mode = cap.spec.locking_mode if cap else "best_effort"
         if mode != self.cluster_mode:

@@ -69,6 +69,7 @@ class PolicyFollower:
             n = await asyncio.to_thread(self._apply_sync, resource)
             self.revision = revision
             self.applied_at = time.monotonic()
+            self.counters["policy_revision"] = revision
             self.counters["policy_updates"] += 1
             self.counters["policy_entries"] = len(self.current)
             log.info("network restrictions revision %d applied: %s, %d map updates in %.1f ms",

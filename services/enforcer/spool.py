@@ -111,7 +111,7 @@ class Spool:
                 try:
                     await publish(lines)
                 except Exception as exc:  # NATS down or slow: keep the events, retry
-                    log.warning("cannot deliver %d spooled events yet (%s); retrying in %.1fs",
+                    log.warning("cannot deliver %d spooled lines yet (%r); retrying in %.1fs",
                                 len(lines), exc, backoff)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), backoff)
