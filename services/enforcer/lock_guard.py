@@ -85,6 +85,7 @@ class LockGuard:
     # --- enforcement ------------------------------------------------------------------------------------
     def _changed(self) -> None:
         self.counters["locks_known"] = len(self.view.values)
+        self.counters["locks_changed_ms"] = int(time.time() * 1000)  # wall clock: fleet benchmarks
         cap = self.cap.values.get(names.CAP_KEY)
         mode = cap.spec.locking_mode if cap else "best_effort"
         if mode != self.cluster_mode:

@@ -70,6 +70,7 @@ class PolicyFollower:
             self.revision = revision
             self.applied_at = time.monotonic()
             self.counters["policy_revision"] = revision
+            self.counters["policy_applied_ms"] = int(time.time() * 1000)  # wall clock: fleet benchmarks
             self.counters["policy_updates"] += 1
             self.counters["policy_entries"] = len(self.current)
             log.info("network restrictions revision %d applied: %s, %d map updates in %.1f ms",
