@@ -90,7 +90,7 @@ class RestrictedBPF:
         try:
             self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
             self.funcs = {
-                name: self.bpf.load_func(name, BPFProgType.CGROUP_SOCK_ADDR, attach_type=attach_type)
+                name: self.bpf.load_func(name.encode(), BPFProgType.CGROUP_SOCK_ADDR, attach_type=attach_type)
                 for name, attach_type in PROGRAMS
             }
         except Exception as exc:
@@ -101,7 +101,7 @@ class RestrictedBPF:
         from bcc.libbcc import lib
 
         self._lib = lib
-        self._maps = {n: self.bpf[n] for n in ("policy4", "policy6", "settings", "sessions", "lost")}
+        self._maps = {n: self.bpf[n.encode()] for n in ("policy4", "policy6", "settings", "sessions", "lost")}
         self._reader: threading.Thread | None = None
         self._stop = threading.Event()
         self._cgroup_fd: int | None = None
@@ -190,7 +190,7 @@ class RestrictedBPF:
                 log.exception("handling a network event failed")
             return 0
 
-        self.bpf["events"].open_ring_buffer(callback)
+        self.bpf[b"events"].open_ring_buffer(callback)
 
         def loop() -> None:
             while not self._stop.is_set():
