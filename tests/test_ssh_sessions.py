@@ -267,3 +267,28 @@ def test_enhanced_recording_of_an_ssh_session(nats_server, data_dir, services, e
     assert observed and observed[0]["action"] == 0 and observed[0]["dst_addr"] == "127.0.0.1"
     # Processes outside sessions are not recorded.
     assert not [e for e in log_events(data_dir) if e["event"] == "session.command" and not e["sid"]]
+
+
+def test_sessions_ls_shows_the_fleet_and_kill_ends_a_session(stack):
+    login, key = stack.server.add_user()
+    term = Terminal(stack.server.ssh_argv(login, key, "-tt"))
+    term.read_until("$ ")
+    term.type('echo "S""ID=$RINGFENCE_SESSION_ID"\n')
+    sid = term.wait_match(r"SID=([0-9a-f-]{36})").group(1)
+
+    def listed():
+        out = cli(stack.url, "sessions", "ls", "--format", "json").stdout
+        return [s for s in json.loads(out or "[]") if s["sid"] == sid]
+
+    [row] = wait_for(listed, what="the session in `sessions ls`")
+    assert row["user"] == login and row["login"] == login and row["addr_remote"].startswith("127.0.0.1:")
+    table = cli(stack.url, "sessions", "ls").stdout
+    assert sid in table and "IDLE" in table
+
+    killed = cli(stack.url, "sessions", "kill", sid, "--message", "maintenance window")
+    assert killed.returncode == 0 and killed.stdout.strip() == f'session "{sid}" has been terminated'
+    assert "maintenance window" in term.read_until("maintenance window")
+    term.close()
+    wait_for(lambda: not listed(), what="the session to leave `sessions ls`")
+    missing = cli(stack.url, "sessions", "kill", sid)
+    assert missing.returncode == 1 and "no active session" in missing.stderr
