@@ -12,6 +12,7 @@
         enabled: true
     operator_auth: required       # or off: accept unsigned control requests (tests, migration)
     nats_nkey: /path/to/seed.nk   # NATS nkey seed this process connects with (default: none)
+    nats_replicas: 1              # copies of every stream and bucket: 1, or 3/5 on a NATS cluster
 
 Precedence: command-line flag, then environment (RINGFENCE_*), then the file
 (--config, RINGFENCE_CONFIG, or /etc/ringfence.yaml when present), then the
@@ -42,8 +43,10 @@ ENV_NATS_URL = "RINGFENCE_NATS_URL"
 ENV_NODENAME = "RINGFENCE_NODENAME"
 ENV_OPERATOR_AUTH = "RINGFENCE_OPERATOR_AUTH"
 ENV_NATS_NKEY = "RINGFENCE_NATS_NKEY"
+ENV_NATS_REPLICAS = "RINGFENCE_NATS_REPLICAS"
 
 OPERATOR_AUTH_MODES = ("required", "off")
+NATS_REPLICAS = (1, 3, 5)  # JetStream replication: a quorum needs an odd count
 
 _NODENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -88,6 +91,10 @@ class Config(Struct, forbid_unknown_fields=True):
     operator_auth: str | bool = "required"  # YAML reads a bare off/on as a bool: accepted
     # Path of the NATS nkey seed this process connects with; empty: no NATS credentials.
     nats_nkey: str = ""
+    # Copies JetStream keeps of every stream and KV bucket: 1 (one server), or 3 or 5
+    # on a NATS cluster of at least that many servers. Services raise existing
+    # streams to it; they never lower it.
+    nats_replicas: int = 1
 
     @property
     def nats_urls(self) -> list[str]:
@@ -122,6 +129,10 @@ def _validate(cfg: Config, source: str) -> None:
     if cfg.operator_auth not in OPERATOR_AUTH_MODES:
         raise ConfigError(
             f'{source}: operator_auth: "{cfg.operator_auth}": use {" or ".join(OPERATOR_AUTH_MODES)}'
+        )
+    if cfg.nats_replicas not in NATS_REPLICAS:
+        raise ConfigError(
+            f"{source}: nats_replicas: {cfg.nats_replicas}: use {', '.join(map(str, NATS_REPLICAS))}"
         )
     if cfg.nats_nkey and not os.path.isabs(cfg.nats_nkey):
         cfg.nats_nkey = os.path.abspath(cfg.nats_nkey)
@@ -164,6 +175,7 @@ def load_config(
     nats_url: str | None = None,
     nodename: str | None = None,
     nats_nkey: str | None = None,
+    nats_replicas: int | None = None,
 ) -> Config:
     """Load the configuration with flag > environment > file > default precedence."""
     path = path or os.environ.get(ENV_CONFIG) or None
@@ -191,8 +203,20 @@ def load_config(
     for key, value in overrides.items():
         if value:
             setattr(cfg, key, value)
+    replicas = nats_replicas or _env_replicas()
+    if replicas:
+        cfg.nats_replicas = replicas
     _validate(cfg, source)
     return cfg
+
+
+def _env_replicas() -> int | None:
+    text = os.environ.get(ENV_NATS_REPLICAS, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) not in NATS_REPLICAS:
+        raise ConfigError(f'{ENV_NATS_REPLICAS}: "{text}": use {", ".join(map(str, NATS_REPLICAS))}')
+    return int(text)
 
 
 def dump_config(cfg: Config) -> str:

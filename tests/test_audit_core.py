@@ -227,3 +227,20 @@ def test_rejected_line_keeps_reason_and_data():
     record = msgspec.json.decode(line)
     assert record["reason"] == "bad" and record["stream_seq"] == 7 and record["data"].endswith("garbage")
     assert record["time"] == "2021-07-22T00:00:00.000Z" and line.endswith(b"\n")
+
+
+@pytest.mark.parametrize(
+    ("expected", "received", "missing"),
+    [
+        (None, [5, 6], []),  # first start: nothing known
+        (5, [5, 6, 7], []),  # in order
+        (5, [8, 9], [5, 6, 7]),  # 5-7 were handed to a fetch that never arrived
+        (5, [5, 7, 9], [6, 8]),
+        (5, [3, 4], []),  # redeliveries of what is written
+        (5, [3, 8], [5, 6, 7]),
+        (5, [0, 6], [5]),  # 0: not a JetStream message
+        (5, [5000], []),  # wider than max_gap: not filled
+    ],
+)
+def test_missing_sequences_are_the_gaps_before_the_newest_received(expected, received, missing):
+    assert core.missing_sequences(expected, received, max_gap=1000) == missing

@@ -101,3 +101,26 @@ def test_operator_auth_defaults_to_required_and_is_validated(tmp_path, monkeypat
     monkeypatch.setenv("RINGFENCE_OPERATOR_AUTH", "no")
     with pytest.raises(ConfigError, match=r'^RINGFENCE_OPERATOR_AUTH: "no": use required or off$'):
         load_config(str(path))
+
+
+def test_nats_replicas_defaults_to_1_takes_3_or_5_and_env_and_flag_override(tmp_path, monkeypatch):
+    monkeypatch.delenv("RINGFENCE_NATS_REPLICAS", raising=False)
+    path = tmp_path / "c.yaml"
+    path.write_text("")
+    assert load_config(str(path)).nats_replicas == 1
+    path.write_text("nats_replicas: 3\n")
+    assert load_config(str(path)).nats_replicas == 3
+    for bad in ("2", "0", "7", '"three"'):
+        path.write_text(f"nats_replicas: {bad}\n")
+        with pytest.raises(ConfigError, match=r"nats_replicas: "):
+            load_config(str(path))
+    path.write_text("nats_replicas: 2\n")
+    with pytest.raises(ConfigError, match=r"nats_replicas: 2: use 1, 3, 5$"):
+        load_config(str(path))
+    path.write_text("nats_replicas: 3\n")
+    monkeypatch.setenv("RINGFENCE_NATS_REPLICAS", "5")
+    assert load_config(str(path)).nats_replicas == 5
+    assert load_config(str(path), nats_replicas=1).nats_replicas == 1  # a flag beats both
+    monkeypatch.setenv("RINGFENCE_NATS_REPLICAS", "4")
+    with pytest.raises(ConfigError, match=r'^RINGFENCE_NATS_REPLICAS: "4": use 1, 3, 5$'):
+        load_config(str(path))

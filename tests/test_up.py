@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
+import nats
 import pytest
 
+from ringfence.runtime import nats_security
 from services.enforcer.uninstall import uninstall
 from tests.support.nats import free_port
 from tests.support.procs import ROOT, wait_for
@@ -59,11 +65,11 @@ def nodename():
     uninstall(name, kill_sessions=True)
 
 
-def start_up(tmp_path: Path, port: int, nodename: str) -> subprocess.Popen:
+def start_up(tmp_path: Path, port: int, nodename: str, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RINGFENCE_")}
     env["RINGFENCE_NODENAME"] = nodename
     return subprocess.Popen(
-        [*RINGFENCE, "up", "--data-dir", str(tmp_path / "data"), "--nats-port", str(port)],
+        [*RINGFENCE, "up", "--data-dir", str(tmp_path / "data"), "--nats-port", str(port), *extra],
         cwd=ROOT, env=env, stdout=open(tmp_path / "up.log", "wb"), stderr=subprocess.STDOUT,
     )
 
@@ -130,3 +136,100 @@ def test_up_reports_a_port_in_use(tmp_path, nats_server):
     assert result.returncode == 1
     assert f"port {nats_server.port} on 127.0.0.1 is in use" in result.stderr
     assert time.monotonic() - start < 30
+
+
+def free_cluster_ports(size: int = 3) -> int:
+    """A client port P such that P..P+size-1 and their route ports (P+2000...) are free."""
+    for _ in range(200):
+        base = random.randint(20000, 40000)
+        wanted = [base + i for i in range(size)] + [base + 2000 + i for i in range(size)]
+        try:
+            for port in wanted:
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise AssertionError("no free block of ports")
+
+
+def test_up_cluster_runs_three_nats_nodes_with_every_stream_replicated_three_times(tmp_path, nodename):
+    port = free_cluster_ports()
+    urls = ",".join(f"nats://127.0.0.1:{port + i}" for i in range(3))
+    data = tmp_path / "data"
+    up = start_up(tmp_path, port, nodename, "--cluster", "3")
+    try:
+        result = wait_for(lambda: (r := status(urls, data)).returncode == 0 and r, timeout=90,
+                          what="`ringfence status` to see all four services on the cluster")
+        assert "all 4 services running" in result.stdout
+        children = descendants(up.pid)
+        servers = [p for p in children if "nats-server" in _cmdline(p)]
+        assert len(servers) == 3, [_cmdline(p) for p in children]
+        log = (tmp_path / "up.log").read_text()
+        assert f"embedded NATS cluster of 3 nodes with JetStream on {urls}" in log
+        for i in (1, 2, 3):
+            assert f"nats{i}   | " in log
+            conf_path = data / "nats" / f"n{i}" / "nats-server.conf"
+            assert (data / "nats" / f"n{i}" / "jetstream").is_dir()  # a store of its own
+            assert stat.S_IMODE(conf_path.stat().st_mode) == 0o600  # it holds the route secret
+            conf = conf_path.read_text()
+            assert f"server_name: ringfence-{nodename}-n{i}" in conf
+            assert f"listen: 127.0.0.1:{port + i - 1}" in conf
+            assert f"listen: 127.0.0.1:{port + 2000 + i - 1}" in conf  # routes
+            for peer in range(3):
+                assert f"@127.0.0.1:{port + 2000 + peer}" in conf
+            # The same users as the single-node `up`, on every node.
+            publics = nats_security.ensure_credentials(data / "nats")
+            assert nats_security.authorization_block(publics) in conf
+        assert stat.S_IMODE((data / "nats" / "route.secret").stat().st_mode) == 0o600
+        # Every service was given all three URLs and replicas 3.
+        for svc in ("policy", "locks", "audit", "enforcer"):
+            [argv] = [_cmdline(p) for p in children if f"services.{svc}" in _cmdline(p)]
+            assert f"--nats-url {urls} " in argv + " " and "--nats-replicas 3" in argv
+        replicas = asyncio.run(_replicas(urls, str(data / "nats" / "up.nk")))
+        assert replicas == {s: 3 for s in replicas} and len(replicas) == 6, replicas
+        # Control requests work as on one node: signed by the bootstrap admin, under the NATS permissions.
+        where = ["--nats-url", urls, "--data-dir", str(data)]
+        locked = subprocess.run([*RINGFENCE, "lock", "--user=cluster-test", "--ttl=1h", *where], capture_output=True,
+                                text=True, cwd=ROOT, timeout=60)
+        assert locked.returncode == 0 and "Created a lock" in locked.stdout, locked.stderr
+        unlocked = subprocess.run([*RINGFENCE, "unlock", "--user=cluster-test", *where], capture_output=True,
+                                  text=True, cwd=ROOT, timeout=60)
+        # read-after-write on the cluster: the lock just made is found
+        assert unlocked.returncode == 0 and "removed 1 lock" in unlocked.stdout, unlocked.stdout + unlocked.stderr
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(60) == 0, (tmp_path / "up.log").read_text()[-3000:]
+        wait_for(lambda: not any(alive(p) for p in children), timeout=15, what="children to exit")
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+async def _replicas(urls: str, seed: str) -> dict[str, int]:
+    nc = await nats.connect(urls.split(","), nkeys_seed=seed)
+    try:
+        js = nc.jetstream()
+        found = {}
+        for stream in ("RINGFENCE_AUDIT", "RINGFENCE_RECORDINGS", "KV_ringfence_policy", "KV_ringfence_locks",
+                       "KV_ringfence_sessions", "KV_ringfence_leases"):
+            found[stream] = (await js.stream_info(stream)).config.num_replicas
+        return found
+    finally:
+        await nc.close()
+
+
+def test_up_cluster_refuses_an_external_nats(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RINGFENCE_")}
+    result = subprocess.run(
+        [*RINGFENCE, "up", "--data-dir", str(tmp_path / "d"), "--cluster", "3", "--nats-url", "nats://10.0.0.1:4222"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert "--cluster runs its own local NATS nodes" in result.stderr

@@ -24,7 +24,7 @@ from ..config import Config
 from ..contract import names
 from ..contract import resources as r
 from ..contract.events import AuditEvent, RoleCreated, UserCreated
-from ..contract.streams import ensure_streams
+from ..contract.streams import StreamSetupError, ensure_streams_ready
 from ..keyfiles import read_identity, write_identity
 from ..runtime.audit_publish import publish_event
 from ..runtime.service import server_id_for
@@ -124,9 +124,9 @@ async def run(args: argparse.Namespace) -> int:
     try:
         js = nc.jetstream()
         try:
-            await ensure_streams(js)
+            await ensure_streams_ready(js, cfg.nats_replicas, timeout=30)
             path = await bootstrap_admin(js, cfg)
-        except BootstrapError as exc:
+        except (BootstrapError, StreamSetupError) as exc:
             raise CliError(str(exc)) from None
         except NatsTimeout:
             raise CliError("NATS did not answer: is this NATS credential allowed to write the policy bucket? "

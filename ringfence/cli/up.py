@@ -1,5 +1,10 @@
 """`ringfence up`: an embedded nats-server plus the four services, in the foreground.
 
+With `--cluster N` (3 or 5) the embedded NATS is N local nats-server nodes routed into
+one JetStream cluster (stores under <data_dir>/nats/n1..nN), every stream and bucket
+is kept N times, and the services get every node's URL: one node may die (two of
+five) and everything carries on.
+
 Each child's output is prefixed with its name. SIGINT/SIGTERM stop the
 services first, then NATS, and nothing is left behind: children are in their
 own process groups (so a terminal's Ctrl-C reaches only us and we stop them in
@@ -14,6 +19,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -27,9 +33,17 @@ from nats.errors import NoServersError
 
 from ..config import ENV_NATS_URL, Config
 from ..contract import names
-from ..contract.streams import ensure_streams
+from ..contract.streams import StreamSetupError, ensure_streams_ready
+from ..keyfiles import write_secret
 from ..runtime import nats_security
-from ..runtime.nats_conn import NatsCredentialError, connect, nats_server_binary, wait_closed, write_server_config
+from ..runtime.nats_conn import (
+    NatsCredentialError,
+    cluster_block,
+    connect,
+    nats_server_binary,
+    wait_closed,
+    write_server_config,
+)
 from .bootstrap import BootstrapError, bootstrap_admin
 from .client import CliError, config_from
 
@@ -39,6 +53,9 @@ EARLY_EXIT_SECONDS = 5.0  # a child that dies this soon after start failed to st
 STOP_GRACE_SECONDS = 10.0
 MAX_BACKOFF_SECONDS = 30.0
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
+ROUTE_PORT_OFFSET = 2000  # --cluster: node i takes client port nats_port+i and route port nats_port+2000+i
+CLUSTER_SIZES = (3, 5)
+ROUTE_SECRET = "route.secret"  # <data_dir>/nats/: the password cluster routes authenticate with
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
@@ -120,7 +137,7 @@ class Supervisor:
                 await asyncio.wait_for(child.pump, 2.0)
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _check_port_free(host: str, port: int, what: str = "") -> None:
     with socket.socket() as probe:
         # As nats-server binds: connections of a NATS that just stopped (TIME_WAIT) do not count.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -128,7 +145,7 @@ def _check_port_free(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError:
             raise CliError(
-                f"port {port} on {host} is in use (another NATS or `ringfence up`?); "
+                f"port {port} on {host} is in use{what} (another NATS or `ringfence up`?); "
                 "choose another with --nats-port, or use that NATS with --nats-url"
             ) from None
 
@@ -171,15 +188,80 @@ def _service_list(text: str) -> list[str]:
     return chosen
 
 
-async def bootstrap(cfg: Config, nats_url: str, seed: str | None) -> Path | None:
-    """Streams, buckets and the first admin, before any service starts; the new identity file or None."""
-    nc = await connect([nats_url], "ringfence-up", retry_forever=False, connect_timeout=5.0, nkey_seed=seed)
+async def bootstrap(cfg: Config, nats_urls: list[str], seed: str | None, replicas: int = 1) -> Path | None:
+    """Streams, buckets and the first admin, before any service starts; the new identity file or None.
+
+    A cluster that is still electing its JetStream leader is waited for."""
+    nc = await connect(nats_urls, "ringfence-up", retry_forever=False, connect_timeout=5.0, nkey_seed=seed)
     try:
         js = nc.jetstream()
-        await ensure_streams(js)
+        await ensure_streams_ready(js, replicas, timeout=60)
         return await bootstrap_admin(js, cfg)
     finally:
         await wait_closed(nc, 2)
+
+
+@dataclass
+class EmbeddedNats:
+    """The nats-server child(ren) of `up`, their client URLs and the credentials for the services."""
+    children: list[Child]
+    urls: list[str]
+    credentials: dict[str, str]
+
+
+def _route_secret(store: Path) -> str:
+    path = store / ROUTE_SECRET
+    if not path.exists():
+        try:
+            write_secret(path, secrets.token_hex(24) + "\n")
+        except FileExistsError:  # created meanwhile by another `up`: use that one
+            pass
+    return path.read_text().strip()
+
+
+async def _start_embedded(sup: Supervisor, cfg: Config, data_dir: Path, host: str, port: int,
+                          cluster: int) -> EmbeddedNats:
+    """One nats-server (cluster 0), or `cluster` nodes routed to each other; started and listening."""
+    count = cluster or 1
+    clients = [port + i for i in range(count)]
+    routes = [port + ROUTE_PORT_OFFSET + i for i in range(count)] if cluster else []
+    for n, client_port in enumerate(clients):
+        _check_port_free(host, client_port, f" (client port of NATS node {n + 1})" if cluster else "")
+    for n, route_port in enumerate(routes):
+        _check_port_free(host, route_port, f" (route port of NATS node {n + 1})")
+    store = data_dir / "nats"
+    store.mkdir(parents=True, exist_ok=True)
+    # Every client authenticates: one nkey per service and one for the CLI (runtime/nats_security.py).
+    publics = nats_security.ensure_credentials(store)
+    credentials = {role: str(nats_security.seed_path(store, role)) for role in publics}
+    authorization = nats_security.authorization_block(publics)
+    binary = nats_server_binary()
+    children = []
+    if not cluster:
+        conf = write_server_config(
+            store / "nats-server.conf", store_dir=store, host=host, port=port,
+            server_name=f"ringfence-{cfg.nodename}", extra=authorization,
+        )
+        children.append(Child("nats", [binary, "--config", str(conf)]))
+    else:
+        secret = _route_secret(store)
+        for n in range(count):
+            node_dir = store / f"n{n + 1}"
+            conf = write_server_config(
+                node_dir / "nats-server.conf", store_dir=node_dir, host=host, port=clients[n],
+                server_name=f"ringfence-{cfg.nodename}-n{n + 1}", extra=authorization,
+                cluster=cluster_block(host=host, port=routes[n], routes=routes, secret=secret),
+            )
+            children.append(Child(f"nats{n + 1}", [binary, "--config", str(conf)]))
+    try:
+        for child in children:
+            await sup.start(child)
+        for child, client_port in zip(children, clients, strict=True):
+            await _wait_for_port(host, client_port, child)
+    except BaseException:
+        await asyncio.gather(*(sup.stop_child(c) for c in children))
+        raise
+    return EmbeddedNats(children, [f"nats://{host}:{p}" for p in clients], credentials)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -196,50 +278,56 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, sup.wake.set)
 
     endpoint = _embedded_endpoint(cfg, args)
-    nats_child = None
+    cluster = args.cluster or 0
+    if cluster and not endpoint:
+        raise CliError("--cluster runs its own local NATS nodes; it cannot be used with --nats-url, "
+                       "RINGFENCE_NATS_URL or a remote nats_url in the config")
+    replicas = cluster or cfg.nats_replicas
+    nats_children: list[Child] = []
     if endpoint:
         host, port = endpoint
-        _check_port_free(host, port)
+        embedded = await _start_embedded(sup, cfg, data_dir, host, port, cluster)
+        nats_children, nats_urls, credentials = embedded.children, embedded.urls, embedded.credentials
         store = data_dir / "nats"
-        store.mkdir(parents=True, exist_ok=True)
-        nats_url = f"nats://{host}:{port}"
-        # Every client authenticates: one nkey per service and one for the CLI (runtime/nats_security.py).
-        publics = nats_security.ensure_credentials(store)
-        credentials = {role: str(nats_security.seed_path(store, role)) for role in publics}
-        conf = write_server_config(
-            store / "nats-server.conf", store_dir=store, host=host, port=port,
-            server_name=f"ringfence-{cfg.nodename}", extra=nats_security.authorization_block(publics),
-        )
-        nats_child = Child("nats", [nats_server_binary(), "--config", str(conf)])
-        await sup.start(nats_child)
-        try:
-            await _wait_for_port(host, port, nats_child)
-        except CliError:
-            await sup.stop_child(nats_child)
-            raise
-        sup.emit("up", f"embedded NATS with JetStream on {nats_url} (store {store}; clients authenticate "
-                       f"with the nkeys there, the CLI with {credentials[nats_security.CLI]})")
+        auth_note = (f"clients authenticate with the nkeys there, the CLI with "
+                     f"{credentials[nats_security.CLI]}")
+        if cluster:
+            sup.emit("up", f"embedded NATS cluster of {cluster} nodes with JetStream on {','.join(nats_urls)} "
+                           f"(stores {store}/n1..n{cluster}; every stream and bucket kept {replicas} times; "
+                           f"{auth_note})")
+            sup.emit("up", f"  CLI from anywhere: RINGFENCE_NATS_URL={','.join(nats_urls)}")
+        else:
+            sup.emit("up", f"embedded NATS with JetStream on {nats_urls[0]} (store {store}; {auth_note})")
     else:
-        nats_url = cfg.nats_url
+        nats_urls = cfg.nats_urls
         credentials = {}
-        sup.emit("up", f"using NATS at {nats_url}")
+        sup.emit("up", f"using NATS at {cfg.nats_url}")
+
+    async def stop_nats() -> None:
+        await asyncio.gather(*(sup.stop_child(c) for c in nats_children))
 
     try:
-        admin = await bootstrap(cfg, nats_url, credentials.get(nats_security.UP) or cfg.nats_nkey or None)
+        admin = await bootstrap(cfg, nats_urls, credentials.get(nats_security.UP) or cfg.nats_nkey or None,
+                                replicas)
+    except StreamSetupError as exc:
+        await stop_nats()
+        raise CliError(str(exc)) from None
     except (BootstrapError, NatsCredentialError, NatsError, NoServersError, OSError, TimeoutError) as exc:
         message = f"creating the streams and the bootstrap admin failed: {exc!r}"
-        if nats_child is None:  # someone else's NATS: the services may still manage
+        if not nats_children:  # someone else's NATS: the services may still manage
             sup.emit("up", f"warning: {message}")
             admin = None
         else:
-            await sup.stop_child(nats_child)
+            await stop_nats()
             raise CliError(message) from None
     if admin:
         sup.emit("up", f"bootstrap admin identity: {admin}")
         sup.emit("up", "  (role admin: every verb on every resource; root on this node signs with it by default, "
                        "elsewhere pass --identity)")
 
-    common = ["--data-dir", str(data_dir), "--nats-url", nats_url, "--nodename", cfg.nodename]
+    common = ["--data-dir", str(data_dir), "--nats-url", ",".join(nats_urls), "--nodename", cfg.nodename]
+    if cluster:
+        common += ["--nats-replicas", str(replicas)]
     if args.config:
         common += ["--config", args.config]
     for svc in args.services:
@@ -253,8 +341,7 @@ async def run(args: argparse.Namespace) -> int:
     sup.stopping = True
     sup.emit("up", "stopping" if not sup.failed else f"stopping: {sup.failed}")
     await asyncio.gather(*(sup.stop_child(c) for c in sup.children))
-    if nats_child:
-        await sup.stop_child(nats_child)
+    await stop_nats()
     sup.emit("up", "stopped")
     return 1 if sup.failed else 0
 
@@ -267,9 +354,15 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         description="Start an embedded nats-server with JetStream (store under the data dir) and the "
         "policy, locks, enforcer and audit services, with output prefixed per service. Ctrl-C or "
         "SIGTERM stops everything. With --nats-url (or RINGFENCE_NATS_URL) an existing NATS is used "
-        "instead of the embedded one. The enforcer needs root, cgroup v2 and BPF.",
+        "instead of the embedded one. With --cluster 3 the embedded NATS is three local nodes of one "
+        "JetStream cluster, every stream and bucket replicated on each. The enforcer needs root, cgroup v2 and BPF.",
     )
-    p.add_argument("--nats-port", type=int, help="port of the embedded nats-server (default 4222)")
+    p.add_argument("--nats-port", type=int,
+                   help="port of the embedded nats-server (default 4222); with --cluster N, nodes take this "
+                   f"port and the next N-1, and route ports {ROUTE_PORT_OFFSET} above them")
+    p.add_argument("--cluster", type=int, choices=CLUSTER_SIZES, metavar="N",
+                   help="run N (3 or 5) local nats-server nodes as one JetStream cluster, every stream and bucket "
+                   "replicated N times (nats_replicas N for the services)")
     p.add_argument(
         "--services",
         type=_service_list,

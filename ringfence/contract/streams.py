@@ -6,11 +6,14 @@ comes first creates them, the others find them as they are.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NotFoundError, ServiceUnavailableError
 
 from . import names
 
@@ -59,44 +62,118 @@ def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:
     ]
 
 
+class StreamSetupError(Exception):
+    """Streams or buckets cannot be brought to the configured shape; the message says why."""
+
+
+NOT_CLUSTERED = 10074  # replicas > 1 not supported in non-clustered mode
+INSUFFICIENT_RESOURCES = 10023  # not enough servers (yet) for the replicas asked
+NO_SUITABLE_PEERS = 10005  # placement found too few peers (some are down or not yet known)
+TEMPORARILY_UNAVAILABLE = 10008  # JetStream has no meta leader (yet)
+TRANSIENT = (INSUFFICIENT_RESOURCES, NO_SUITABLE_PEERS, TEMPORARILY_UNAVAILABLE)
+
+
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create what is missing with `replicas` copies; raise existing streams and buckets to it.
+
+    Replicas are never lowered here: a process started with a smaller setting (or an
+    older one) must not quietly take copies away; lower them with the nats CLI."""
+    try:
+        await _ensure(js, replicas)
+    except APIError as exc:
+        if exc.err_code == NOT_CLUSTERED:
+            raise StreamSetupError(
+                f"nats_replicas is {replicas} but the NATS server is not a cluster; set nats_replicas: 1 "
+                "(or RINGFENCE_NATS_REPLICAS=1), or run NATS as a cluster (`ringfence up --cluster 3`)"
+            ) from None
+        raise
+
+
+async def _ensure(js: JetStreamContext, replicas: int) -> None:
     for cfg in stream_configs(replicas):
         try:
-            await js.stream_info(cfg.name)
+            info = await js.stream_info(cfg.name)
         except NotFoundError:
             try:
                 await js.add_stream(cfg)
-                log.info("created stream %s", cfg.name)
+                log.info("created stream %s (%d replica%s)", cfg.name, replicas, "s" if replicas > 1 else "")
             except BadRequestError as exc:
                 # Another service created it between our check and our add.
                 if exc.err_code != 10058:  # stream name already in use
                     raise
         else:
+            had = info.config.num_replicas or 1
+            cfg.num_replicas = max(had, replicas)
             await js.update_stream(cfg)
+            if cfg.num_replicas > had:
+                log.info("stream %s: replicas raised from %d to %d", cfg.name, had, cfg.num_replicas)
     for kv in bucket_configs(replicas):
         try:
             await js.key_value(kv.bucket)
         except BucketNotFoundError:
             await js.create_key_value(kv)
-            log.info("created bucket %s", kv.bucket)
-        if kv.bucket in ATOMIC_BUCKETS:
-            await _allow_atomic(js, f"KV_{kv.bucket}")
+            log.info("created bucket %s (%d replica%s)", kv.bucket, replicas, "s" if replicas > 1 else "")
+        await _reconcile_bucket(js, f"KV_{kv.bucket}", replicas, atomic=kv.bucket in ATOMIC_BUCKETS)
+
+
+async def ensure_streams_ready(js: JetStreamContext, replicas: int = 1, *, timeout: float | None = 60.0,
+                               retry_every: float = 0.5) -> None:
+    """ensure_streams(), retried while JetStream cannot take it yet: a cluster that has no
+    meta leader yet, or fewer servers up than `replicas`. `timeout` None: wait for ever
+    (warning every ~10 s). Anything else, and the last error at the deadline, is raised."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    attempt = 0
+    while True:
+        try:
+            await ensure_streams(js, replicas)
+            return
+        except (APIError, NoRespondersError, NatsTimeoutError, TimeoutError) as exc:
+            if isinstance(exc, APIError) and not _transient(exc):
+                raise
+            if deadline is not None and loop.time() >= deadline:
+                raise
+            attempt += 1
+            if attempt == 1 or attempt % max(1, round(10 / retry_every)) == 0:
+                log.warning("JetStream not ready for %d replica%s yet (%s); retrying", replicas,
+                            "s" if replicas > 1 else "", _describe(exc))
+            await asyncio.sleep(retry_every)
+
+
+def _transient(exc: APIError) -> bool:
+    return exc.err_code in TRANSIENT or isinstance(exc, ServiceUnavailableError) or exc.code == 503
+
+
+def _describe(exc: Exception) -> str:
+    return getattr(exc, "description", None) or repr(exc)
 
 
 # Buckets whose services write several keys for one request, all or none (runtime/kv_batch.py).
 ATOMIC_BUCKETS = (names.POLICY_BUCKET, names.LOCKS_BUCKET)
 
 
-async def _allow_atomic(js: JetStreamContext, stream: str) -> None:
+async def _reconcile_bucket(js: JetStreamContext, stream: str, replicas: int, *, atomic: bool) -> None:
+    """Raise a bucket's replicas to `replicas` and allow atomic batches where it needs them, in one update."""
     info = await js.stream_info(stream)
-    if info.config.allow_atomic:
+    config = info.config
+    had = config.num_replicas or 1
+    wants_atomic = atomic and not config.allow_atomic
+    if had >= replicas and not wants_atomic:
         return
-    info.config.allow_atomic = True
+    config.num_replicas = max(had, replicas)
+    if atomic:
+        config.allow_atomic = True
     try:
-        updated = await js.update_stream(info.config)
-    except Exception as exc:  # e.g. only the bucket's owner may reconfigure it (runtime/nats_security.py)
-        log.warning("stream %s: cannot allow atomic batch publish (%r); the service that writes it will", stream, exc)
+        updated = await js.update_stream(config)
+    except APIError as exc:
+        if exc.err_code == NOT_CLUSTERED or _transient(exc):
+            raise
+        # e.g. only the bucket's owner (or `ringfence up`) may reconfigure it (runtime/nats_security.py)
+        log.warning("stream %s: cannot raise replicas to %d%s (%r); the service that writes it will", stream,
+                    replicas, " or allow atomic batch publish" if wants_atomic else "", exc)
         return
-    if not updated.config.allow_atomic:
+    if updated.config.num_replicas and updated.config.num_replicas > had:
+        log.info("stream %s: replicas raised from %d to %d", stream, had, updated.config.num_replicas)
+    if wants_atomic and not updated.config.allow_atomic:
         log.error("stream %s: the NATS server does not support atomic batch publish (nats-server 2.12 or later "
                   "does); requests that change several keys are then applied one key at a time", stream)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import msgspec
 from nats.js import JetStreamContext
@@ -10,6 +11,8 @@ from nats.js import JetStreamContext
 from ..contract import names
 from ..contract.events import AuditEvent, encode_event
 from .service import ServiceContext
+
+log = logging.getLogger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 
@@ -31,6 +34,44 @@ async def publish_event(js: JetStreamContext, event: AuditEvent, timeout: float 
         timeout=timeout,
         headers={MSG_ID_HEADER: event.uid},
     )
+
+
+# How long a control service keeps trying to publish an event before it reports it lost:
+# longer than a stream leader election after a cluster node died (4-9 s).
+PUBLISH_WAIT = 12.0
+RETRY_PAUSE = 0.2
+
+
+async def publish_event_retrying(js: JetStreamContext, event: AuditEvent, wait: float = PUBLISH_WAIT) -> None:
+    """publish_event(), tried again on any failure for up to `wait` seconds (NATS reconnecting,
+    the audit stream electing a leader); the last error is raised after that. Retries are
+    safe: the uid is the message id, so a copy stored by an attempt whose ack was lost is
+    dropped by the stream's duplicate window."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + wait
+    while True:
+        left = until - loop.time()
+        try:
+            await publish_event(js, event, timeout=max(0.5, min(5.0, left)))
+            return
+        except Exception:
+            if loop.time() + RETRY_PAUSE >= until:
+                raise
+            await asyncio.sleep(RETRY_PAUSE)
+
+
+async def publish_change_event(ctx: ServiceContext, event: AuditEvent) -> str:
+    """Stamp and publish the audit event of a change already applied. On failure the
+    change stands: the failure is counted (audit_publish_failures) and the warning for
+    the request's reply is returned; "" when the event was stored."""
+    stamp(event, ctx)
+    try:
+        await publish_event_retrying(ctx.js, event)
+    except Exception as exc:
+        ctx.counters["audit_publish_failures"] = ctx.counters.get("audit_publish_failures", 0) + 1
+        log.error("audit event %s (%s) not published: %r", event.event_type(), event.uid, exc)
+        return f"warning: the change was applied but its audit event {event.event_type()} was not recorded"
+    return ""
 
 
 class _Envelope(msgspec.Struct):

@@ -12,16 +12,28 @@ KeyValue writes them, so watchers see the same entries either way.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import NoStreamResponseError
 
 log = logging.getLogger(__name__)
 
 MAX_WRITES = 1000  # the server's limit on messages in one atomic batch
+# How long a write waits for its stream to have a leader again. On a cluster, the
+# streams the dead node led get new leaders 4-9 s after it died (raft election
+# timeouts; measured 3.5-7.4 s); meanwhile nothing answers their subjects and nothing
+# is stored.
+LEADER_WAIT = 12.0
+RETRY_PAUSE = 0.1
 WRONG_LAST_SEQUENCE = 10071  # JetStream: an expected revision did not match
 
 _BATCH_ID = "Nats-Batch-Id"
@@ -38,6 +50,10 @@ class KvWrite:
     last: int | None = None  # only if the key is still at this revision (0: only if it has none)
 
 
+class WriteOutcomeUnknown(Exception):
+    """The server did not confirm the commit in time: all of the batch was stored, or none of it."""
+
+
 class BatchError(Exception):
     """The server refused the batch; nothing of it was stored."""
 
@@ -49,16 +65,57 @@ class BatchError(Exception):
 _warned_not_atomic = False
 
 
-async def write_all(nc: Client, bucket: str, writes: list[KvWrite], timeout: float = 5.0) -> int:
+async def write_all(nc: Client, bucket: str, writes: list[KvWrite], timeout: float = 5.0,
+                    leader_wait: float = LEADER_WAIT) -> int:
     """Store every write or none; returns the stream sequence of the last one.
 
     Raises BatchError when the server refused the batch (an expected revision did not
-    match, atomic publish not enabled, ...): then nothing was written. A NATS timeout
-    on the commit leaves the outcome unknown (all or nothing, never a part)."""
+    match, atomic publish not enabled, ...): then nothing was written. While the stream
+    has no leader (nothing answers: nothing stored) the batch is sent again for up to
+    `leader_wait` seconds. So is a batch whose commit was not confirmed in time (it went
+    to a server that died) when none of its writes is conditional: writing the same
+    values again is harmless. A conditional one raises WriteOutcomeUnknown then: all or
+    nothing was stored, never a part."""
     if not writes:
         return 0
     if len(writes) > MAX_WRITES:
         raise ValueError(f"{len(writes)} writes; at most {MAX_WRITES} are applied together")
+    return await while_leaderless(lambda: _write_once(nc, bucket, writes, timeout), leader_wait)
+
+
+T = TypeVar("T")
+
+
+async def while_leaderless(attempt: Callable[[], Awaitable[T]], leader_wait: float = LEADER_WAIT) -> T:
+    """`attempt()`, made again while it fails because nothing answers the stream's subjects
+    (no leader, e.g. during an election after a node died: such a try stored nothing),
+    for up to `leader_wait` seconds."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + leader_wait
+    waited = False
+    while True:
+        try:
+            result = await attempt()
+            if waited:
+                log.info("the stream has a leader again; write done")
+            return result
+        except (NoRespondersError, NoStreamResponseError, _Unconfirmed) as exc:
+            if loop.time() >= until:
+                if isinstance(exc, _Unconfirmed):
+                    raise WriteOutcomeUnknown(str(exc)) from None
+                raise
+            if not waited:
+                log.warning("no stream leader answers yet (%r); retrying for up to %.0fs", exc, leader_wait)
+                waited = True
+            await asyncio.sleep(RETRY_PAUSE)
+
+
+class _Unconfirmed(Exception):
+    """No answer in time, and sending the batch again is safe: the first message of a
+    multi-message batch (no commit was sent), or a commit whose writes are all unconditional."""
+
+
+async def _write_once(nc: Client, bucket: str, writes: list[KvWrite], timeout: float) -> int:
     batch_id = uuid.uuid4().hex
     for n, w in enumerate(writes, start=1):
         headers = {_BATCH_ID: batch_id, _BATCH_SEQUENCE: str(n)}
@@ -70,12 +127,22 @@ async def write_all(nc: Client, bucket: str, writes: list[KvWrite], timeout: flo
         data = w.value or b""
         if n == len(writes):
             headers[_BATCH_COMMIT] = "1"
-            ack = _parse(await nc.request(subject, data, timeout=timeout, headers=headers))
+            try:
+                reply = await nc.request(subject, data, timeout=timeout, headers=headers)
+            except NatsTimeoutError:
+                message = f"NATS did not confirm the write within {timeout:.0f}s"
+                if any(x.last is not None for x in writes):
+                    raise WriteOutcomeUnknown(message) from None
+                raise _Unconfirmed(message) from None
+            ack = _parse(reply)
             if ack.get("batch") != batch_id or ack.get("count") != n:
                 _not_atomic(bucket, ack)
             return int(ack.get("seq", 0))
         if n == 1:  # the server says at once when it will not take the batch
-            _parse(await nc.request(subject, data, timeout=timeout, headers=headers))
+            try:
+                _parse(await nc.request(subject, data, timeout=timeout, headers=headers))
+            except NatsTimeoutError:
+                raise _Unconfirmed(f"NATS did not answer the start of the batch within {timeout:.0f}s") from None
         else:
             await nc.publish(subject, data, headers=headers)
     raise AssertionError("unreachable")

@@ -17,6 +17,8 @@ from typing import Any, Generic, TypeVar
 
 from nats.aio.client import Client
 
+from .kv_watch import watchable_bucket
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -56,7 +58,7 @@ class KvMirror(Generic[T]):
             self.on_change()
 
     async def run(self, stop: asyncio.Event) -> None:
-        kv = await self.nc.jetstream().key_value(self.bucket)
+        kv = await watchable_bucket(self.nc.jetstream(), self.bucket)  # deaf watches replaced within seconds
         while not stop.is_set():
             try:
                 await self._watch_once(kv, stop)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -99,17 +100,48 @@ MAX_PAYLOAD = 16 * 1024 * 1024
 
 
 def write_server_config(path: Path, *, store_dir: Path, host: str, port: int, server_name: str,
-                        extra: str = "") -> Path:
-    """The embedded nats-server's configuration file."""
+                        extra: str = "", cluster: str = "") -> Path:
+    """The embedded nats-server's configuration file (0600: it may hold the route secret)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
+    text = (
         f"server_name: {server_name}\n"
         f"listen: {host}:{port}\n"
         f"max_payload: {MAX_PAYLOAD}\n"
         f'jetstream {{\n  store_dir: "{store_dir}"\n}}\n'
+        f"{cluster}"
         f"{extra}"
     )
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o600)  # an older file may have been wider
+    os.replace(tmp, path)
     return path
+
+
+CLUSTER_NAME = "ringfence"
+ROUTE_USER = "ringfence-route"
+
+
+def cluster_block(*, host: str, port: int, routes: list[int], secret: str | None = None,
+                  name: str = CLUSTER_NAME) -> str:
+    """nats-server.conf `cluster`: listen for routes on host:port and connect to every peer's route port.
+
+    With `secret`, routes authenticate (user ROUTE_USER, that password), so no other local
+    process can join the cluster as a server and bypass the client permissions."""
+    credentials = f"{ROUTE_USER}:{secret}@" if secret else ""
+    lines = [
+        "cluster {",
+        f"  name: {name}",
+        f"  listen: {host}:{port}",
+    ]
+    if secret:
+        lines.append(f'  authorization {{\n    user: "{ROUTE_USER}"\n    password: "{secret}"\n  }}')
+    lines.append("  routes: [")
+    lines += [f'    "nats-route://{credentials}{host}:{peer}"' for peer in routes]
+    lines += ["  ]", "}", ""]
+    return "\n".join(lines)
 
 
 def nats_server_binary() -> str:

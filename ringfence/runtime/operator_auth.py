@@ -27,6 +27,7 @@ from .. import auth
 from ..contract import names
 from ..contract.api import ApiError
 from ..contract.resources import Role, User
+from . import kv_read
 from .kv_mirror import KvMirror
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ class OperatorDirectory:
 
     async def _read(self, key: str, type_: type[T]) -> T | None:
         if self._kv is None:
-            self._kv = await self.nc.jetstream().key_value(names.POLICY_BUCKET)
+            # The stream leader answers: an operator added a moment ago is found (runtime/kv_read.py).
+            self._kv = await kv_read.open_bucket(self.nc.jetstream(), names.POLICY_BUCKET)
         try:
             entry = await self._kv.get(key)
         except (KeyNotFoundError, KeyDeletedError):

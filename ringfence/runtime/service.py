@@ -39,7 +39,7 @@ from .. import __version__
 from ..config import Config, ConfigError, load_config
 from ..contract import names
 from ..contract.api import ApiError, error_reply
-from ..contract.streams import ensure_streams
+from ..contract.streams import StreamSetupError, ensure_streams_ready
 from .logs import setup_logging
 from .nats_conn import NatsCredentialError, connect, wait_closed
 from .operator_auth import ActionSpec, OperatorDirectory, RequestAuth
@@ -130,6 +130,8 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (env RINGFENCE_LOG_LEVEL)")
     parser.add_argument("--nats-nkey", metavar="SEED_FILE",
                         help="NATS nkey seed file to authenticate with (env RINGFENCE_NATS_NKEY)")
+    parser.add_argument("--nats-replicas", type=int, metavar="N",
+                        help="copies of every stream and bucket: 1, 3 or 5 (env RINGFENCE_NATS_REPLICAS)")
 
 
 def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Adapter], argv=None) -> None:
@@ -141,7 +143,7 @@ def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Ad
     setup_logging(short_name, args.log_level)
     try:
         config = load_config(args.config, data_dir=args.data_dir, nats_url=args.nats_url, nodename=args.nodename,
-                             nats_nkey=args.nats_nkey)
+                             nats_nkey=args.nats_nkey, nats_replicas=args.nats_replicas)
     except ConfigError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -151,6 +153,27 @@ def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Ad
     except (StartupError, NatsCredentialError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+async def _streams_ready(js: JetStreamContext, replicas: int, stop: asyncio.Event) -> bool:
+    """Streams and buckets in shape; waits (for ever) while a cluster cannot take them yet.
+    False when the service was asked to stop meanwhile."""
+    ready = asyncio.ensure_future(ensure_streams_ready(js, replicas, timeout=None))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([ready, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not ready.done():
+        ready.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await ready
+        return False
+    try:
+        ready.result()
+    except StreamSetupError as exc:
+        raise StartupError(str(exc)) from None
+    return True
 
 
 def _run_to_the_end(main) -> None:
@@ -195,7 +218,9 @@ async def _serve(short_name: str, config: Config, adapter: Adapter) -> None:
     nc = await connect(config.nats_urls, f"ringfence-{short_name}@{config.nodename}",
                        nkey_seed=config.nats_nkey or None)
     js = nc.jetstream()
-    await ensure_streams(js)
+    if not await _streams_ready(js, config.nats_replicas, stop):
+        await wait_closed(nc, 2)
+        return
     ctx = ServiceContext(
         name=short_name,
         config=config,

@@ -1,5 +1,13 @@
 """NATS side of the audit service: the durable pull consumer feeding the writer, and search.
 
+Events are written in stream order. The consumer counts a message handed to a
+fetch as delivered even when the fetch never arrives (this service killed while
+holding it, or the NATS node its connection went through dying with it in
+flight); JetStream resends such a message only after ack_wait, after newer ones.
+So the service keeps the stream sequence it expects next (STREAM_POSITION, beside
+the log) and reads any sequence a batch skips straight from the stream, from its
+leader, before writing the batch; the late redelivery is then a duplicate.
+
 Session recordings have their own consumer and endpoints (recording_adapter.py), started here.
 """
 
@@ -7,10 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from pathlib import Path
 
 import msgspec
 import nats.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 from nats.micro.request import Request
 
 from ringfence.contract import names
@@ -33,7 +44,9 @@ RETRY_PAUSE = 1.0
 REPLY_OVERHEAD = 4096  # bytes of a search reply that are not event lines
 REPLY_MAX_BYTES = 1 << 20  # keep replies small even where NATS allows more; next_key pages on
 
-COUNTERS = ("written", "duplicates_skipped", "rejected", "write_errors")
+COUNTERS = ("written", "duplicates_skipped", "rejected", "write_errors", "gaps_filled")
+STREAM_POSITION = "stream_position"  # in the log dir: the stream sequence expected next
+MAX_GAP = 10_000  # messages read from the stream to fill one gap; a wider one is left to redelivery
 
 
 def consumer_config() -> ConsumerConfig:
@@ -57,6 +70,8 @@ class Adapter:
         self._fetch: asyncio.Future | None = None
         self._stopping = asyncio.Event()
         self.recordings = RecordingConsumer()
+        self._position_path: Path | None = None
+        self.position: int | None = None  # stream sequence expected next; None: not known
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
@@ -68,6 +83,8 @@ class Adapter:
         except RuntimeError as exc:
             raise StartupError(str(exc)) from None
         await asyncio.to_thread(self.writer.start)
+        self._position_path = directory / STREAM_POSITION
+        self.position = _read_position(self._position_path)
         self.search_index = SearchIndex(directory / INDEX_FILE)
         await self._subscribe()
         await ctx.add_endpoint("search", names.api_subject(names.AUDIT_API, "search"), self._search,
@@ -118,7 +135,11 @@ class Adapter:
 
     async def _handle(self, msgs) -> None:
         assert self.ctx is not None and self.writer is not None
-        batch = [Incoming(m.data, m.subject, _stream_seq(m)) for m in msgs]
+        received = [Incoming(m.data, m.subject, _stream_seq(m)) for m in msgs]
+        missing = core.missing_sequences(self.position, [i.stream_seq for i in received], MAX_GAP)
+        filled = await self._read_from_stream(missing) if missing else []
+        # Stream order; a redelivery of something already written is dropped by uid.
+        batch = sorted(filled + received, key=lambda i: i.stream_seq)
         try:
             outcome = await asyncio.to_thread(self.writer.write_batch, batch)
         except Exception as exc:
@@ -137,8 +158,39 @@ class Adapter:
         counters["written"] += outcome.written
         counters["duplicates_skipped"] += outcome.duplicates_skipped
         counters["rejected"] += outcome.rejected
+        counters["gaps_filled"] += len(filled)
+        newest = max((i.stream_seq for i in batch), default=0)
+        if newest and (self.position is None or newest >= self.position):
+            self.position = newest + 1
+            await asyncio.to_thread(_write_position, self._position_path, self.position)
         for m in msgs:
             await m.ack()
+
+    async def _read_from_stream(self, seqs: list[int]) -> list[Incoming]:
+        """The messages at `seqs`, from the stream leader (a follower may not have them yet);
+        a sequence the stream no longer has (expired, deleted) is skipped. Waits out a
+        leader election or a reconnect; gives up (RuntimeError, nothing acked) only when stopping."""
+        assert self.ctx is not None
+        log.warning("audit: stream sequences %d..%d were skipped by the consumer (a fetch that never arrived); "
+                    "reading %d from the stream to keep the log in order", seqs[0], seqs[-1], len(seqs))
+        found: list[Incoming] = []
+        for seq in seqs:
+            while True:
+                try:
+                    msg = await self.ctx.js.get_msg(names.AUDIT_STREAM, seq=seq, direct=False)
+                except NotFoundError:
+                    log.info("audit: stream sequence %d is gone (expired or deleted); skipping it", seq)
+                    break
+                except Exception as exc:  # no leader yet, disconnected: the batch waits, in order
+                    if self._stopping.is_set():
+                        raise RuntimeError(f"stopping while reading stream sequence {seq}") from None
+                    log.warning("audit: reading stream sequence %d failed (%r); retrying", seq, exc)
+                    await asyncio.sleep(RETRY_PAUSE)
+                    continue
+                if msg.subject and msg.subject.startswith(names.AUDIT_SUBJECT_PREFIX + "."):
+                    found.append(Incoming(msg.data or b"", msg.subject, seq))
+                break
+        return found
 
     async def _search(self, req: Request) -> bytes:
         assert self.ctx is not None and self.search_index is not None
@@ -178,6 +230,23 @@ class Adapter:
             await asyncio.to_thread(self.writer.close)
         if self.search_index is not None:
             self.search_index.close()
+
+
+def _read_position(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_position(path: Path | None, position: int) -> None:
+    """Not fsynced: a position lost to a crash is behind, and behind only costs reads of
+    messages already written (dropped by uid); it is never ahead of what is written."""
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{position}\n")
+    os.replace(tmp, path)
 
 
 def _stream_seq(msg) -> int:

@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 
 IDLE_CHECK = 0.5
 CAS_ATTEMPTS = 50
+# A full count is looked at again for this long before a connection is refused: the
+# ssh client of a connection that just ended exits before its sshd has torn the
+# connection down, so `ssh host a; ssh host b` at max_connections 1 would race it.
+SLOT_WAIT = 1.5
+SLOT_RETRY = 0.05
 
 
 # --- pure ---------------------------------------------------------------------------------------------
@@ -107,13 +112,17 @@ class ConnectionLeases:
                 await asyncio.sleep(0.002)  # another node changed it first: read again
         raise RuntimeError(f"the connection leases of {user} stayed contended for {CAS_ATTEMPTS} attempts")
 
-    async def acquire(self, user: str, sid: str, limit: int) -> bool:
+    async def acquire(self, user: str, sid: str, limit: int, wait: float = SLOT_WAIT) -> bool:
+        """Take a lease for `sid` if fewer than `limit` are live, waiting up to `wait`
+        seconds for one to be given back."""
         def take(live: list[Lease]) -> list[Lease] | None:
             if len(live) >= limit:
                 return None
             return [*live, Lease(sid, self.server_id, time.time() + self.ttl)]
 
-        taken = await self._change(user, take)
+        until = time.monotonic() + wait
+        while not (taken := await self._change(user, take)) and time.monotonic() < until:
+            await asyncio.sleep(SLOT_RETRY)
         if taken:
             self.held[sid] = user
         return taken

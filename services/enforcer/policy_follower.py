@@ -21,6 +21,7 @@ from nats.js.kv import KeyValue
 
 from ringfence.contract import names
 from ringfence.contract.resources import NetworkRestrictions
+from ringfence.runtime.kv_watch import watchable_bucket
 
 from .policy_core import effective_entries, plan_update
 from .restricted_bpf import RestrictedBPF
@@ -103,7 +104,7 @@ class PolicyFollower:
         await self.apply(entry.revision, entry.value)
 
     async def run(self, stop: asyncio.Event) -> None:
-        kv = await self.nc.jetstream().key_value(names.POLICY_BUCKET)
+        kv = await watchable_bucket(self.nc.jetstream(), names.POLICY_BUCKET)  # a deaf watch is replaced in ~2 s
         await self.resync(kv)
         watch_task = asyncio.create_task(self._watch(kv, stop))
         was_connected = True

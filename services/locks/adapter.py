@@ -20,7 +20,9 @@ import logging
 import uuid
 
 import msgspec
-from nats.js.errors import APIError, KeyDeletedError, KeyNotFoundError
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import APIError, NoStreamResponseError
 from nats.js.kv import KeyValue
 from nats.micro.request import Request
 
@@ -28,15 +30,14 @@ from ringfence import locking
 from ringfence.contract import api, names
 from ringfence.contract import resources as r
 from ringfence.contract.events import AuditEvent
-from ringfence.runtime import kv_batch
-from ringfence.runtime.audit_publish import publish_event, stamp
+from ringfence.runtime import kv_batch, kv_read
+from ringfence.runtime.audit_publish import publish_change_event
 from ringfence.runtime.service import ServiceContext, request_actor
 
 from . import core
 
 log = logging.getLogger(__name__)
 
-PUBLISH_ATTEMPTS = 3
 SWEEP_INTERVAL = 60.0  # full re-read of the bucket; also the longest the timer sleeps
 RETRY_AFTER_ERROR = 5.0
 WRONG_LAST_SEQUENCE = 10071  # JetStream: the key moved on since we read it
@@ -57,7 +58,7 @@ def utcnow() -> dt.datetime:
 class Adapter:
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        self.kv: KeyValue = await ctx.js.key_value(names.LOCKS_BUCKET)
+        self.kv: KeyValue = await kv_read.open_bucket(ctx.js, names.LOCKS_BUCKET)
         # One writer at a time in this process: "created" vs "updated" and the
         # order of audit events follow the order of the writes.
         self.write_lock = asyncio.Lock()
@@ -168,26 +169,27 @@ class Adapter:
             log.error("lock %r in KV does not decode (%s); ignoring it", key, exc)
             return None
 
+    # Reads see every write acknowledged before them, also on a cluster (runtime/kv_read.py).
     async def _read(self, key: str) -> core.Stored | None:
         try:
-            entry = await self.kv.get(key)
-        except (KeyNotFoundError, KeyDeletedError):
+            entry = await kv_read.get(self.kv, key)
+        except kv_read.StaleSnapshotError as exc:
+            raise api.ApiError(f"cannot read the locks bucket: {exc}", "unavailable") from None
+        if entry is None:
             return None
         lock = self._decode(key, entry.value)
         return core.Stored(lock, entry.revision) if lock else None
 
     async def _read_all(self) -> dict[str, core.Stored]:
         """Every lock stored now, with its revision."""
-        watcher = await self.kv.watch(">", ignore_deletes=True)
-        found: dict[str, core.Stored] = {}
         try:
-            async for entry in watcher:
-                if entry is None:  # caught up with the bucket's current state
-                    break
-                if entry.value and (lock := self._decode(entry.key, entry.value)):
-                    found[entry.key] = core.Stored(lock, entry.revision)
-        finally:
-            await watcher.stop()
+            entries = await kv_read.snapshot(self.ctx.js, self.kv)
+        except kv_read.StaleSnapshotError as exc:
+            raise api.ApiError(f"cannot read the locks bucket: {exc}", "unavailable") from None
+        found: dict[str, core.Stored] = {}
+        for key, entry in entries.items():
+            if entry.value and (lock := self._decode(key, entry.value)):
+                found[key] = core.Stored(lock, entry.revision)
         return found
 
     async def _apply(self, changes: list[core.Change], create_only: bool = False) -> list[str]:
@@ -204,7 +206,7 @@ class Adapter:
                 batch = changes[start : start + kv_batch.MAX_WRITES]
                 if create_only:  # `ringfence lock`: one new key
                     for change in batch:
-                        await self.kv.create(change.key, change.value)
+                        await self._create_key(change.key, change.value)
                 else:
                     await self._write_all(batch)
                 applied += batch
@@ -215,10 +217,30 @@ class Adapter:
             warnings = [w for change in applied if (w := await self._publish(change.event))]
         return warnings
 
+    async def _create_key(self, key: str, value: bytes) -> None:
+        """Store a new lock (`ringfence lock`: a new UUID, so nothing can be in its way)."""
+
+        async def create() -> None:
+            try:
+                await self.kv.create(key, value)
+            except NatsTimeoutError:
+                # Sent to a server that died? The leader knows whether it was stored; if not, send it again.
+                stored = await kv_read.get(self.kv, key)
+                if stored is None:
+                    raise NoStreamResponseError from None
+                if stored.value != value:
+                    raise
+        try:
+            await kv_batch.while_leaderless(create)
+        except (NoStreamResponseError, NatsTimeoutError, kv_read.StaleSnapshotError) as exc:
+            raise api.ApiError(_unconfirmed(exc), "unavailable") from None
+
     async def _write_all(self, changes: list[core.Change]) -> None:
         writes = [kv_batch.KvWrite(c.key, c.value, last=c.last) for c in changes]
         try:
             await kv_batch.write_all(self.ctx.nc, names.LOCKS_BUCKET, writes)
+        except (kv_batch.WriteOutcomeUnknown, NoRespondersError) as exc:
+            raise api.ApiError(_unconfirmed(exc), "unavailable") from None
         except kv_batch.BatchError as exc:
             if exc.err_code == kv_batch.WRONG_LAST_SEQUENCE:
                 removing = [c.key for c in changes if c.last is not None]
@@ -231,19 +253,8 @@ class Adapter:
                                "unavailable") from None
 
     async def _publish(self, event: AuditEvent) -> str:
-        """Publish `event`; on failure the change stands, so say so instead of failing the request."""
-        stamp(event, self.ctx)
-        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
-            try:
-                await publish_event(self.ctx.js, event)
-                return ""
-            except Exception as exc:  # retried: the uid is the msg id, so a duplicate is dropped
-                if attempt == PUBLISH_ATTEMPTS:
-                    self.ctx.counters["audit_publish_failures"] += 1
-                    log.error("audit event %s (%s) not published: %r", event.event_type(), event.uid, exc)
-                    return f"warning: the change was applied but its audit event {event.event_type()} was not recorded"
-                await asyncio.sleep(0.2 * attempt)
-        return ""
+        """Publish `event`; "" or the warning for the reply (the change stands either way)."""
+        return await publish_change_event(self.ctx, event)
 
     # --- expiry housekeeping ----------------------------------------------------------------
 
@@ -331,6 +342,13 @@ class Adapter:
                 self.ctx.counters["expiry_errors"] += 1
                 log.exception("expiring locks failed; trying again in %.0fs", RETRY_AFTER_ERROR)
                 await asyncio.sleep(RETRY_AFTER_ERROR)
+
+
+def _unconfirmed(exc: Exception) -> str:
+    if isinstance(exc, (NoRespondersError, NoStreamResponseError)):
+        return "nothing was changed: no NATS server stored the locks bucket's writes in time; try again"
+    return (f"NATS did not confirm the change ({exc}); it may or may not have been applied: "
+            "check with ringfence get locks")
 
 
 def make_adapter(_args) -> Adapter:

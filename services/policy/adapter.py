@@ -6,21 +6,20 @@ import asyncio
 import logging
 
 import msgspec
-from nats.js.errors import KeyDeletedError, KeyNotFoundError
+from nats.errors import NoRespondersError
 from nats.js.kv import KeyValue
 from nats.micro.request import Request
 
 from ringfence.contract import api, names
 from ringfence.contract.events import AuditEvent
-from ringfence.runtime import kv_batch
-from ringfence.runtime.audit_publish import publish_event, stamp
+from ringfence.runtime import kv_batch, kv_read
+from ringfence.runtime.audit_publish import publish_change_event
 from ringfence.runtime.service import ServiceContext, request_actor
 
 from . import core
 
 log = logging.getLogger(__name__)
 
-PUBLISH_ATTEMPTS = 3
 # Room for the KV subject and headers next to a value within NATS's max_payload.
 MESSAGE_OVERHEAD = 1024
 
@@ -33,7 +32,7 @@ def actor_of(req: Request) -> str:
 class Adapter:
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        self.kv: KeyValue = await ctx.js.key_value(names.POLICY_BUCKET)
+        self.kv: KeyValue = await kv_read.open_bucket(ctx.js, names.POLICY_BUCKET)
         # One writer at a time in this process, so "created" vs "updated" and the
         # order of audit events match the order in which changes were written.
         self.write_lock = asyncio.Lock()
@@ -113,26 +112,21 @@ class Adapter:
 
     # --- KV and audit -------------------------------------------------------------------
 
+    # Reads see every write acknowledged before them, also on a cluster (runtime/kv_read.py).
     async def _read(self, key: str) -> bytes | None:
         try:
-            entry = await self.kv.get(key)
-        except (KeyNotFoundError, KeyDeletedError):
-            return None
-        return entry.value
+            entry = await kv_read.get(self.kv, key)
+        except kv_read.StaleSnapshotError as exc:
+            raise api.ApiError(f"cannot read the policy bucket: {exc}", "unavailable") from None
+        return entry.value if entry is not None else None
 
     async def _read_prefix(self, prefix: str) -> list[bytes]:
         """Current values under `prefix`, ordered by key (stable listings)."""
-        watcher = await self.kv.watch(prefix + ">", ignore_deletes=True)
-        found: dict[str, bytes] = {}
         try:
-            async for entry in watcher:
-                if entry is None:  # caught up with the bucket's current state
-                    break
-                if entry.value:
-                    found[entry.key] = entry.value
-        finally:
-            await watcher.stop()
-        return [found[k] for k in sorted(found)]
+            entries = await kv_read.snapshot(self.ctx.js, self.kv, prefix + ">")
+        except kv_read.StaleSnapshotError as exc:
+            raise api.ApiError(f"cannot read the policy bucket: {exc}", "unavailable") from None
+        return [entries[k].value for k in sorted(entries) if entries[k].value]
 
     async def _apply(self, changes: list[core.Change]) -> list[str]:
         """Write every change (all or none, even if this process dies meanwhile), then publish
@@ -140,6 +134,12 @@ class Adapter:
         try:
             await kv_batch.write_all(self.ctx.nc, names.POLICY_BUCKET,
                                      [kv_batch.KvWrite(c.key, c.value) for c in changes])
+        except NoRespondersError:
+            raise api.ApiError("nothing was changed: no NATS server stored the policy bucket's writes in time; "
+                               "try again", "unavailable") from None
+        except kv_batch.WriteOutcomeUnknown as exc:
+            raise api.ApiError(f"NATS did not confirm the change ({exc}); it may or may not have been applied: "
+                               "check with ringfence get", "unavailable") from None
         except kv_batch.BatchError as exc:
             raise api.ApiError(f"nothing was changed: the NATS server refused the write ({exc})",
                                "unavailable") from None
@@ -150,19 +150,8 @@ class Adapter:
         return [w for change in changes if (w := await self._publish(change.event))]
 
     async def _publish(self, event: AuditEvent) -> str:
-        """Publish `event`; on failure the change stands, so say so instead of failing the request."""
-        stamp(event, self.ctx)
-        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
-            try:
-                await publish_event(self.ctx.js, event)
-                return ""
-            except Exception as exc:  # retried: the uid is the msg id, so a duplicate is dropped
-                if attempt == PUBLISH_ATTEMPTS:
-                    self.ctx.counters["audit_publish_failures"] += 1
-                    log.error("audit event %s (%s) not published: %r", event.event_type(), event.uid, exc)
-                    return f"warning: the change was applied but its audit event {event.event_type()} was not recorded"
-                await asyncio.sleep(0.2 * attempt)
-        return ""
+        """Publish `event`; "" or the warning for the reply (the change stands either way)."""
+        return await publish_change_event(self.ctx, event)
 
 
 def _decode(data: bytes, type_: type):

@@ -25,7 +25,7 @@ RINGFENCE = [sys.executable, "-m", "ringfence.cli.main"]
 
 
 class EnforcerNode:
-    def __init__(self, nats_url: str, data_dir: Path, config: str | None = None) -> None:
+    def __init__(self, nats_url: str, data_dir: Path, config: str | None = None, env: dict | None = None) -> None:
         self.nodename = f"t{uuid.uuid4().hex[:10]}"
         self.data_dir = data_dir
         self.nats_url = nats_url
@@ -34,7 +34,7 @@ class EnforcerNode:
             path = data_dir.parent / f"{self.nodename}.yaml"
             path.write_text(config)
             extra += ["--config", str(path)]
-        self.proc = ServiceProcess("enforcer", nats_url, data_dir, *extra)
+        self.proc = ServiceProcess("enforcer", nats_url, data_dir, *extra, env=env)
 
     def start(self) -> EnforcerNode:
         self.proc.start().wait_ready(60)
@@ -99,7 +99,7 @@ def policy(allow: list[str], deny: list[str] | None = None) -> NetworkRestrictio
 
 
 async def _kv(url: str, action):
-    nc = await nats.connect(url)
+    nc = await nats.connect(url.split(","))
     try:
         kv = await nc.jetstream().key_value(names.POLICY_BUCKET)
         return await action(kv)
