@@ -115,8 +115,9 @@ def test_reads_after_writes_see_them_on_a_replicated_bucket(cluster):
 
 
 def test_a_watch_whose_consumer_died_with_its_node_hears_again_within_seconds(cluster):
-    """Before: nats-py noticed the dead consumer after two missing 5 s heartbeats; a put
-    0.5 s after the kill reached the watcher 19 s later."""
+    """Before: nats-py noticed the dead consumer after two missing 5 s heartbeats (10 s at
+    least); a put 0.5 s after the kill reached the watcher 19 s later. Now two missing 1 s
+    heartbeats, plus the meta leader's election when the dead node held it (measured 2-6 s)."""
 
     async def main():
         watcher_nc = await nats.connect(cluster.nodes[0].url)
@@ -158,7 +159,7 @@ def test_a_watch_whose_consumer_died_with_its_node_hears_again_within_seconds(cl
                 if entry is not None and entry.key == "after":
                     break
             heard = time.monotonic() - killed
-            assert heard < 6, f"the watch heard the put {heard:.1f}s after the kill"
+            assert heard < 9, f"the watch heard the put {heard:.1f}s after the kill"
             await watcher.stop()
         finally:
             await watcher_nc.close()

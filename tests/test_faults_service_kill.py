@@ -35,7 +35,8 @@ async def request_then_kill(url: str, subject: str, body: bytes, proc, delay: fl
     """Send the request; SIGKILL the service `delay` seconds later. The reply, or None when there was none."""
     nc = await nats.connect(url)
     try:
-        pending = asyncio.ensure_future(nc.request(subject, body, timeout=3))
+        # A reply comes before the kill or is in flight at it; a second covers the flight.
+        pending = asyncio.ensure_future(nc.request(subject, body, timeout=delay + 1.0))
         await asyncio.sleep(delay)
         proc.proc.send_signal(signal.SIGKILL)
         try:

@@ -97,23 +97,31 @@ def test_cli_cannot_publish_audit_events_nor_write_the_buckets(secured):
     errors: list[str] = []
 
     async def attack(nc):
-        results = {}
-        results["audit"] = await _try_publish(nc, names.audit_subject("lock.created"))
-        results["recording"] = await _try_publish(nc, names.recording_subject(str(uuid.uuid4())))
-        results["policy"] = await _try_publish(nc, f"$KV.{names.POLICY_BUCKET}.{names.role_key('admin')}")
-        results["locks"] = await _try_publish(nc, f"$KV.{names.LOCKS_BUCKET}.x")
-        results["sessions"] = await _try_publish(nc, f"$KV.{names.SESSIONS_BUCKET}.x")
-        for verb in ("PURGE", "DELETE"):
+        async def request(subject: str) -> str:
             try:
-                await nc.request(f"$JS.API.STREAM.{verb}.KV_{names.POLICY_BUCKET}", b"", timeout=1.0)
-                results[verb] = "answered"
+                await nc.request(subject, b"", timeout=1.0)
+                return "answered"
             except NatsTimeout:
-                results[verb] = "no answer"
-        try:
-            await nc.jetstream().key_value(names.POLICY_BUCKET)  # not even readable directly
-            results["read"] = "read"
-        except NatsTimeout:
-            results["read"] = "no answer"
+                return "no answer"
+
+        async def read() -> str:
+            try:
+                await nc.jetstream().key_value(names.POLICY_BUCKET)  # not even readable directly
+                return "read"
+            except NatsTimeout:
+                return "no answer"
+
+        # All at once: each refusal is a 1 s timeout.
+        attempts = {
+            "audit": _try_publish(nc, names.audit_subject("lock.created")),
+            "recording": _try_publish(nc, names.recording_subject(str(uuid.uuid4()))),
+            "policy": _try_publish(nc, f"$KV.{names.POLICY_BUCKET}.{names.role_key('admin')}"),
+            "locks": _try_publish(nc, f"$KV.{names.LOCKS_BUCKET}.x"),
+            "sessions": _try_publish(nc, f"$KV.{names.SESSIONS_BUCKET}.x"),
+            **{verb: request(f"$JS.API.STREAM.{verb}.KV_{names.POLICY_BUCKET}") for verb in ("PURGE", "DELETE")},
+            "read": read(),
+        }
+        results = dict(zip(attempts, await asyncio.gather(*attempts.values()), strict=True))
         await nc.flush()
         return results
 

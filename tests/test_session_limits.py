@@ -92,6 +92,9 @@ def test_leases_of_a_dead_enforcer_are_reclaimed_after_the_ttl(nats_server, data
     a, b = enforcer(config=config), enforcer(config=config)
     ssh_a, ssh_b = sshd(a), sshd(b)
     login, key = limited_user(nats_server.url, tmp_path, ssh_a, a, conns=1)
+    for i in range(3):  # back to back at the limit: each one's slot is free for the next
+        r = ssh_a.ssh(login, key, f"echo run{i}")
+        assert r.returncode == 0 and f"run{i}" in r.stdout, r.stdout + r.stderr
     held = hold(ssh_a, login, key)
     assert held.stdout.readline().strip() == "up"
     a.kill()  # its lease is no longer renewed

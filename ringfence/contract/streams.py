@@ -135,7 +135,9 @@ async def ensure_streams_ready(js: JetStreamContext, replicas: int = 1, *, timeo
                 raise
             attempt += 1
             if attempt == 1 or attempt % max(1, round(10 / retry_every)) == 0:
-                log.warning("JetStream not ready for %d replica%s yet (%s); retrying", replicas,
+                log.warning("JetStream not ready for %d replica%s yet (%s); retrying. A cluster may be "
+                            "electing its leader or have fewer servers up than that; a server without "
+                            "JetStream never will be: start it with --jetstream", replicas,
                             "s" if replicas > 1 else "", _describe(exc))
             await asyncio.sleep(retry_every)
 
@@ -165,10 +167,11 @@ async def _reconcile_bucket(js: JetStreamContext, stream: str, replicas: int, *,
         config.allow_atomic = True
     try:
         updated = await js.update_stream(config)
-    except APIError as exc:
-        if exc.err_code == NOT_CLUSTERED or _transient(exc):
+    except (APIError, NatsTimeoutError) as exc:
+        if isinstance(exc, APIError) and (exc.err_code == NOT_CLUSTERED or _transient(exc)):
             raise
-        # e.g. only the bucket's owner (or `ringfence up`) may reconfigure it (runtime/nats_security.py)
+        # e.g. only the bucket's owner (or `ringfence up`) may reconfigure it (runtime/nats_security.py);
+        # a subject NATS does not let us publish to is not answered: a timeout, not an APIError.
         log.warning("stream %s: cannot raise replicas to %d%s (%r); the service that writes it will", stream,
                     replicas, " or allow atomic batch publish" if wants_atomic else "", exc)
         return

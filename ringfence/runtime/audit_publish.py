@@ -60,18 +60,25 @@ async def publish_event_retrying(js: JetStreamContext, event: AuditEvent, wait: 
             await asyncio.sleep(RETRY_PAUSE)
 
 
-async def publish_change_event(ctx: ServiceContext, event: AuditEvent) -> str:
-    """Stamp and publish the audit event of a change already applied. On failure the
-    change stands: the failure is counted (audit_publish_failures) and the warning for
-    the request's reply is returned; "" when the event was stored."""
-    stamp(event, ctx)
-    try:
-        await publish_event_retrying(ctx.js, event)
-    except Exception as exc:
-        ctx.counters["audit_publish_failures"] = ctx.counters.get("audit_publish_failures", 0) + 1
-        log.error("audit event %s (%s) not published: %r", event.event_type(), event.uid, exc)
-        return f"warning: the change was applied but its audit event {event.event_type()} was not recorded"
-    return ""
+async def publish_change_events(ctx: ServiceContext, events: list[AuditEvent]) -> list[str]:
+    """Stamp and publish, in order, the audit events of changes already applied. On failure
+    the change stands: the failure is counted (audit_publish_failures) and a warning for
+    the request's reply is returned, one per event not stored. Once one has failed after
+    waiting PUBLISH_WAIT, the rest are tried once each: a request holds its service's
+    write lock and must answer within the CLI's timeout."""
+    warnings = []
+    wait = PUBLISH_WAIT
+    for event in events:
+        stamp(event, ctx)
+        try:
+            await publish_event_retrying(ctx.js, event, wait)
+        except Exception as exc:
+            wait = 0.0
+            ctx.counters["audit_publish_failures"] = ctx.counters.get("audit_publish_failures", 0) + 1
+            log.error("audit event %s (%s) not published: %r", event.event_type(), event.uid, exc)
+            warnings.append(f"warning: the change was applied but its audit event {event.event_type()} "
+                            "was not recorded")
+    return warnings
 
 
 class _Envelope(msgspec.Struct):

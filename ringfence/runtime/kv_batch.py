@@ -54,6 +54,14 @@ class WriteOutcomeUnknown(Exception):
     """The server did not confirm the commit in time: all of the batch was stored, or none of it."""
 
 
+def unconfirmed_message(exc: Exception, bucket: str, check: str) -> str:
+    """What to tell a requester whose write NATS did not confirm: nothing stored (no stream
+    leader answered at all) or an unknown outcome; `check` is the command that shows which."""
+    if isinstance(exc, (NoRespondersError, NoStreamResponseError)):
+        return f"nothing was changed: no NATS server stored the {bucket} bucket's writes in time; try again"
+    return f"NATS did not confirm the change ({exc}); it may or may not have been applied: check with {check}"
+
+
 class BatchError(Exception):
     """The server refused the batch; nothing of it was stored."""
 

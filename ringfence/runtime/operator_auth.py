@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client
-from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from nats.js.kv import KeyValue
 from nats.micro.request import Request
 
@@ -66,10 +65,10 @@ class OperatorDirectory:
             # The stream leader answers: an operator added a moment ago is found (runtime/kv_read.py).
             self._kv = await kv_read.open_bucket(self.nc.jetstream(), names.POLICY_BUCKET)
         try:
-            entry = await self._kv.get(key)
-        except (KeyNotFoundError, KeyDeletedError):
-            return None
-        if not entry.value:
+            entry = await kv_read.get(self._kv, key)  # waits out a leader election
+        except kv_read.StaleSnapshotError as exc:
+            raise ApiError(f"cannot check the operator's identity now: {exc}; try again", "unavailable") from None
+        if entry is None or not entry.value:
             return None
         try:
             return msgspec.json.decode(entry.value, type=type_)

@@ -14,6 +14,7 @@ Session recordings have their own consumer and endpoints (recording_adapter.py),
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -171,6 +172,11 @@ class Adapter:
         a sequence the stream no longer has (expired, deleted) is skipped. Waits out a
         leader election or a reconnect; gives up (RuntimeError, nothing acked) only when stopping."""
         assert self.ctx is not None
+        with contextlib.suppress(Exception):  # best effort: what the stream no longer has is skipped below anyway
+            first = (await self.ctx.js.stream_info(names.AUDIT_STREAM)).state.first_seq
+            seqs = [s for s in seqs if s >= first]  # expired while this service was down
+            if not seqs:
+                return []
         log.warning("audit: stream sequences %d..%d were skipped by the consumer (a fetch that never arrived); "
                     "reading %d from the stream to keep the log in order", seqs[0], seqs[-1], len(seqs))
         found: list[Incoming] = []

@@ -15,6 +15,7 @@ from ringfence.contract.api import ApiError, JoinRequest, KillRequest, ok_reply
 from ringfence.contract.events import AuditEvent, EventsLost, encode_event
 from ringfence.contract.strict import decode_json
 from ringfence.durations import parse_duration
+from ringfence.runtime import kv_read
 from ringfence.runtime.audit_publish import publish_encoded, stamp
 from ringfence.runtime.service import ServiceContext, StartupError
 
@@ -71,7 +72,7 @@ class EnforcerAdapter:
         self.sessions = self._session_manager(tree, data)
         self.guard = LockGuard(ctx.nc, self.sessions, self.directory, parse_duration(cfg.lock_view_max_staleness),
                                self.emit, ctx.counters)
-        leases = ConnectionLeases(await ctx.js.key_value(names.LEASES_BUCKET), ctx.server_id,
+        leases = ConnectionLeases(await kv_read.open_bucket(ctx.js, names.LEASES_BUCKET), ctx.server_id,
                                   parse_duration(cfg.ssh_service.connection_lease_ttl))
         self.limits = SessionLimits(ctx.nc, leases, self.sessions, self.directory, self.emit, ctx.counters)
         self.sessions.checks += [self.guard.check, self.limits.check]  # limits last: it takes a lease

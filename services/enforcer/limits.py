@@ -23,7 +23,9 @@ from collections.abc import Iterable
 import msgspec
 from msgspec import Struct
 from nats.aio.client import Client
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoStreamResponseError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from ringfence.contract import names
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 IDLE_CHECK = 0.5
 CAS_ATTEMPTS = 50
+LEADER_WAIT = 6.0  # within the 10 s the PAM hook waits for admission (ringfence/cli/ssh_hooks.py)
 # A full count is looked at again for this long before a connection is refused: the
 # ssh client of a connection that just ended exits before its sshd has torn the
 # connection down, so `ssh host a; ssh host b` at max_connections 1 would race it.
@@ -93,29 +96,44 @@ class ConnectionLeases:
         self.held: dict[str, str] = {}  # sid -> user, leases this node holds
 
     async def _change(self, user: str, change) -> bool:
-        """Apply `change(live leases) -> new list | None` with compare-and-set; None means refused."""
+        """Apply `change(live leases) -> new list | None` with compare-and-set; None means refused.
+        Gets go to the stream leader (the bucket is opened with kv_read.open_bucket), so a
+        replica a moment behind does not make every attempt fail; while the stream elects a
+        leader (a NATS node died) the change waits up to LEADER_WAIT."""
         key = names.lease_key(user)
-        for _ in range(CAS_ATTEMPTS):
+        until = time.monotonic() + LEADER_WAIT
+        conflicts = 0
+        while True:
             try:
-                entry = await self.kv.get(key)
-                revision, current = entry.revision, msgspec.json.decode(entry.value, type=UserLeases).leases
-            except KeyNotFoundError as exc:
-                marker = getattr(exc, "entry", None)
-                revision, current = (marker.revision if marker else 0), []
-            new = change(live_leases(current, time.time()))
-            if new is None:
-                return False
-            try:
+                try:
+                    entry = await self.kv.get(key)
+                    revision, current = entry.revision, msgspec.json.decode(entry.value, type=UserLeases).leases
+                except KeyNotFoundError as exc:
+                    marker = getattr(exc, "entry", None)
+                    revision, current = (marker.revision if marker else 0), []
+                new = change(live_leases(current, time.time()))
+                if new is None:
+                    return False
                 await self.kv.update(key, msgspec.json.encode(UserLeases(new)), last=revision)
                 return True
             except KeyWrongLastSequenceError:
-                await asyncio.sleep(0.002)  # another node changed it first: read again
-        raise RuntimeError(f"the connection leases of {user} stayed contended for {CAS_ATTEMPTS} attempts")
+                # Another node changed it first, or an update whose ack was lost did: read again.
+                conflicts += 1
+                if conflicts >= CAS_ATTEMPTS:
+                    raise RuntimeError(f"the connection leases of {user} stayed contended for {CAS_ATTEMPTS} "
+                                       "attempts") from None
+                await asyncio.sleep(0.002)
+            except (NatsTimeoutError, NoRespondersError, NoStreamResponseError, ServiceUnavailableError):
+                if time.monotonic() >= until:
+                    raise
+                await asyncio.sleep(0.1)
 
     async def acquire(self, user: str, sid: str, limit: int, wait: float = SLOT_WAIT) -> bool:
         """Take a lease for `sid` if fewer than `limit` are live, waiting up to `wait`
         seconds for one to be given back."""
         def take(live: list[Lease]) -> list[Lease] | None:
+            if any(lease.sid == sid for lease in live):  # taken by an attempt whose ack was lost
+                return live
             if len(live) >= limit:
                 return None
             return [*live, Lease(sid, self.server_id, time.time() + self.ttl)]

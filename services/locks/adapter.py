@@ -22,16 +22,15 @@ import uuid
 import msgspec
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import APIError, NoStreamResponseError
+from nats.js.errors import APIError, KeyWrongLastSequenceError, NoStreamResponseError
 from nats.js.kv import KeyValue
 from nats.micro.request import Request
 
 from ringfence import locking
 from ringfence.contract import api, names
 from ringfence.contract import resources as r
-from ringfence.contract.events import AuditEvent
 from ringfence.runtime import kv_batch, kv_read
-from ringfence.runtime.audit_publish import publish_change_event
+from ringfence.runtime.audit_publish import publish_change_events
 from ringfence.runtime.service import ServiceContext, request_actor
 
 from . import core
@@ -214,7 +213,7 @@ class Adapter:
                     self.ctx.counters["locks_deleted" if change.value is None else "locks_created"] += 1
                     log.info("%s (actor %r)", change.message, change.event.user)
         finally:
-            warnings = [w for change in applied if (w := await self._publish(change.event))]
+            warnings = await publish_change_events(self.ctx, [change.event for change in applied])
         return warnings
 
     async def _create_key(self, key: str, value: bytes) -> None:
@@ -223,8 +222,9 @@ class Adapter:
         async def create() -> None:
             try:
                 await self.kv.create(key, value)
-            except NatsTimeoutError:
-                # Sent to a server that died? The leader knows whether it was stored; if not, send it again.
+            except (NatsTimeoutError, KeyWrongLastSequenceError):
+                # Sent to a server that died, or the key is there already (stored by a try whose ack
+                # was lost)? The leader knows what is stored; if nothing, send it again.
                 stored = await kv_read.get(self.kv, key)
                 if stored is None:
                     raise NoStreamResponseError from None
@@ -233,14 +233,14 @@ class Adapter:
         try:
             await kv_batch.while_leaderless(create)
         except (NoStreamResponseError, NatsTimeoutError, kv_read.StaleSnapshotError) as exc:
-            raise api.ApiError(_unconfirmed(exc), "unavailable") from None
+            raise _unconfirmed(exc) from None
 
     async def _write_all(self, changes: list[core.Change]) -> None:
         writes = [kv_batch.KvWrite(c.key, c.value, last=c.last) for c in changes]
         try:
             await kv_batch.write_all(self.ctx.nc, names.LOCKS_BUCKET, writes)
         except (kv_batch.WriteOutcomeUnknown, NoRespondersError) as exc:
-            raise api.ApiError(_unconfirmed(exc), "unavailable") from None
+            raise _unconfirmed(exc) from None
         except kv_batch.BatchError as exc:
             if exc.err_code == kv_batch.WRONG_LAST_SEQUENCE:
                 removing = [c.key for c in changes if c.last is not None]
@@ -251,10 +251,6 @@ class Adapter:
                                    "try again", "conflict") from None
             raise api.ApiError(f"nothing was changed: the NATS server refused the write ({exc})",
                                "unavailable") from None
-
-    async def _publish(self, event: AuditEvent) -> str:
-        """Publish `event`; "" or the warning for the reply (the change stands either way)."""
-        return await publish_change_event(self.ctx, event)
 
     # --- expiry housekeeping ----------------------------------------------------------------
 
@@ -317,7 +313,7 @@ class Adapter:
                     del self.view[change.key]
                 self.ctx.counters["locks_expired"] += 1
                 log.info("%s: removed", change.message)
-                await self._publish(change.event)
+                await publish_change_events(self.ctx, [change.event])
 
     async def _expire(self) -> None:
         """One timer: sleep until the next expiry in the view (or the next sweep), then act."""
@@ -344,11 +340,8 @@ class Adapter:
                 await asyncio.sleep(RETRY_AFTER_ERROR)
 
 
-def _unconfirmed(exc: Exception) -> str:
-    if isinstance(exc, (NoRespondersError, NoStreamResponseError)):
-        return "nothing was changed: no NATS server stored the locks bucket's writes in time; try again"
-    return (f"NATS did not confirm the change ({exc}); it may or may not have been applied: "
-            "check with ringfence get locks")
+def _unconfirmed(exc: Exception) -> api.ApiError:
+    return api.ApiError(kv_batch.unconfirmed_message(exc, "locks", "ringfence get locks"), "unavailable")
 
 
 def make_adapter(_args) -> Adapter:

@@ -11,9 +11,8 @@ from nats.js.kv import KeyValue
 from nats.micro.request import Request
 
 from ringfence.contract import api, names
-from ringfence.contract.events import AuditEvent
 from ringfence.runtime import kv_batch, kv_read
-from ringfence.runtime.audit_publish import publish_change_event
+from ringfence.runtime.audit_publish import publish_change_events
 from ringfence.runtime.service import ServiceContext, request_actor
 
 from . import core
@@ -134,12 +133,8 @@ class Adapter:
         try:
             await kv_batch.write_all(self.ctx.nc, names.POLICY_BUCKET,
                                      [kv_batch.KvWrite(c.key, c.value) for c in changes])
-        except NoRespondersError:
-            raise api.ApiError("nothing was changed: no NATS server stored the policy bucket's writes in time; "
-                               "try again", "unavailable") from None
-        except kv_batch.WriteOutcomeUnknown as exc:
-            raise api.ApiError(f"NATS did not confirm the change ({exc}); it may or may not have been applied: "
-                               "check with ringfence get", "unavailable") from None
+        except (kv_batch.WriteOutcomeUnknown, NoRespondersError) as exc:
+            raise api.ApiError(kv_batch.unconfirmed_message(exc, "policy", "ringfence get"), "unavailable") from None
         except kv_batch.BatchError as exc:
             raise api.ApiError(f"nothing was changed: the NATS server refused the write ({exc})",
                                "unavailable") from None
@@ -147,11 +142,7 @@ class Adapter:
             self.ctx.counters["changes_applied"] += 1
             log.info("%s (actor %r)", change.message, change.event.user)
         # Events after every write: the audit log never records a change that did not happen.
-        return [w for change in changes if (w := await self._publish(change.event))]
-
-    async def _publish(self, event: AuditEvent) -> str:
-        """Publish `event`; "" or the warning for the reply (the change stands either way)."""
-        return await publish_change_event(self.ctx, event)
+        return await publish_change_events(self.ctx, [change.event for change in changes])
 
 
 def _decode(data: bytes, type_: type):
