@@ -66,6 +66,7 @@ class StreamSetupError(Exception):
     """Streams or buckets cannot be brought to the configured shape; the message says why."""
 
 
+STREAM_NAME_IN_USE = 10058  # created meanwhile by another process (maybe with another configuration)
 NOT_CLUSTERED = 10074  # replicas > 1 not supported in non-clustered mode
 INSUFFICIENT_RESOURCES = 10023  # not enough servers (yet) for the replicas asked
 NO_SUITABLE_PEERS = 10005  # placement found too few peers (some are down or not yet known)
@@ -99,7 +100,7 @@ async def _ensure(js: JetStreamContext, replicas: int) -> None:
                 log.info("created stream %s (%d replica%s)", cfg.name, replicas, "s" if replicas > 1 else "")
             except BadRequestError as exc:
                 # Another service created it between our check and our add.
-                if exc.err_code != 10058:  # stream name already in use
+                if exc.err_code != STREAM_NAME_IN_USE:
                     raise
         else:
             had = info.config.num_replicas or 1
@@ -111,8 +112,14 @@ async def _ensure(js: JetStreamContext, replicas: int) -> None:
         try:
             await js.key_value(kv.bucket)
         except BucketNotFoundError:
-            await js.create_key_value(kv)
-            log.info("created bucket %s (%d replica%s)", kv.bucket, replicas, "s" if replicas > 1 else "")
+            try:
+                await js.create_key_value(kv)
+                log.info("created bucket %s (%d replica%s)", kv.bucket, replicas, "s" if replicas > 1 else "")
+            except BadRequestError as exc:
+                # Another service created it between our check and our create (and may have
+                # reconfigured it already, which makes the configs differ): use theirs.
+                if exc.err_code != STREAM_NAME_IN_USE:
+                    raise
         await _reconcile_bucket(js, f"KV_{kv.bucket}", replicas, atomic=kv.bucket in ATOMIC_BUCKETS)
 
 
