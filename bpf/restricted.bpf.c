@@ -142,32 +142,37 @@ static __always_inline void emit(struct bpf_sock_addr *ctx, u64 cgid, u16 family
     events.ringbuf_submit(e, 0);
 }
 
-// Returns 1 to let the call proceed, 0 to fail it with EPERM.
-static __always_inline int decide(struct bpf_sock_addr *ctx, u16 family, u8 op) {
-    u64 cgid = bpf_get_current_cgroup_id();
+static __always_inline u32 session_flags_of(u64 cgid) {
     // Every cgroup below the attach point is a session; one missing from the
     // map (it should not happen) is treated as restricted: fail closed.
     struct session_flags *sf = sessions.lookup(&cgid);
-    u32 flags = sf ? sf->flags : SESSION_RESTRICTED;
+    return sf ? sf->flags : SESSION_RESTRICTED;
+}
 
+// Returns 1 to let the call proceed, 0 to fail it with EPERM.
+//
+// The session's flags are looked up only when they can change the outcome (a
+// destination the policy denies, or observe on): an allowed connect with
+// enhanced recording off, the common case, costs one settings array lookup
+// and one LPM lookup, no hash lookup.
+static __always_inline int decide(struct bpf_sock_addr *ctx, u16 family, u8 op) {
     u32 zero = 0;
     struct settings *st = settings.lookup(&zero);
     if (!st)
         return 1;
-    int enforce = st->enforce && (flags & SESSION_RESTRICTED);
 
     u32 dst[4] = {};
     int allowed = 1;
     if (family == AF_INET) {
         dst[0] = ctx->user_ip4;
-        if (enforce)
+        if (st->enforce)
             allowed = verdict4(dst[0]);
     } else {
         dst[0] = ctx->user_ip6[0];
         dst[1] = ctx->user_ip6[1];
         dst[2] = ctx->user_ip6[2];
         dst[3] = ctx->user_ip6[3];
-        if (enforce) {
+        if (st->enforce) {
             if (is_v4_mapped(dst)) {
                 // IPv4 rules apply to IPv4-mapped IPv6 destinations.
                 allowed = verdict4(dst[3]);
@@ -179,7 +184,12 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, u16 family, u8 op) 
             }
         }
     }
-    if (!allowed) {
+    if (allowed && !st->observe)
+        return 1;
+
+    u64 cgid = bpf_get_current_cgroup_id();
+    u32 flags = session_flags_of(cgid);
+    if (!allowed && (flags & SESSION_RESTRICTED)) {
         emit(ctx, cgid, family, dst, op, ACTION_DENIED);
         return 0;
     }

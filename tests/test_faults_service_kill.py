@@ -15,6 +15,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from ringfence.contract import api, names
+from ringfence.runtime import kv_read
 from tests.support.procs import wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -51,13 +52,8 @@ async def request_then_kill(url: str, subject: str, body: bytes, proc, delay: fl
 async def stored_keys(url: str, bucket: str) -> set[str]:
     nc = await nats.connect(url)
     try:
-        kv = await nc.jetstream().key_value(bucket)
-        try:
-            return set(await kv.keys())
-        except Exception as exc:  # nats-py: NoKeysError when the bucket is empty
-            if type(exc).__name__ == "NoKeysError":
-                return set()
-            raise
+        js = nc.jetstream()
+        return set(await kv_read.snapshot(js, await kv_read.open_bucket(js, bucket)))
     finally:
         await nc.close()
 
@@ -117,16 +113,16 @@ def test_kv_batch_writes_all_or_nothing(nats_server):
             await ensure_streams(js)
             for bucket in (names.POLICY_BUCKET, names.LOCKS_BUCKET):
                 assert (await js.stream_info(f"KV_{bucket}")).config.allow_atomic
-            kv = await js.key_value(names.LOCKS_BUCKET)
+            kv = await kv_read.open_bucket(js, names.LOCKS_BUCKET)
             rev = await kv.put("a", b"1")
             writes = [kv_batch.KvWrite(f"k{i}", b"v") for i in range(10)]
             # One stale expected revision: nothing of the batch is stored.
             with pytest.raises(kv_batch.BatchError) as info:
                 await kv_batch.write_all(nc, names.LOCKS_BUCKET, [*writes, kv_batch.KvWrite("a", None, last=rev + 5)])
             assert info.value.err_code == kv_batch.WRONG_LAST_SEQUENCE
-            assert set(await kv.keys()) == {"a"}
+            assert set(await kv_read.snapshot(js, kv)) == {"a"}
             await kv_batch.write_all(nc, names.LOCKS_BUCKET, [*writes, kv_batch.KvWrite("a", None, last=rev)])
-            assert set(await kv.keys()) == {f"k{i}" for i in range(10)}
+            assert set(await kv_read.snapshot(js, kv)) == {f"k{i}" for i in range(10)}
             with pytest.raises(ValueError):
                 await kv_batch.write_all(nc, names.LOCKS_BUCKET, [kv_batch.KvWrite("x", b"")] * 1001)
         finally:

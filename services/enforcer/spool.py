@@ -99,6 +99,7 @@ class Spool:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         fsync_task = asyncio.create_task(self._fsync_loop(stop))
+        wake_on_stop = asyncio.create_task(self._wake_on(stop))  # an idle wait ends at stop, not 1 s later
         backoff = 0.2
         try:
             while not stop.is_set():
@@ -123,10 +124,15 @@ class Spool:
                 self._write_cursor()
                 self._compact_if_drained()
         finally:
-            fsync_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await fsync_task
+            for task in (fsync_task, wake_on_stop):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             self.sync()
+
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._wake.set()
 
     async def _fsync_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
