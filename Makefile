@@ -1,6 +1,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Every test has a timeout (pyproject: 120 s) so a hang fails fast.
+# Every test has a timeout (pyproject: 120 s) so a hang fails fast. Tests run on
+# TEST_WORKERS processes (pytest-xdist): most of a test's time is spent waiting
+# (for a TTL, an election, a 60 s outage), so two workers halve the suite even on
+# 2 cores. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .PHONY: setup run test lint bench clean
@@ -16,7 +20,7 @@ lint: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench
