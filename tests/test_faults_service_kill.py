@@ -6,6 +6,8 @@ an error or the full result."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 import signal
 
 import msgspec
@@ -58,7 +60,26 @@ async def stored_keys(url: str, bucket: str) -> set[str]:
         await nc.close()
 
 
-def kill_mid_create(nats_url: str, proc, subject: str, bucket: str, document, key_of) -> None:
+async def audit_stream_events(url: str) -> list[dict]:
+    """Every event on the audit stream now, in stream order."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        total = (await js.stream_info(names.AUDIT_STREAM)).state.messages
+        sub = await js.subscribe(names.AUDIT_SUBJECTS, ordered_consumer=True)
+        found = []
+        while len(found) < total:
+            found.append(json.loads((await sub.next_msg(timeout=5)).data))
+        return found
+    finally:
+        await nc.close()
+
+
+def events_by_name(url: str, event_type: str) -> collections.Counter:
+    return collections.Counter(e["name"] for e in asyncio.run(audit_stream_events(url)) if e["event"] == event_type)
+
+
+def kill_mid_create(nats_url: str, proc, subject: str, bucket: str, document, key_of, event_type: str) -> None:
     outcomes = []
     for round_, delay in enumerate(DELAYS):
         docs = [document(f"r{round_}-{i}") for i in range(DOCS)]
@@ -69,6 +90,12 @@ def kill_mid_create(nats_url: str, proc, subject: str, bucket: str, document, ke
         keys = {key_of(f"r{round_}-{i}") for i in range(DOCS)}
         present = keys & asyncio.run(stored_keys(nats_url, bucket))
         assert len(present) in (0, DOCS), f"round {round_} (kill after {delay}s): {len(present)} of {DOCS} applied"
+        # Every change applied has its audit event exactly once, also when the kill came between
+        # the write and the publish (the restarted service publishes what the write carried).
+        recorded = {name: n for name, n in events_by_name(nats_url, event_type).items()
+                    if name.startswith(f"r{round_}-")}
+        assert recorded == ({f"r{round_}-{i}": 1 for i in range(DOCS)} if present else {}), (
+            f"round {round_} (kill after {delay}s): {len(recorded)} events for {len(present)} changes")
         if reply is not None:
             if reply.ok:
                 result = msgspec.json.decode(reply.result, type=api.CreateResult)
@@ -87,7 +114,7 @@ def test_policy_killed_mid_create_applies_all_documents_or_none(nats_server, ser
         nats_server.url, policy, names.api_subject(names.POLICY_API, "create"), names.POLICY_BUCKET,
         lambda name: {"kind": "role", "version": "v5", "metadata": {"name": name},
                       "spec": {"allow": {"logins": ["ubuntu"]}}},
-        names.role_key,
+        names.role_key, "role.created",
     )
 
 
@@ -97,7 +124,7 @@ def test_locks_killed_mid_create_applies_all_documents_or_none(nats_server, serv
         nats_server.url, locks, names.api_subject(names.LOCKS_API, "create"), names.LOCKS_BUCKET,
         lambda name: {"kind": "lock", "version": "v2", "metadata": {"name": name},
                       "spec": {"target": {"user": f"user-{name}"}, "message": "maintenance"}},
-        lambda name: name,
+        lambda name: name, "lock.created",
     )
 
 
@@ -129,3 +156,37 @@ def test_kv_batch_writes_all_or_nothing(nats_server):
             await nc.close()
 
     asyncio.run(scenario())
+
+
+def test_a_change_written_without_its_event_gets_it_when_the_service_starts(nats_server, services):
+    """What a service killed right after its write leaves: the change, carrying its event, and
+    no event on the audit stream. The next start publishes it, once."""
+    import base64
+
+    from ringfence.contract.events import RoleCreated, encode_event
+    from ringfence.contract.streams import ensure_streams
+    from ringfence.runtime import kv_batch
+
+    event = RoleCreated(name="orphan", user="alice")
+
+    async def write_as_if_killed():
+        nc = await nats.connect(nats_server.url)
+        try:
+            await ensure_streams(nc.jetstream())
+            await kv_batch.write_all(nc, names.POLICY_BUCKET, [kv_batch.KvWrite(
+                names.role_key("orphan"), b'{"kind":"role"}', event=base64.b64encode(encode_event(event)).decode())])
+        finally:
+            await nc.close()
+
+    asyncio.run(write_as_if_killed())
+    assert events_by_name(nats_server.url, "role.created") == {}
+    [policy] = services("policy", env=NO_AUTH)
+    assert "published 1 audit event(s) of policy changes written before the last stop" in policy.output()
+    [stored] = [e for e in asyncio.run(audit_stream_events(nats_server.url)) if e["event"] == "role.created"]
+    assert (stored["name"], stored["user"], stored["uid"]) == ("orphan", "alice", event.uid)
+    # Published once: the cursor moved past it, so another start has nothing to publish.
+    policy.stop()
+    seen = len(policy.output())
+    restart(policy)
+    assert "audit event(s) of policy changes written before" not in policy.output()[seen:]
+    assert events_by_name(nats_server.url, "role.created") == {"orphan": 1}

@@ -21,6 +21,7 @@ from ringfence import locking
 from ringfence.contract import names
 from ringfence.contract import resources as r
 from ringfence.contract.streams import ensure_streams
+from ringfence.runtime import kv_read
 from tests.support.procs import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,15 +88,8 @@ def stored(url: str) -> dict[str, r.Lock]:
     """Every lock in the bucket, by key."""
 
     async def read(js):
-        kv = await js.key_value(names.LOCKS_BUCKET)
-        watcher = await kv.watch(">", ignore_deletes=True)
-        found = {}
-        async for entry in watcher:
-            if entry is None:
-                break
-            found[entry.key] = msgspec.json.decode(entry.value, type=r.Lock)
-        await watcher.stop()
-        return found
+        entries = await kv_read.snapshot(js, await kv_read.open_bucket(js, names.LOCKS_BUCKET))
+        return {key: msgspec.json.decode(entry.value, type=r.Lock) for key, entry in entries.items()}
 
     return asyncio.run(_with_js(url, read))
 

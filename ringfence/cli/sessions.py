@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import nats.errors
 from nats.js.errors import BucketNotFoundError
 
 from ..contract import names
@@ -43,6 +42,7 @@ from ..contract.recording import (
     parse_cast,
 )
 from ..durations import format_duration
+from ..runtime import kv_read
 from .client import CliError, call, open_client
 
 KV_READ_TIMEOUT = 5.0  # seconds to read the sessions bucket
@@ -118,27 +118,23 @@ async def read_sessions(nc) -> list[SessionInfo]:
     """Every entry of the sessions bucket (key = sid), oldest first."""
     js = nc.jetstream()
     try:
-        kv = await js.key_value(names.SESSIONS_BUCKET)
+        kv = await kv_read.open_bucket(js, names.SESSIONS_BUCKET)
     except BucketNotFoundError:
         return []  # nothing has created it yet: no sessions
-    watcher = await kv.watchall(ignore_deletes=True)
-    found: list[SessionInfo] = []
+    # A checked snapshot: a plain watch can report "no more entries" before the ones it
+    # is about to deliver (nats-py), and `sessions ls` would then show too few.
     try:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=KV_READ_TIMEOUT)
-            except nats.errors.TimeoutError:
-                raise CliError(f"reading the {names.SESSIONS_BUCKET} bucket timed out") from None
-            if entry is None:  # the end of what the bucket holds now
-                break
-            if not entry.value:
-                continue
-            try:
-                found.append(msgspec.json.decode(entry.value, type=SessionInfo))
-            except msgspec.DecodeError as exc:
-                print(f"warning: {names.SESSIONS_BUCKET} key {entry.key}: not a session ({exc})", file=sys.stderr)
-    finally:
-        await watcher.stop()
+        entries = await kv_read.snapshot(js, kv, deadline=KV_READ_TIMEOUT)
+    except kv_read.StaleSnapshotError as exc:
+        raise CliError(f"reading the {names.SESSIONS_BUCKET} bucket: {exc}") from None
+    found: list[SessionInfo] = []
+    for key, entry in entries.items():
+        if not entry.value:
+            continue
+        try:
+            found.append(msgspec.json.decode(entry.value, type=SessionInfo))
+        except msgspec.DecodeError as exc:
+            print(f"warning: {names.SESSIONS_BUCKET} key {key}: not a session ({exc})", file=sys.stderr)
     found.sort(key=lambda s: (parse_time(s.started) or dt.datetime.max.replace(tzinfo=dt.UTC), s.sid))
     return found
 

@@ -51,6 +51,9 @@ POLICY_BUCKET = "ringfence_policy"  # network_restrictions, cap, roles, users
 LOCKS_BUCKET = "ringfence_locks"  # one key per lock name
 SESSIONS_BUCKET = "ringfence_sessions"  # one key per active session id
 LEASES_BUCKET = "ringfence_leases"  # connection leases for max_connections
+# Per writing service (key "policy", "locks"): the sequence of its bucket's stream up to
+# which the audit event each write carries is published (runtime/audit_outbox.py).
+AUDIT_CURSOR_BUCKET = "ringfence_audit_cursor"
 
 NETWORK_RESTRICTIONS_KEY = "network_restrictions"
 CAP_KEY = "cluster_auth_preference"

@@ -63,7 +63,8 @@ async def publish_event_retrying(js: JetStreamContext, event: AuditEvent, wait: 
 async def publish_change_events(ctx: ServiceContext, events: list[AuditEvent]) -> list[str]:
     """Stamp and publish, in order, the audit events of changes already applied. On failure
     the change stands: the failure is counted (audit_publish_failures) and a warning for
-    the request's reply is returned, one per event not stored. Once one has failed after
+    the request's reply is returned, one per event not stored (the write carries its event,
+    and runtime/audit_outbox.py publishes it once NATS takes it). Once one has failed after
     waiting PUBLISH_WAIT, the rest are tried once each: a request holds its service's
     write lock and must answer within the CLI's timeout."""
     warnings = []
@@ -77,7 +78,7 @@ async def publish_change_events(ctx: ServiceContext, events: list[AuditEvent]) -
             ctx.counters["audit_publish_failures"] = ctx.counters.get("audit_publish_failures", 0) + 1
             log.error("audit event %s (%s) not published: %r", event.event_type(), event.uid, exc)
             warnings.append(f"warning: the change was applied but its audit event {event.event_type()} "
-                            "was not recorded")
+                            "is not recorded yet; it will be once NATS takes it")
     return warnings
 
 

@@ -23,6 +23,7 @@ from typing import TypeVar
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ _BATCH_SEQUENCE = "Nats-Batch-Sequence"
 _BATCH_COMMIT = "Nats-Batch-Commit"
 _EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 _KV_OPERATION = "KV-Operation"
+EVENT_HEADER = "Ringfence-Audit-Event"  # base64 of the encoded event: a header value is one ASCII line
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class KvWrite:
     key: str
     value: bytes | None  # None deletes the key
     last: int | None = None  # only if the key is still at this revision (0: only if it has none)
+    event: str | None = None  # the audit event this write carries (runtime/audit_outbox.py)
 
 
 class WriteOutcomeUnknown(Exception):
@@ -123,14 +126,31 @@ class _Unconfirmed(Exception):
     multi-message batch (no commit was sent), or a commit whose writes are all unconditional."""
 
 
+def _headers(w: KvWrite) -> dict[str, str]:
+    """The headers nats-py's KeyValue gives such a write, plus the event it carries."""
+    headers = {}
+    if w.value is None:
+        headers[_KV_OPERATION] = "DEL"
+    if w.last is not None:
+        headers[_EXPECTED_LAST_SUBJECT_SEQUENCE] = str(w.last)
+    if w.event is not None:
+        headers[EVENT_HEADER] = w.event
+    return headers
+
+
+async def write_one(js: JetStreamContext, bucket: str, write: KvWrite, timeout: float = 5.0) -> int:
+    """One write, sent once; returns its stream sequence. Raises nats-py's errors: APIError
+    with err_code WRONG_LAST_SEQUENCE when `write.last` did not match, NoStreamResponseError
+    when no stream leader answered (nothing stored), TimeoutError (outcome unknown)."""
+    ack = await js.publish(f"$KV.{bucket}.{write.key}", write.value or b"", timeout=timeout,
+                           headers=_headers(write) or None)
+    return ack.seq
+
+
 async def _write_once(nc: Client, bucket: str, writes: list[KvWrite], timeout: float) -> int:
     batch_id = uuid.uuid4().hex
     for n, w in enumerate(writes, start=1):
-        headers = {_BATCH_ID: batch_id, _BATCH_SEQUENCE: str(n)}
-        if w.value is None:
-            headers[_KV_OPERATION] = "DEL"
-        if w.last is not None:
-            headers[_EXPECTED_LAST_SUBJECT_SEQUENCE] = str(w.last)
+        headers = {_BATCH_ID: batch_id, _BATCH_SEQUENCE: str(n), **_headers(w)}
         subject = f"$KV.{bucket}.{w.key}"
         data = w.value or b""
         if n == len(writes):

@@ -46,12 +46,12 @@ def kv_stream(bucket: str) -> str:
 
 # Buckets a single service writes; every other client is kept from changing them.
 OWNED_BUCKETS = {
-    names.POLICY: (names.POLICY_BUCKET,),
-    names.LOCKS: (names.LOCKS_BUCKET,),
+    names.POLICY: (names.POLICY_BUCKET, names.AUDIT_CURSOR_BUCKET),
+    names.LOCKS: (names.LOCKS_BUCKET, names.AUDIT_CURSOR_BUCKET),
     names.AUDIT: (),
     names.ENFORCER: (names.SESSIONS_BUCKET, names.LEASES_BUCKET),
 }
-PROTECTED_BUCKETS = (names.POLICY_BUCKET, names.LOCKS_BUCKET)
+PROTECTED_BUCKETS = (names.POLICY_BUCKET, names.LOCKS_BUCKET, names.AUDIT_CURSOR_BUCKET)
 STREAM_MUTATIONS = ("UPDATE", "DELETE", "PURGE", "MSG.DELETE", "RESTORE")
 
 # Core subjects each service publishes besides JetStream, KV and replies.

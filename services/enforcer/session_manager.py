@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 AdmissionCheck = Callable[[SessionInfo], Awaitable[Refusal | str | None]]
 # Run when a session ends, or when it could not be opened after the checks passed.
 EndHook = Callable[[SessionInfo], Awaitable[None]]
-NOTICE_WAIT = 0.05  # at most this long for a wrapper to show a notice before its session ends
+NOTICE_WAIT = 0.5  # at most this long for a wrapper to show a notice before its session ends (its ack
+# usually comes within milliseconds; 50 ms proved too short for a loaded 2-core host)
 CONNECTION_GRACE = 0.03  # channels go first, so sshd can pass their last words on
 KV_ACTIVITY_INTERVAL = 10.0  # how often last_active reaches the fleet-wide listing
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import uuid
@@ -22,7 +23,7 @@ import uuid
 import msgspec
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import APIError, KeyWrongLastSequenceError, NoStreamResponseError
+from nats.js.errors import APIError, NoStreamResponseError
 from nats.js.kv import KeyValue
 from nats.micro.request import Request
 
@@ -30,6 +31,7 @@ from ringfence import locking
 from ringfence.contract import api, names
 from ringfence.contract import resources as r
 from ringfence.runtime import kv_batch, kv_read
+from ringfence.runtime.audit_outbox import Outbox
 from ringfence.runtime.audit_publish import publish_change_events
 from ringfence.runtime.service import ServiceContext, request_actor
 
@@ -66,6 +68,8 @@ class Adapter:
         self.stopping = asyncio.Event()
         for counter in COUNTERS:
             ctx.counters.setdefault(counter, 0)
+        self.outbox = Outbox(ctx, names.LOCKS_BUCKET, names.LOCKS)
+        await self.outbox.start()  # events of changes a killed predecessor wrote but did not publish
         await self._sweep()  # expired while no locks service ran
         self.tasks = [asyncio.create_task(self._watch(), name="locks-watch"),
                       asyncio.create_task(self._expire(), name="locks-expire")]
@@ -80,6 +84,8 @@ class Adapter:
 
     async def stop(self) -> None:
         self.stopping.set()
+        if hasattr(self, "outbox"):
+            await self.outbox.stop()
         for task in getattr(self, "tasks", []):
             task.cancel()
         for task in getattr(self, "tasks", []):
@@ -200,45 +206,56 @@ class Adapter:
         records a change that did not happen; when a batch fails, the ones before it
         still get theirs."""
         applied: list[core.Change] = []
+        seq = 0
         try:
             for start in range(0, len(changes), kv_batch.MAX_WRITES):
                 batch = changes[start : start + kv_batch.MAX_WRITES]
                 if create_only:  # `ringfence lock`: one new key
                     for change in batch:
-                        await self._create_key(change.key, change.value)
+                        seq = await self._create_key(change)
                 else:
-                    await self._write_all(batch)
+                    seq = await self._write_all(batch)
                 applied += batch
                 for change in batch:
                     self.ctx.counters["locks_deleted" if change.value is None else "locks_created"] += 1
                     log.info("%s (actor %r)", change.message, change.event.user)
         finally:
             warnings = await publish_change_events(self.ctx, [change.event for change in applied])
+            await self.outbox.published(seq, all_published=not warnings)
         return warnings
 
-    async def _create_key(self, key: str, value: bytes) -> None:
-        """Store a new lock (`ringfence lock`: a new UUID, so nothing can be in its way)."""
+    def _write(self, change: core.Change) -> kv_batch.KvWrite:
+        """The KV write of a change, carrying its audit event."""
+        return kv_batch.KvWrite(change.key, change.value, last=change.last, event=self.outbox.header(change.event))
 
-        async def create() -> None:
+    async def _create_key(self, change: core.Change) -> int:
+        """Store a new lock (`ringfence lock`: a new UUID, so nothing can be in its way); returns
+        its stream sequence."""
+        write = dataclasses.replace(self._write(change), last=0)
+
+        async def create() -> int:
             try:
-                await self.kv.create(key, value)
-            except (NatsTimeoutError, KeyWrongLastSequenceError):
+                return await kv_batch.write_one(self.ctx.js, names.LOCKS_BUCKET, write)
+            except (NatsTimeoutError, APIError) as exc:
+                if isinstance(exc, APIError) and exc.err_code != WRONG_LAST_SEQUENCE:
+                    raise
                 # Sent to a server that died, or the key is there already (stored by a try whose ack
                 # was lost)? The leader knows what is stored; if nothing, send it again.
-                stored = await kv_read.get(self.kv, key)
+                stored = await kv_read.get(self.kv, change.key)
                 if stored is None:
                     raise NoStreamResponseError from None
-                if stored.value != value:
+                if stored.value != change.value:
                     raise
+                return stored.revision or 0
         try:
-            await kv_batch.while_leaderless(create)
+            return await kv_batch.while_leaderless(create)
         except (NoStreamResponseError, NatsTimeoutError, kv_read.StaleSnapshotError) as exc:
             raise _unconfirmed(exc) from None
 
-    async def _write_all(self, changes: list[core.Change]) -> None:
-        writes = [kv_batch.KvWrite(c.key, c.value, last=c.last) for c in changes]
+    async def _write_all(self, changes: list[core.Change]) -> int:
+        writes = [self._write(c) for c in changes]
         try:
-            await kv_batch.write_all(self.ctx.nc, names.LOCKS_BUCKET, writes)
+            return await kv_batch.write_all(self.ctx.nc, names.LOCKS_BUCKET, writes)
         except (kv_batch.WriteOutcomeUnknown, NoRespondersError) as exc:
             raise _unconfirmed(exc) from None
         except kv_batch.BatchError as exc:
@@ -299,7 +316,7 @@ class Adapter:
         async with self.write_lock:
             for change in core.plan_expiry(dict(self.view), utcnow()):
                 try:
-                    await self.kv.delete(change.key, last=change.last)
+                    seq = await kv_batch.write_one(self.ctx.js, names.LOCKS_BUCKET, self._write(change))
                 except APIError as exc:
                     if exc.err_code != WRONG_LAST_SEQUENCE:
                         raise
@@ -313,7 +330,8 @@ class Adapter:
                     del self.view[change.key]
                 self.ctx.counters["locks_expired"] += 1
                 log.info("%s: removed", change.message)
-                await publish_change_events(self.ctx, [change.event])
+                warnings = await publish_change_events(self.ctx, [change.event])
+                await self.outbox.published(seq, all_published=not warnings)
 
     async def _expire(self) -> None:
         """One timer: sleep until the next expiry in the view (or the next sweep), then act."""

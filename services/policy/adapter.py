@@ -12,6 +12,7 @@ from nats.micro.request import Request
 
 from ringfence.contract import api, names
 from ringfence.runtime import kv_batch, kv_read
+from ringfence.runtime.audit_outbox import Outbox
 from ringfence.runtime.audit_publish import publish_change_events
 from ringfence.runtime.service import ServiceContext, request_actor
 
@@ -37,6 +38,8 @@ class Adapter:
         self.write_lock = asyncio.Lock()
         for counter in ("changes_applied", "requests_rejected", "audit_publish_failures"):
             ctx.counters.setdefault(counter, 0)
+        self.outbox = Outbox(ctx, names.POLICY_BUCKET, names.POLICY)
+        await self.outbox.start()  # events of changes a killed predecessor wrote but did not publish
         await ctx.add_endpoint("create", names.api_subject(names.POLICY_API, "create"), self.create,
                                action=self._create_actions)
         await ctx.add_endpoint("get", names.api_subject(names.POLICY_API, "get"), self.get,
@@ -45,7 +48,8 @@ class Adapter:
                                action=self._delete_actions)
 
     async def stop(self) -> None:
-        pass
+        if hasattr(self, "outbox"):
+            await self.outbox.stop()
 
     # --- what each request does, for the role check (ServiceContext.add_endpoint) ---------
 
@@ -128,11 +132,12 @@ class Adapter:
         return [entries[k].value for k in sorted(entries) if entries[k].value]
 
     async def _apply(self, changes: list[core.Change]) -> list[str]:
-        """Write every change (all or none, even if this process dies meanwhile), then publish
-        the events; warnings for events that were lost."""
+        """Write every change (all or none, even if this process dies meanwhile), each carrying
+        its event, then publish the events; warnings for events not published yet."""
         try:
-            await kv_batch.write_all(self.ctx.nc, names.POLICY_BUCKET,
-                                     [kv_batch.KvWrite(c.key, c.value) for c in changes])
+            seq = await kv_batch.write_all(self.ctx.nc, names.POLICY_BUCKET,
+                                           [kv_batch.KvWrite(c.key, c.value, event=self.outbox.header(c.event))
+                                            for c in changes])
         except (kv_batch.WriteOutcomeUnknown, NoRespondersError) as exc:
             raise api.ApiError(kv_batch.unconfirmed_message(exc, "policy", "ringfence get"), "unavailable") from None
         except kv_batch.BatchError as exc:
@@ -142,7 +147,9 @@ class Adapter:
             self.ctx.counters["changes_applied"] += 1
             log.info("%s (actor %r)", change.message, change.event.user)
         # Events after every write: the audit log never records a change that did not happen.
-        return await publish_change_events(self.ctx, [change.event for change in changes])
+        warnings = await publish_change_events(self.ctx, [change.event for change in changes])
+        await self.outbox.published(seq, all_published=not warnings)
+        return warnings
 
 
 def _decode(data: bytes, type_: type):
