@@ -40,8 +40,9 @@ def stack(nats_server, data_dir, services, enforcer):
 
 
 def long_session(node, user: str, login: str | None = None) -> subprocess.Popen:
+    opened = node.log().count(f"user {user},")  # earlier sessions of this user do not count
     proc = node.popen("sleep", "60", user=user, login=login)
-    wait_for(lambda: f"user {user}," in node.log(), what=f"{user}'s session to open")
+    wait_for(lambda: node.log().count(f"user {user},") > opened, what=f"{user}'s session to open")
     return proc
 
 
