@@ -18,32 +18,13 @@ from typing import Any, Generic, TypeVar
 from nats.aio.client import Client
 
 from .kv_watch import watchable_bucket
+from .stopping import unless_stopped
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 RESYNC_INTERVAL = 30.0
 HEARTBEAT = 1.0
-
-
-async def _cancelled_at(stop: asyncio.Event, coro) -> None:
-    """Run `coro` until it returns or `stop` is set, whichever is first: a watch
-    waiting out its heartbeat must not hold up the service's stop by a second."""
-    task = asyncio.ensure_future(coro)
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    finally:
-        stopped.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task  # its finally (watcher.stop()) runs
-        return
-    task.result()
 
 
 class KvMirror(Generic[T]):
@@ -81,7 +62,8 @@ class KvMirror(Generic[T]):
         kv = await watchable_bucket(self.nc.jetstream(), self.bucket)  # deaf watches replaced within seconds
         while not stop.is_set():
             try:
-                await _cancelled_at(stop, self._watch_once(kv, stop))
+                # A watch waiting out its heartbeat must not hold up the service's stop by a second.
+                await unless_stopped(stop, self._watch_once(kv, stop))
             except Exception as exc:
                 log.warning("watch of %s/%s stopped (%s); restarting", self.bucket, self.key_filter, exc)
             with contextlib.suppress(TimeoutError):

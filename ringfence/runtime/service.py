@@ -43,6 +43,7 @@ from ..contract.streams import StreamSetupError, ensure_streams_ready
 from .logs import setup_logging
 from .nats_conn import NatsCredentialError, connect, wait_closed
 from .operator_auth import ActionSpec, OperatorDirectory, RequestAuth
+from .stopping import unless_stopped
 
 log = logging.getLogger(__name__)
 
@@ -158,22 +159,10 @@ def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Ad
 async def _streams_ready(js: JetStreamContext, replicas: int, stop: asyncio.Event) -> bool:
     """Streams and buckets in shape; waits (for ever) while a cluster cannot take them yet.
     False when the service was asked to stop meanwhile."""
-    ready = asyncio.ensure_future(ensure_streams_ready(js, replicas, timeout=None))
-    stopped = asyncio.ensure_future(stop.wait())
     try:
-        await asyncio.wait([ready, stopped], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
-    if not ready.done():
-        ready.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await ready
-        return False
-    try:
-        ready.result()
+        return await unless_stopped(stop, ensure_streams_ready(js, replicas, timeout=None))
     except StreamSetupError as exc:
         raise StartupError(str(exc)) from None
-    return True
 
 
 def _run_to_the_end(main) -> None:
