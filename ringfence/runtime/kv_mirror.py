@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 
 from nats.aio.client import Client
 
+from . import kv_read
 from .kv_watch import watchable_bucket
 from .stopping import unless_stopped
 
@@ -71,6 +72,12 @@ class KvMirror(Generic[T]):
 
     async def _watch_once(self, kv: Any, stop: asyncio.Event) -> None:
         watcher = await kv.watch(self.key_filter)
+        # nats-py can mark the end of the initial values (None) before it has delivered all
+        # of them: the fresh copy is complete once it also holds the newest message stored
+        # when the watch began.
+        wanted = await kv_read.newest_seq(self.nc.jetstream(), f"KV_{self.bucket}",
+                                          f"$KV.{self.bucket}.{self.key_filter}")
+        newest, initial_ended = 0, False
         fresh: dict[str, T] | None = {}
         started = time.monotonic()
         was_connected = True
@@ -91,22 +98,24 @@ class KvMirror(Generic[T]):
                     entry = await watcher.updates(timeout=HEARTBEAT)
                 except TimeoutError:
                     continue
-                if entry is None:  # end of the initial snapshot
-                    if fresh is not None:
-                        self.values = fresh
-                        fresh = None
-                        self.synced_at = time.monotonic()
-                        self.ready.set()
-                        self._changed()
-                    continue
-                target = fresh if fresh is not None else self.values
-                if entry.operation in ("DEL", "PURGE") or entry.value is None:
-                    target.pop(entry.key, None)
+                if entry is None:
+                    initial_ended = True
                 else:
-                    value = self._decoded(entry.key, entry.value)
-                    if value is not None:
-                        target[entry.key] = value
-                if fresh is None:
+                    newest = max(newest, entry.revision or 0)
+                    target = fresh if fresh is not None else self.values
+                    if entry.operation in ("DEL", "PURGE") or entry.value is None:
+                        target.pop(entry.key, None)
+                    else:
+                        value = self._decoded(entry.key, entry.value)
+                        if value is not None:
+                            target[entry.key] = value
+                    if fresh is None:
+                        self._changed()
+                if fresh is not None and initial_ended and newest >= wanted:  # the snapshot is complete
+                    self.values = fresh
+                    fresh = None
+                    self.synced_at = time.monotonic()
+                    self.ready.set()
                     self._changed()
         finally:
             with contextlib.suppress(Exception):

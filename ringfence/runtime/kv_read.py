@@ -63,7 +63,7 @@ async def get(kv: KeyValue, key: str, deadline: float = SNAPSHOT_DEADLINE) -> Ke
             await asyncio.sleep(RETRY_PAUSE)
 
 
-async def _newest_seq(js: JetStreamContext, stream: str, subject: str) -> int:
+async def newest_seq(js: JetStreamContext, stream: str, subject: str) -> int:
     """The sequence of the newest message under `subject` (wildcards allowed) as the leader has it; 0: none."""
     try:
         msg = await js.get_msg(stream, subject=subject, direct=False)
@@ -85,7 +85,7 @@ async def snapshot(js: JetStreamContext, kv: KeyValue, key_filter: str = ">",
     while True:
         attempt += 1
         try:
-            wanted = await _newest_seq(js, stream, f"$KV.{bucket}.{key_filter}")
+            wanted = await newest_seq(js, stream, f"$KV.{bucket}.{key_filter}")
             found, newest = await _watch_once(kv, key_filter)
             if newest >= wanted:
                 if attempt > 1:
