@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import signal
 
 import msgspec
@@ -18,6 +17,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from ringfence.contract import api, names
 from ringfence.runtime import kv_read
+from tests.support.nats import audit_events
 from tests.support.procs import wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -60,23 +60,8 @@ async def stored_keys(url: str, bucket: str) -> set[str]:
         await nc.close()
 
 
-async def audit_stream_events(url: str) -> list[dict]:
-    """Every event on the audit stream now, in stream order."""
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        total = (await js.stream_info(names.AUDIT_STREAM)).state.messages
-        sub = await js.subscribe(names.AUDIT_SUBJECTS, ordered_consumer=True)
-        found = []
-        while len(found) < total:
-            found.append(json.loads((await sub.next_msg(timeout=5)).data))
-        return found
-    finally:
-        await nc.close()
-
-
 def events_by_name(url: str, event_type: str) -> collections.Counter:
-    return collections.Counter(e["name"] for e in asyncio.run(audit_stream_events(url)) if e["event"] == event_type)
+    return collections.Counter(e["name"] for e in audit_events(url, wait=None) if e["event"] == event_type)
 
 
 def kill_mid_create(nats_url: str, proc, subject: str, bucket: str, document, key_of, event_type: str) -> None:
@@ -182,7 +167,7 @@ def test_a_change_written_without_its_event_gets_it_when_the_service_starts(nats
     assert events_by_name(nats_server.url, "role.created") == {}
     [policy] = services("policy", env=NO_AUTH)
     assert "published 1 audit event(s) of policy changes written before the last stop" in policy.output()
-    [stored] = [e for e in asyncio.run(audit_stream_events(nats_server.url)) if e["event"] == "role.created"]
+    [stored] = [e for e in audit_events(nats_server.url, wait=None) if e["event"] == "role.created"]
     assert (stored["name"], stored["user"], stored["uid"]) == ("orphan", "alice", event.uid)
     # Published once: the cursor moved past it, so another start has nothing to publish.
     policy.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import re
 import subprocess
 import sys
@@ -15,13 +14,13 @@ from pathlib import Path
 import msgspec
 import nats
 import yaml
-from nats.errors import TimeoutError as NatsTimeout
 
 from ringfence import locking
 from ringfence.contract import names
 from ringfence.contract import resources as r
 from ringfence.contract.streams import ensure_streams
 from ringfence.runtime import kv_read
+from tests.support.nats import audit_events
 from tests.support.procs import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,22 +111,6 @@ def bucket_seq(url: str) -> int:
         return (await js.stream_info(f"KV_{names.LOCKS_BUCKET}")).state.last_seq
 
     return asyncio.run(_with_js(url, seq))
-
-
-def audit_events(url: str, wait: float = 1.0) -> list[dict]:
-    """Everything on the audit stream, read with an ephemeral (ordered) consumer."""
-
-    async def read(js):
-        sub = await js.subscribe(names.AUDIT_SUBJECTS, ordered_consumer=True)
-        found = []
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=wait)
-            except NatsTimeout:
-                return found
-            found.append(json.loads(msg.data))
-
-    return asyncio.run(_with_js(url, read))
 
 
 def utcnow() -> dt.datetime:

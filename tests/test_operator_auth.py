@@ -4,7 +4,6 @@ with `operator_auth: required`: the CLI signs, every service checks and applies 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import stat
@@ -17,7 +16,6 @@ import msgspec
 import nats
 import pytest
 import yaml
-from nats.errors import TimeoutError as NatsTimeout
 
 from ringfence import auth
 from ringfence.cli.bootstrap import bootstrap_admin
@@ -26,6 +24,7 @@ from ringfence.contract import api, names
 from ringfence.contract.resources import LockTarget
 from ringfence.contract.streams import ensure_streams
 from ringfence.keyfiles import read_identity, write_identity
+from tests.support.nats import audit_events
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "ringfence.cli.main"]
@@ -89,24 +88,6 @@ def stack(nats_server, services, data_dir, tmp_path) -> Stack:
     home = tmp_path / "home"
     home.mkdir()
     return Stack(nats_server.url, data_dir, home)
-
-
-def audit_events(url: str, wait: float = 1.0) -> list[dict]:
-    async def read():
-        nc = await nats.connect(url)
-        try:
-            sub = await nc.jetstream().subscribe(names.AUDIT_SUBJECTS, ordered_consumer=True)
-            found = []
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=wait)
-                except NatsTimeout:
-                    return found
-                found.append(json.loads(msg.data))
-        finally:
-            await nc.close()
-
-    return asyncio.run(read())
 
 
 def test_bootstrap_admin_is_created_once(stack):

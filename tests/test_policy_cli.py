@@ -11,10 +11,10 @@ from pathlib import Path
 import msgspec
 import nats
 import yaml
-from nats.errors import TimeoutError as NatsTimeout
 
 from ringfence.contract import api, names
 from ringfence.contract import resources as r
+from tests.support.nats import audit_events
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "ringfence.cli.main"]
@@ -113,22 +113,6 @@ def kv_last_seq(url: str) -> int:
         return (await js.stream_info(f"KV_{names.POLICY_BUCKET}")).state.last_seq
 
     return asyncio.run(_with_js(url, seq))
-
-
-def audit_events(url: str) -> list[dict]:
-    """Everything on the audit stream, read with an ephemeral (ordered) consumer."""
-
-    async def read(js):
-        sub = await js.subscribe(names.AUDIT_SUBJECTS, ordered_consumer=True)
-        found = []
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1.0)
-            except NatsTimeout:
-                return found
-            found.append(json.loads(msg.data))
-
-    return asyncio.run(_with_js(url, read))
 
 
 def test_create_prints_the_messages_and_stores_every_resource(nats_server, services, tmp_path):

@@ -168,3 +168,35 @@ class NatsCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+def audit_events(url: str, wait: float | None = 1.0) -> list[dict]:
+    """The events on the audit stream, in stream order: until none has come for `wait`
+    seconds (events may still be on their way), or exactly those stored now (wait=None)."""
+    import asyncio
+
+    import nats
+    from nats.errors import TimeoutError as NatsTimeout
+
+    from ringfence.contract import names
+
+    async def read() -> list[dict]:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            total = (await js.stream_info(names.AUDIT_STREAM)).state.messages if wait is None else None
+            sub = await js.subscribe(names.AUDIT_SUBJECTS, ordered_consumer=True)
+            found: list[dict] = []
+            while total is None or len(found) < total:
+                try:
+                    msg = await sub.next_msg(timeout=5 if wait is None else wait)
+                except NatsTimeout:
+                    if wait is None:
+                        raise
+                    break
+                found.append(json.loads(msg.data))
+            return found
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
