@@ -21,62 +21,14 @@
 // produced only while the enforcer runs; what was emitted before it stopped
 // waits in the pinned ring buffers for the next reader.
 //
+// Records, limits and the shared maps are in ringfence.h.
+//
 // Compile-time parameters (bcc cflags): PIN_DIR, SESSIONS_MAX_ENTRIES,
-// RINGBUF_BYTES, TASK_REAL_PARENT_OFF and TASK_TGID_OFF (offsets in struct
+// LOST_BY_MAX_ENTRIES, RINGBUF_BYTES, TASK_REAL_PARENT_OFF and TASK_TGID_OFF (offsets in struct
 // task_struct taken from the running kernel's BTF; -1 when unknown: ppid 0).
 
-#include <uapi/linux/bpf.h>
-
-struct session_flags {
-    u32 flags;
-};
-#define SESSION_RECORDED 2
-
-// Limits and layouts below are mirrored in services/enforcer/recording_bpf.py.
-#define MAX_ARGS 20
-#define ARG_BYTES 128
-#define EXEC_PATH_BYTES 512
-#define EXEC_DATA_BYTES (EXEC_PATH_BYTES + MAX_ARGS * ARG_BYTES)
-#define DISK_PATH_BYTES 512
-
-// Records are submitted without waking the reader, which drains the rings every
-// few tens of milliseconds instead: a wakeup per record made execs in a session
-// markedly slower (every exec brings several opens).
-#define RB_FLAGS BPF_RB_NO_WAKEUP
-
-// exec_event.truncated / disk_event.truncated
-#define TRUNC_PATH 1  // the path was longer than the buffer
-#define TRUNC_ARGS 2  // more than MAX_ARGS arguments, or an unreadable one: the rest is missing
-
-// Emitted at exec exit: header, then data[] = path (path_len bytes, NUL
-// included) followed by argc NUL-terminated arguments (args_len bytes).
-struct exec_event {
-    u64 boot_ns;  // CLOCK_BOOTTIME at exit
-    u64 cgroup_id;
-    u32 pid;  // tgid
-    u32 ppid;  // real parent's tgid
-    s32 ret;  // 0 or -errno
-    u32 args_truncated;  // bit i: argument i was cut to ARG_BYTES - 1 bytes
-    u16 path_len;
-    u16 args_len;
-    u16 argc;
-    u16 truncated;
-    char comm[16];
-    char data[EXEC_DATA_BYTES];
-};
-
-// Emitted at open exit: header, then path_len bytes of path (NUL included).
-struct disk_event {
-    u64 boot_ns;
-    u64 cgroup_id;
-    u32 pid;
-    s32 flags;  // open flags as passed (openat2: open_how.flags)
-    s32 ret;  // the fd or -errno
-    u16 path_len;
-    u16 truncated;
-    char comm[16];
-    char path[DISK_PATH_BYTES];
-};
+#define RINGFENCE_BPF
+#include "ringfence.h"
 
 struct disk_pending {
     u64 filename;  // user pointer, read at exit
@@ -108,7 +60,7 @@ struct sched_exec_ctx {
     s32 old_pid;
 };
 
-BPF_TABLE_PINNED("hash", u64, struct session_flags, sessions, SESSIONS_MAX_ENTRIES, PIN_DIR "/sessions");
+RINGFENCE_SESSIONS_MAP();
 // lost_*[0]: records dropped because the ring buffer (or the pending map) was full.
 BPF_TABLE_PINNED("array", u32, u64, lost_exec, 1, PIN_DIR "/lost_exec");
 BPF_TABLE_PINNED("array", u32, u64, lost_disk, 1, PIN_DIR "/lost_disk");
@@ -119,44 +71,37 @@ BPF_TABLE("hash", u64, struct disk_pending, disk_pending, 16384);
 BPF_PERCPU_ARRAY(exec_scratch, struct exec_event, 1);
 BPF_PERCPU_ARRAY(disk_scratch, struct disk_event, 1);
 
-// Pinned ring buffers: the expansion of BPF_RINGBUF_OUTPUT with a
-// "ringbuf:<path>" section, as in restricted.bpf.c.
-struct events_exec_table_t {
-    int key;
-    u32 leaf;
-    int (*ringbuf_output)(void *, u64, u64);
-    void *(*ringbuf_reserve)(u64);
-    void (*ringbuf_discard)(void *, u64);
-    void (*ringbuf_submit)(void *, u64);
-    u32 max_entries;
-};
-__attribute__((section("maps/ringbuf:" PIN_DIR "/events_exec")))
-struct events_exec_table_t events_exec = {.max_entries = RINGBUF_BYTES};
+PINNED_RINGBUF(events_exec, RINGBUF_BYTES);
+PINNED_RINGBUF(events_disk, RINGBUF_BYTES);
+LOST_BY_MAP();
 
-struct events_disk_table_t {
-    int key;
-    u32 leaf;
-    int (*ringbuf_output)(void *, u64, u64);
-    void *(*ringbuf_reserve)(u64);
-    void (*ringbuf_discard)(void *, u64);
-    void (*ringbuf_submit)(void *, u64);
-    u32 max_entries;
-};
-__attribute__((section("maps/ringbuf:" PIN_DIR "/events_disk")))
-struct events_disk_table_t events_disk = {.max_entries = RINGBUF_BYTES};
+// One more record of `source` dropped, counted per session or login (while the map has room).
+static __always_inline void lost_by_add(u32 source, u64 cgroup_id, u32 uid) {
+    struct lost_key key = {.cgroup_id = cgroup_id, .uid = uid, .source = source};
+    u64 *m = lost_by.lookup(&key);
+    if (m) {
+        __sync_fetch_and_add(m, 1);
+    } else {
+        u64 one = 1;
+        if (lost_by.insert(&key, &one) < 0 && (m = lost_by.lookup(&key)))
+            __sync_fetch_and_add(m, 1);  // inserted meanwhile on another CPU
+    }
+}
 
-static __always_inline void count_lost_exec(void) {
+static __always_inline void count_lost_exec(u64 cgid) {
     u32 zero = 0;
     u64 *n = lost_exec.lookup(&zero);
     if (n)
         __sync_fetch_and_add(n, 1);
+    lost_by_add(LOST_EXEC, cgid, 0);
 }
 
-static __always_inline void count_lost_disk(void) {
+static __always_inline void count_lost_disk(u64 cgid) {
     u32 zero = 0;
     u64 *n = lost_disk.lookup(&zero);
     if (n)
         __sync_fetch_and_add(n, 1);
+    lost_by_add(LOST_DISK, cgid, 0);
 }
 
 static __always_inline int recorded(u64 *cgid) {
@@ -250,7 +195,7 @@ static __always_inline int exec_enter(const char *filename, const char *const *a
 done:
     e->args_len = off - e->path_len;
     if (exec_pending.update(&id, e) < 0)
-        count_lost_exec();
+        count_lost_exec(e->cgroup_id);
     return 0;
 }
 
@@ -266,7 +211,7 @@ static __always_inline int exec_exit(s64 ret) {
     if (len > EXEC_DATA_BYTES)
         len = EXEC_DATA_BYTES;
     if (events_exec.ringbuf_output(e, offsetof(struct exec_event, data) + len, RB_FLAGS) < 0)
-        count_lost_exec();
+        count_lost_exec(e->cgroup_id);
     exec_pending.delete(&id);
     return 0;
 }
@@ -292,7 +237,7 @@ int rec_sched_exec(struct sched_exec_ctx *ctx) {
     if (!e)
         return 0;
     if (exec_pending.update(&id, e) < 0)
-        count_lost_exec();
+        count_lost_exec(e->cgroup_id);
     exec_pending.delete(&old);
     return 0;
 }
@@ -306,7 +251,7 @@ static __always_inline int open_enter(const char *filename, s32 flags) {
     u64 id = bpf_get_current_pid_tgid();
     struct disk_pending p = {.filename = (u64)filename, .cgroup_id = cgid, .flags = flags};
     if (disk_pending.update(&id, &p) < 0)
-        count_lost_disk();
+        count_lost_disk(cgid);
     return 0;
 }
 
@@ -336,7 +281,7 @@ static __always_inline int open_exit(s64 ret) {
     e->path_len = n;
     bpf_get_current_comm(e->comm, sizeof(e->comm));
     if (events_disk.ringbuf_output(e, offsetof(struct disk_event, path) + n, RB_FLAGS) < 0)
-        count_lost_disk();
+        count_lost_disk(p->cgroup_id);
 out:
     disk_pending.delete(&id);
     return 0;

@@ -10,6 +10,7 @@
         cgroup_path: ""          # empty: use the host's cgroup2 mount
       restricted_session:
         enabled: true
+        restricted_logins: sessions   # or none, or [alice, bob]: judged outside sessions too
     operator_auth: required       # or off: accept unsigned control requests (tests, migration)
     nats_nkey: /path/to/seed.nk   # NATS nkey seed this process connects with (default: none)
     nats_replicas: 1              # copies of every stream and bucket: 1, or 3/5 on a NATS cluster
@@ -64,8 +65,15 @@ class EnhancedRecording(Struct, forbid_unknown_fields=True):
     ring_buffer_kib: int = 4096
 
 
+RESTRICTED_LOGINS_MODES = ("sessions", "none")
+
+
 class RestrictedSession(Struct, forbid_unknown_fields=True):
     enabled: bool = True
+    # Logins whose processes obey the policy outside sessions too (cron, at,
+    # systemd user units, leftovers): "sessions" (every login that has had a
+    # Ringfence session on this node, except root), "none", or a list of logins.
+    restricted_logins: str | list[str] = "sessions"
 
 
 class SSHService(Struct, forbid_unknown_fields=True):
@@ -121,6 +129,18 @@ def _validate(cfg: Config, source: str) -> None:
             f"{source}: ssh_service.enhanced_recording.ring_buffer_kib: {kib}: "
             "must be a power of two of at least 4"
         )
+    logins = cfg.ssh_service.restricted_session.restricted_logins
+    if isinstance(logins, str) and logins not in RESTRICTED_LOGINS_MODES:
+        raise ConfigError(
+            f'{source}: ssh_service.restricted_session.restricted_logins: "{logins}": use '
+            f'{" or ".join(RESTRICTED_LOGINS_MODES)}, or a list of logins'
+        )
+    for login in logins if isinstance(logins, list) else []:
+        if not login or login == "root" or any(c in login for c in ":/\n"):
+            raise ConfigError(
+                f'{source}: ssh_service.restricted_session.restricted_logins: "{login}": not a login that '
+                "can be restricted (root never is: the enforcer and the host run as root)"
+            )
     for url in cfg.nats_urls or [""]:
         if not re.match(r"^(nats|tls|ws|wss)://[^\s]+$", url):
             raise ConfigError(f'{source}: nats_url: "{url}": expected nats://host:port')

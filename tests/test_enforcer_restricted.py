@@ -211,10 +211,12 @@ def test_lost_samples_are_counted_and_reported(nats_server, enforcer):
         "    s.close()\n"
     )
     proc = node.popen(sys.executable, "-c", flood)
-    wait_for(node.sessions_started, what="the session to open")
+    sid = wait_for(node.sessions_started, what="the session to open")[-1]
     node.proc.proc.send_signal(signal.SIGSTOP)  # nobody reads the 4 KiB ring buffer now
     try:
         assert proc.wait(30) == 0
     finally:
         node.proc.proc.send_signal(signal.SIGCONT)
-    wait_for(lambda: "network events lost" in node.log(), timeout=15, what="the loss to be reported")
+    # The loss names the session it happened to, also when reported after the session ended.
+    wait_for(lambda: f"network records lost (session {sid}," in node.log(), timeout=15,
+             what="the loss to be reported")

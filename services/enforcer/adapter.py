@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 
 from ringfence.contract import names
-from ringfence.contract.api import ApiError, JoinRequest, KillRequest, ok_reply
+from ringfence.contract.api import ApiError, JoinRequest, KillRequest, SessionInfo, ok_reply
 from ringfence.contract.events import AuditEvent, EventsLost, encode_event
 from ringfence.contract.strict import decode_json
 from ringfence.durations import parse_duration
@@ -20,6 +20,7 @@ from ringfence.runtime.audit_publish import publish_encoded, stamp
 from ringfence.runtime.service import ServiceContext, StartupError
 
 from . import kernel, simulated
+from .attribution import Attribution
 from .cgroups import CgroupTree
 from .directory import Directory
 from .limits import ConnectionLeases, SessionLimits
@@ -29,8 +30,9 @@ from .policy_follower import PolicyFollower
 from .recorder import Recorder, publish_chunks
 from .recording_bpf import RecordingBPF
 from .recording_events import command_event, disk_event
-from .records import boot_offset, wall_time
-from .restricted_bpf import SESSION_RECORDED, SESSION_RESTRICTED, BpfLoadError, NetEvent, RestrictedBPF
+from .records import stable_uid
+from .restricted_bpf import SESSION_RECORDED, SESSION_RESTRICTED, BpfLoadError, RestrictedBPF
+from .restricted_logins import RestrictedLogins
 from .session_manager import SessionManager
 from .session_socket import SessionSocket
 from .session_store import SessionStore
@@ -70,6 +72,13 @@ class EnforcerAdapter:
         self.recordings = Spool(data / "recordings-spool")
         self.directory = Directory(ctx.nc)
         self.sessions = self._session_manager(tree, data)
+        self.attribution = Attribution(self.sessions.lookup_cgroup)
+        self.sessions.end_hooks.insert(0, self._session_ended)
+        self.logins = RestrictedLogins(self.bpf, cfg.ssh_service.restricted_session.restricted_logins)
+        self.logins.configure()
+        # Until the session flow calls self.logins.session_opened(login) itself when a
+        # session opens, an admission check that never refuses does it.
+        self.sessions.checks.insert(0, self._restrict_login)
         self.guard = LockGuard(ctx.nc, self.sessions, self.directory, parse_duration(cfg.lock_view_max_staleness),
                                self.emit, ctx.counters)
         leases = ConnectionLeases(await kv_read.open_bucket(ctx.js, names.LEASES_BUCKET), ctx.server_id,
@@ -120,7 +129,7 @@ class EnforcerAdapter:
             self.bpf = await asyncio.to_thread(
                 RestrictedBPF, bpffs / "ringfence" / cfg.nodename, rec.ring_buffer_kib * 1024
             )
-            self.bpf.attach(tree.root)
+            self.bpf.attach(mount, tree.root)
         except (kernel.HostNotReady, BpfLoadError) as exc:
             raise StartupError(str(exc)) from None
         log.info("restricted-session programs attached to %s (cgroup2 at %s)", tree.root, mount)
@@ -157,9 +166,9 @@ class EnforcerAdapter:
         for info in self.sessions.by_sid.values():
             if info.kind == "connection":
                 leases.held[info.sid] = info.user  # renewed from now on, released at its end
-        for key in ("network_events", "unattributed_events", "lost_network"):
+        for key in ("network_events", "unattributed_events", "lost_network", "outside_session_events"):
             counters.setdefault(key, 0)
-        self.bpf.start_reader(self._on_net_event)
+        self.bpf.start_reader(self._on_net_records)
         rec = cfg.ssh_service.enhanced_recording
         if rec.enabled and not simulated.enabled():
             try:
@@ -180,7 +189,7 @@ class EnforcerAdapter:
             asyncio.create_task(self.spool.run(lambda lines: publish_encoded(js, lines), stop), name="spool"),
             asyncio.create_task(self.recordings.run(lambda lines: publish_chunks(js, lines), stop),
                                 name="recordings"),
-            asyncio.create_task(self._report_lost(data / "lost_reported"), name="lost"),
+            asyncio.create_task(self._report_lost(), name="lost"),
             *(asyncio.create_task(t, name="directory") for t in self.directory.tasks(stop)),
             *(asyncio.create_task(t, name="locks") for t in self.guard.tasks(stop)),
             *(asyncio.create_task(t, name="limits") for t in self.limits.tasks(stop)),
@@ -223,10 +232,10 @@ class EnforcerAdapter:
 
     # Run on the recording reader thread.
     def _on_command(self, rec) -> None:
-        self._spool_record(command_event(rec, self.sessions.lookup_cgroup(rec.cgroup_id)), "command_events")
+        self._spool_record(command_event(rec, self.attribution.session(rec.cgroup_id)), "command_events")
 
     def _on_disk(self, rec) -> None:
-        self._spool_record(disk_event(rec, self.sessions.lookup_cgroup(rec.cgroup_id)), "disk_events")
+        self._spool_record(disk_event(rec, self.attribution.session(rec.cgroup_id)), "disk_events")
 
     def _spool_record(self, event: AuditEvent, counter: str) -> None:
         assert self.ctx is not None and self.spool is not None
@@ -238,55 +247,67 @@ class EnforcerAdapter:
         assert self.ctx is not None and self.spool is not None
         self.spool.append(encode_event(stamp(event, self.ctx)))
 
-    # Runs on the ring-buffer thread.
-    def _on_net_event(self, raw: NetEvent) -> None:
-        assert self.ctx is not None and self.sessions is not None and self.spool is not None
-        wall = wall_time(raw.boot_ns, boot_offset())
-        rec = NetRecord(
-            boot_ns=raw.boot_ns,
-            wall_time=wall,
-            cgroup_id=raw.cgroup_id,
-            pid=raw.pid,
-            family=raw.family,
-            dst_port=raw.dst_port,
-            operation=raw.operation,
-            action=raw.action,
-            src_addr=bytes(raw.src_addr),
-            dst_addr=bytes(raw.dst_addr),
-            comm=raw.comm.decode(errors="replace"),
-        )
-        session = self.sessions.lookup_cgroup(rec.cgroup_id)
+    async def _restrict_login(self, info: SessionInfo) -> None:
+        self.logins.session_opened(info.login)
+
+    async def _session_ended(self, info: SessionInfo) -> None:
+        self.attribution.ended(info)
+
+    # Runs on the ring-buffer thread, once per round with everything read.
+    def _on_net_records(self, records: list[NetRecord]) -> None:
+        assert self.ctx is not None and self.spool is not None
         counters = self.ctx.counters
-        counters["network_events"] += 1
-        if session is None:
-            counters["unattributed_events"] += 1
-            log.warning("network event from cgroup %d that is no known session", rec.cgroup_id)
-        self.spool.append(encode_event(stamp(to_event(rec, session), self.ctx)))
+        lines = []
+        unattributed = 0
+        for rec in records:
+            if rec.outside:
+                counters["outside_session_events"] += 1
+                event = to_event(rec, None, self.attribution.login(rec.uid))
+            else:
+                session = self.attribution.session(rec.cgroup_id)
+                unattributed += session is None
+                event = to_event(rec, session)
+            lines.append(encode_event(stamp(event, self.ctx)))
+        counters["network_events"] += len(records)
+        if unattributed:
+            counters["unattributed_events"] += unattributed
+            log.warning("%d network records from cgroups that are no known session", unattributed)
+        self.spool.append_many(lines)
 
     def _lost_counts(self) -> dict[str, int]:
         assert self.bpf is not None
-        counts = {"network": self.bpf.lost()}
+        counts = self.bpf.lost()
         if self.recording_bpf:
             counts.update(self.recording_bpf.lost())
         return counts
 
-    async def _report_lost(self, state: Path) -> None:
-        """Turn the kernel's drop counters into audit events (and stats counters)."""
-        assert self.ctx is not None
-        try:
-            reported = msgspec.json.decode(state.read_bytes(), type=dict[str, int])
-        except (FileNotFoundError, msgspec.DecodeError):
-            reported = {}
+    async def _report_lost(self) -> None:
+        """Turn the kernel's drop counters into audit events (and stats counters):
+        one audit.events_lost per session (or login outside sessions) and source,
+        naming it, each time its count grew. What was reported is kept in the
+        pinned maps, so another enforcer on this node (a restart, another data
+        dir) reports only what is new."""
+        assert self.ctx is not None and self.bpf is not None
         while not self.stop_event.is_set():
             for source, total in self._lost_counts().items():
                 self.ctx.counters[f"lost_{source}"] = total
-                before = reported.get(source, 0)
-                if total > before:
-                    self.emit(EventsLost(source=source, lost=total - before, total=total))
-                    log.warning("%d %s events lost: the ring buffer was full (total %d); "
-                                "raise ssh_service.enhanced_recording.ring_buffer_kib", total - before, source, total)
-                    reported[source] = total
-                    state.write_bytes(msgspec.json.encode(reported))
+            unreported, settled = self.bpf.lost_unreported()
+            # Counters of sessions that ended, all reported: their cgroup ids may be reused.
+            self.bpf.forget_lost([key for key in settled if key[1] and not self.sessions.lookup_cgroup(key[1])])
+            for (source, cgroup_id, uid), total, before in unreported:
+                event = EventsLost(uid=stable_uid(f"lost:{source}:{cgroup_id}:{uid}:{total}"), source=source,
+                                   lost=total - before, total=total)
+                if cgroup_id:
+                    session = self.attribution.session(cgroup_id)
+                    if session:
+                        event.sid, event.user, event.login = session.sid, session.user, session.login
+                else:
+                    event.login = self.attribution.login(uid)
+                self.emit(event)  # before marking it reported: a crash between repeats the same uid
+                self.bpf.mark_lost_reported((source, cgroup_id, uid), total)
+                log.warning("%d %s records lost (session %s, login %s): the ring buffer was full; "
+                            "raise ssh_service.enhanced_recording.ring_buffer_kib", total - before, source,
+                            event.sid or "-", event.login or "-")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), LOST_REPORT_INTERVAL)
 

@@ -1,5 +1,6 @@
-"""The few bpf(2) commands bcc's Python API does not offer: listing the programs
-attached to a cgroup and detaching stale ones left by an earlier enforcer."""
+"""The few bpf(2) commands bcc's Python API does not offer: cgroup links (created,
+pinned, re-pointed at a new program), listing the programs attached to a cgroup
+and detaching stale ones left by an earlier enforcer."""
 
 from __future__ import annotations
 
@@ -11,13 +12,18 @@ _libc.syscall.restype = ctypes.c_long
 SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
 
 BPF_MAP_LOOKUP_ELEM = 1
+BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_DETACH = 9
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
+BPF_LINK_CREATE = 28
+BPF_LINK_UPDATE = 29
 
 # enum bpf_attach_type
+CGROUP_INET_EGRESS = 1
+CGROUP_INET_SOCK_CREATE = 2
 CGROUP_INET4_CONNECT = 10
 CGROUP_INET6_CONNECT = 11
 CGROUP_UDP4_SENDMSG = 14
@@ -85,6 +91,16 @@ class _ObjAttr(ctypes.Structure):
                 ("pad", ctypes.c_uint8 * 64)]
 
 
+class _LinkCreateAttr(ctypes.Structure):
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_fd", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint8 * 64)]
+
+
+class _LinkUpdateAttr(ctypes.Structure):
+    _fields_ = [("link_fd", ctypes.c_uint32), ("new_prog_fd", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("old_prog_fd", ctypes.c_uint32), ("pad", ctypes.c_uint8 * 64)]
+
+
 def _bpf(cmd: int, attr: ctypes.Structure) -> int:
     ret = _libc.syscall(SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
     if ret < 0:
@@ -133,3 +149,19 @@ def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
             return None
         raise
     return v.raw
+
+
+def obj_pin(fd: int, path: str) -> None:
+    raw = ctypes.create_string_buffer(path.encode())
+    _bpf(BPF_OBJ_PIN, _ObjAttr(pathname=ctypes.addressof(raw), bpf_fd=fd))
+
+
+def link_create(prog_fd: int, cgroup_fd: int, attach_type: int) -> int:
+    """Attach a program to a cgroup through a new bpf_link; returns the link's fd.
+    Links run alongside programs attached with BPF_F_ALLOW_MULTI."""
+    return _bpf(BPF_LINK_CREATE, _LinkCreateAttr(prog_fd=prog_fd, target_fd=cgroup_fd, attach_type=attach_type))
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """Point an existing link at another program, atomically: no moment without one."""
+    _bpf(BPF_LINK_UPDATE, _LinkUpdateAttr(link_fd=link_fd, new_prog_fd=prog_fd))

@@ -30,6 +30,18 @@ def mounts() -> list[tuple[str, str]]:
     return out
 
 
+def cgroup_level(mount: Path, cgroup: Path) -> int:
+    """The level of `cgroup` in the cgroup2 hierarchy mounted at `mount` (its
+    root is level 0), as bpf_get_current_ancestor_cgroup_id counts. A mount of
+    a subtree (a cgroup namespace) adds the depth of that subtree."""
+    base = 0
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(mount) and " - cgroup2 " in line:
+            base = len(Path(fields[3]).parts) - 1
+    return base + len(cgroup.relative_to(mount).parts)
+
+
 def _mount(source: str, target: str, fstype: str) -> None:
     if _libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
         err = ctypes.get_errno()

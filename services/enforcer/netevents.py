@@ -1,18 +1,24 @@
-"""Kernel network records to session.network audit events. Pure."""
+"""Kernel network records (struct net_event, bpf/ringfence.h) to session.network
+audit events. Pure."""
 
 from __future__ import annotations
 
-import ipaddress
 import socket
+import struct
 from dataclasses import dataclass
 
 from ringfence.contract.api import SessionInfo
-from ringfence.contract.events import SessionNetwork
+from ringfence.contract.events import OPERATION_PACKET, REASON_OUTSIDE_SESSION, SessionNetwork
 
-from .records import attribute, rfc3339, stable_uid
+from .records import attribute, rfc3339, stable_uid, wall_time
+
+# struct net_event
+NET_EVENT = struct.Struct("<QQIIHHBBBB16s16s16s")
+SUBJECT_SESSION = 1
+SUBJECT_OUTSIDE = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NetRecord:
     """A copy of struct net_event, detached from the ring buffer."""
 
@@ -27,12 +33,38 @@ class NetRecord:
     src_addr: bytes
     dst_addr: bytes
     comm: str
+    uid: int = 0
+    subject: int = SUBJECT_SESSION
+    protocol: int = 0
+
+    @property
+    def outside(self) -> bool:
+        """A process of a restricted login outside any session."""
+        return self.subject == SUBJECT_OUTSIDE
+
+
+def parse_net(raw: bytes, offset: float) -> NetRecord:
+    """A NetRecord from one events_network record; `offset` from records.boot_offset()."""
+    (boot_ns, cgroup_id, pid, uid, family, dst_port, operation, action, subject, protocol, src, dst,
+     comm) = NET_EVENT.unpack_from(raw)
+    return NetRecord(boot_ns=boot_ns, wall_time=wall_time(boot_ns, offset), cgroup_id=cgroup_id, pid=pid,
+                     family=family, dst_port=dst_port, operation=operation, action=action, src_addr=src,
+                     dst_addr=dst, comm=comm.split(b"\0", 1)[0].decode(errors="replace"), uid=uid,
+                     subject=subject, protocol=protocol)
 
 
 def _addr(family: int, raw: bytes) -> str:
     if family == socket.AF_INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    return str(ipaddress.IPv6Address(raw[:16]))
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    return socket.inet_ntop(socket.AF_INET6, raw[:16])
+
+
+def destination(rec: NetRecord) -> str:
+    """"127.0.0.5:80", "[::1]:80"; an ICMP or raw packet has no port: the address alone."""
+    addr = _addr(rec.family, rec.dst_addr)
+    if rec.operation == OPERATION_PACKET:
+        return addr
+    return f"{addr}:{rec.dst_port}" if rec.family == socket.AF_INET else f"[{addr}]:{rec.dst_port}"
 
 
 def record_uid(rec: NetRecord) -> str:
@@ -42,7 +74,9 @@ def record_uid(rec: NetRecord) -> str:
                       f"{rec.operation}")
 
 
-def to_event(rec: NetRecord, session: SessionInfo | None) -> SessionNetwork:
+def to_event(rec: NetRecord, session: SessionInfo | None, login: str = "") -> SessionNetwork:
+    """The audit event; `session` attributes a session's record, `login` (the
+    uid's name) one of a restricted login outside sessions."""
     ev = SessionNetwork(
         uid=record_uid(rec),
         time=rfc3339(rec.wall_time),
@@ -56,4 +90,8 @@ def to_event(rec: NetRecord, session: SessionInfo | None) -> SessionNetwork:
         operation=rec.operation,
         action=rec.action,
     )
+    if rec.outside:
+        ev.login = login or str(rec.uid)
+        ev.reason = REASON_OUTSIDE_SESSION
+        return ev
     return attribute(ev, session)

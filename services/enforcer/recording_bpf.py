@@ -24,7 +24,7 @@ from pathlib import Path
 from . import kernel
 from .recording_events import CommandRecord, DiskRecord
 from .records import boot_offset, wall_time
-from .restricted_bpf import PIN_LAYOUT, SESSIONS_MAX_ENTRIES, BpfLoadError
+from .restricted_bpf import PIN_LAYOUT, BpfLoadError, compile_flags
 
 log = logging.getLogger(__name__)
 
@@ -205,14 +205,8 @@ class RecordingBPF:
         self.pin_dir = pin_dir / PIN_LAYOUT
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         parent_off, tgid_off = task_offsets()
-        cflags = [
-            "-w",
-            f'-DPIN_DIR="{self.pin_dir}"',
-            f"-DSESSIONS_MAX_ENTRIES={SESSIONS_MAX_ENTRIES}",
-            f"-DRINGBUF_BYTES={ringbuf_bytes}",
-            f"-DTASK_REAL_PARENT_OFF={parent_off}",
-            f"-DTASK_TGID_OFF={tgid_off}",
-        ]
+        cflags = [*compile_flags(self.pin_dir, ringbuf_bytes), f"-DTASK_REAL_PARENT_OFF={parent_off}",
+                  f"-DTASK_TGID_OFF={tgid_off}"]
         self.bpf = None
         self.attached: list[str] = []
         try:

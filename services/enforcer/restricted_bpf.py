@@ -1,10 +1,13 @@
 """Loading bpf/restricted.bpf.c with bcc, attaching it, and reading/writing its maps.
 
-The programs stay attached and the maps stay pinned when the enforcer exits:
+The programs are attached to the root of the cgroup2 hierarchy through bpf_links
+pinned next to the maps, so they judge every process of the host by the current
+task (session processes, restricted logins outside sessions, sockets passed in).
+They stay attached and the maps stay pinned when the enforcer exits:
 enforcement must not lapse while it is down. A new enforcer loads fresh
-programs that reuse the pinned maps, attaches them next to the old ones
-(BPF_F_ALLOW_MULTI: both run, either can deny) and only then detaches the old
-ones, so there is no moment without a program.
+programs that reuse the pinned maps and re-points each pinned link at its new
+program (BPF_LINK_UPDATE: atomic, no moment without a program). Removing the
+pins (`python -m services.enforcer.uninstall`) detaches them.
 """
 
 from __future__ import annotations
@@ -16,46 +19,40 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from . import bpf_sys
+from . import bpf_sys, kernel
+from .netevents import NetRecord, parse_net
 from .policy_core import Key, Step
+from .records import boot_offset
 
 log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 SOURCE = BPF_DIR / "restricted.bpf.c"
-PIN_LAYOUT = "v1"  # bump when a pinned map's definition changes
+PIN_LAYOUT = "v2"  # bump when a pinned map's definition changes
 
 POLICY_MAX_ENTRIES = 262_144  # per family: 131,072 allow + 131,072 deny
 SESSIONS_MAX_ENTRIES = 65_536
+LOGINS_MAX_ENTRIES = 65_536
+LOST_BY_MAX_ENTRIES = 65_536
 BPF_F_ALLOW_MULTI = 2
+POLL_MS = 10  # the reader drains the ring buffer this often (records are submitted without a wakeup)
 
 SESSION_RESTRICTED = 1
 SESSION_RECORDED = 2
+LOST_SOURCES = {0: "network", 1: "exec", 2: "disk"}  # struct lost_key.source
 
+# (program, program type, attach type), all attached to the cgroup2 root.
 PROGRAMS = (
-    ("restricted_connect4", bpf_sys.CGROUP_INET4_CONNECT),
-    ("restricted_connect6", bpf_sys.CGROUP_INET6_CONNECT),
-    ("restricted_sendmsg4", bpf_sys.CGROUP_UDP4_SENDMSG),
-    ("restricted_sendmsg6", bpf_sys.CGROUP_UDP6_SENDMSG),
+    ("restricted_connect4", "CGROUP_SOCK_ADDR", bpf_sys.CGROUP_INET4_CONNECT),
+    ("restricted_connect6", "CGROUP_SOCK_ADDR", bpf_sys.CGROUP_INET6_CONNECT),
+    ("restricted_sendmsg4", "CGROUP_SOCK_ADDR", bpf_sys.CGROUP_UDP4_SENDMSG),
+    ("restricted_sendmsg6", "CGROUP_SOCK_ADDR", bpf_sys.CGROUP_UDP6_SENDMSG),
+    ("restricted_sock_create", "CGROUP_SOCK", bpf_sys.CGROUP_INET_SOCK_CREATE),
+    ("restricted_egress", "CGROUP_SKB", bpf_sys.CGROUP_INET_EGRESS),
 )
-
-
-class NetEvent(ct.Structure):
-    """struct net_event in bpf/restricted.bpf.c."""
-
-    _fields_ = [
-        ("boot_ns", ct.c_uint64),
-        ("cgroup_id", ct.c_uint64),
-        ("pid", ct.c_uint32),
-        ("family", ct.c_uint16),
-        ("dst_port", ct.c_uint16),
-        ("operation", ct.c_uint8),
-        ("action", ct.c_uint8),
-        ("pad", ct.c_uint8 * 6),
-        ("src_addr", ct.c_uint8 * 16),
-        ("dst_addr", ct.c_uint8 * 16),
-        ("comm", ct.c_char * 16),
-    ]
+# Layout v1 attached these to the node's tree with BPF_PROG_ATTACH; a v2 enforcer detaches them.
+LEGACY_ATTACH_TYPES = (bpf_sys.CGROUP_INET4_CONNECT, bpf_sys.CGROUP_INET6_CONNECT, bpf_sys.CGROUP_UDP4_SENDMSG,
+                       bpf_sys.CGROUP_UDP6_SENDMSG)
 
 
 class Key4(ct.Structure):
@@ -67,11 +64,40 @@ class Key6(ct.Structure):
 
 
 class Settings(ct.Structure):
-    _fields_ = [("enforce", ct.c_uint32), ("observe", ct.c_uint32)]
+    """struct settings in bpf/restricted.bpf.c."""
+
+    _fields_ = [("enforce", ct.c_uint32), ("observe", ct.c_uint32), ("tree_id", ct.c_uint64),
+                ("ringfence_id", ct.c_uint64), ("tree_level", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class LostKey(ct.Structure):
+    """struct lost_key in bpf/ringfence.h."""
+
+    _fields_ = [("cgroup_id", ct.c_uint64), ("uid", ct.c_uint32), ("source", ct.c_uint32)]
+
+
+LostSource = tuple[str, int, int]  # ("network", session cgroup id or 0, uid outside sessions or 0)
+
+
+def _lost_key(key: LostSource) -> LostKey:
+    source, cgroup_id, uid = key
+    return LostKey(cgroup_id, uid, next(k for k, v in LOST_SOURCES.items() if v == source))
 
 
 class BpfLoadError(RuntimeError):
     pass
+
+
+def compile_flags(pin_dir: Path, ringbuf_bytes: int) -> list[str]:
+    """The bcc cflags both programs are built with (bpf/ringfence.h reads them)."""
+    return [
+        "-w",
+        f"-I{BPF_DIR}",
+        f'-DPIN_DIR="{pin_dir}"',
+        f"-DSESSIONS_MAX_ENTRIES={SESSIONS_MAX_ENTRIES}",
+        f"-DLOST_BY_MAX_ENTRIES={LOST_BY_MAX_ENTRIES}",
+        f"-DRINGBUF_BYTES={ringbuf_bytes}",
+    ]
 
 
 class RestrictedBPF:
@@ -80,18 +106,13 @@ class RestrictedBPF:
 
         self.pin_dir = pin_dir / PIN_LAYOUT
         self.pin_dir.mkdir(parents=True, exist_ok=True)
-        cflags = [
-            "-w",
-            f'-DPIN_DIR="{self.pin_dir}"',
-            f"-DPOLICY_MAX_ENTRIES={POLICY_MAX_ENTRIES}",
-            f"-DSESSIONS_MAX_ENTRIES={SESSIONS_MAX_ENTRIES}",
-            f"-DRINGBUF_BYTES={ringbuf_bytes}",
-        ]
+        cflags = [*compile_flags(self.pin_dir, ringbuf_bytes), f"-DPOLICY_MAX_ENTRIES={POLICY_MAX_ENTRIES}",
+                  f"-DLOGINS_MAX_ENTRIES={LOGINS_MAX_ENTRIES}"]
         try:
             self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
             self.funcs = {
-                name: self.bpf.load_func(name.encode(), BPFProgType.CGROUP_SOCK_ADDR, attach_type=attach_type)
-                for name, attach_type in PROGRAMS
+                name: self.bpf.load_func(name.encode(), getattr(BPFProgType, prog_type), attach_type=attach_type)
+                for name, prog_type, attach_type in PROGRAMS
             }
         except Exception as exc:
             raise BpfLoadError(
@@ -101,34 +122,56 @@ class RestrictedBPF:
         from bcc.libbcc import lib
 
         self._lib = lib
-        self._maps = {n: self.bpf[n.encode()] for n in ("policy4", "policy6", "settings", "sessions", "lost")}
+        self._maps = {n: self.bpf[n.encode()]
+                      for n in ("policy4", "policy6", "settings", "sessions", "logins", "lost", "lost_by",
+                                "lost_reported")}
         self._reader: threading.Thread | None = None
         self._stop = threading.Event()
-        self._cgroup_fd: int | None = None
-        self.reader_cycles = 0  # completed ring-buffer polls: "everything before now was read"
+        self.reader_cycles = 0  # completed ring-buffer rounds: "everything before now was read and handled"
 
     # --- attaching -----------------------------------------------------------------
-    def attach(self, cgroup: Path) -> None:
-        """Attach to `cgroup` (the enforcer's parent of all session cgroups) and
-        detach programs left there by an earlier enforcer, in that order."""
-        from bcc import BPF
+    def attach(self, mount: Path, tree_root: Path) -> None:
+        """Judge this node's sessions (cgroups below `tree_root`) and its restricted
+        logins everywhere: link the programs to the root of the cgroup2 hierarchy
+        mounted at `mount`, then detach what a layout-v1 enforcer left on the tree."""
+        st = self._settings()
+        st.tree_id = tree_root.stat().st_ino
+        st.ringfence_id = tree_root.parent.stat().st_ino
+        st.tree_level = kernel.cgroup_level(mount, tree_root)
+        self._maps["settings"][ct.c_uint32(0)] = st
+        root_fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name, _type, attach_type in PROGRAMS:
+                self._link(name, attach_type, root_fd)
+        finally:
+            os.close(root_fd)
+        tree_fd = os.open(tree_root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for attach_type in LEGACY_ATTACH_TYPES:
+                for stale in bpf_sys.attached_prog_ids(tree_fd, attach_type):
+                    bpf_sys.detach_prog_id(tree_fd, attach_type, stale)
+                    log.info("detached program %d that an earlier enforcer attached to %s", stale, tree_root)
+        finally:
+            os.close(tree_fd)
 
-        fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-        self._cgroup_fd = fd
-        for name, attach_type in PROGRAMS:
-            fn = self.funcs[name]
-            BPF.attach_func(fn, fd, attach_type, BPF_F_ALLOW_MULTI)
-            ours = bpf_sys.prog_id(fn.fd)
-            for stale in bpf_sys.attached_prog_ids(fd, attach_type):
-                if stale != ours:
-                    bpf_sys.detach_prog_id(fd, attach_type, stale)
-                    log.info("replaced program %d (%s) left by an earlier enforcer", stale, name)
+    def _link(self, name: str, attach_type: int, root_fd: int) -> None:
+        pin = self.pin_dir / f"link_{name}"
+        prog_fd = self.funcs[name].fd
+        if pin.exists():
+            fd = bpf_sys.obj_get(str(pin))
+            try:
+                bpf_sys.link_update(fd, prog_fd)
+            finally:
+                os.close(fd)
+            return
+        fd = bpf_sys.link_create(prog_fd, root_fd, attach_type)
+        try:
+            bpf_sys.obj_pin(fd, str(pin))
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         self.stop_reader()
-        if self._cgroup_fd is not None:
-            os.close(self._cgroup_fd)
-            self._cgroup_fd = None
         self.bpf.cleanup()
 
     # --- policy ----------------------------------------------------------------------
@@ -160,10 +203,16 @@ class RestrictedBPF:
             n += 1
         return n
 
-    def set_settings(self, enforce: bool, observe: bool) -> None:
-        self._maps["settings"][ct.c_uint32(0)] = Settings(int(enforce), int(observe))
+    def _settings(self) -> Settings:
+        current = self._maps["settings"][ct.c_uint32(0)]
+        return Settings.from_buffer_copy(bytes(current))
 
-    # --- sessions --------------------------------------------------------------------
+    def set_settings(self, enforce: bool, observe: bool) -> None:
+        st = self._settings()
+        st.enforce, st.observe = int(enforce), int(observe)
+        self._maps["settings"][ct.c_uint32(0)] = st
+
+    # --- sessions and restricted logins ------------------------------------------------
     def add_session(self, cgroup_id: int, flags: int) -> None:
         table = self._maps["sessions"]
         table[table.Key(cgroup_id)] = table.Leaf(flags)
@@ -175,29 +224,87 @@ class RestrictedBPF:
         except KeyError:
             pass
 
-    # --- events ----------------------------------------------------------------------
-    def lost(self) -> int:
-        return int(self._maps["lost"][ct.c_uint32(0)].value)
+    def restricted_logins(self) -> set[int]:
+        return {k.value for k in self._maps["logins"]}
 
-    def start_reader(self, on_event: Callable[[NetEvent], None]) -> None:
-        """Read the ring buffer on a thread; `on_event` runs on that thread and
-        must finish with the record (it is reused) before returning."""
+    def restrict_login(self, uid: int) -> None:
+        """From now on the processes of `uid` obey the policy wherever they run
+        (pinned: it outlives this process). Root (0) is never restricted."""
+        if uid == 0:
+            raise ValueError("uid 0 (root) cannot be a restricted login: the enforcer and the host run as root")
+        table = self._maps["logins"]
+        table[table.Key(uid)] = table.Leaf(1)
 
-        def callback(_ctx, data, _size):
-            try:
-                on_event(ct.cast(data, ct.POINTER(NetEvent)).contents)
-            except Exception:
-                log.exception("handling a network event failed")
+    def release_login(self, uid: int) -> None:
+        table = self._maps["logins"]
+        try:
+            del table[table.Key(uid)]
+        except KeyError:
+            pass
+
+    # --- records and drops -----------------------------------------------------------
+    def lost(self) -> dict[str, int]:
+        """The node's drop counter of the network ring buffer, since the maps were created."""
+        return {"network": int(self._maps["lost"][ct.c_uint32(0)].value)}
+
+    def lost_unreported(self) -> tuple[list[tuple[LostSource, int, int]], list[LostSource]]:
+        """Drops per (source, session cgroup id or 0, uid of a login outside sessions
+        or 0), from the map both programs share: ([(key, total, reported before)]
+        where the total grew, [keys fully reported])."""
+        reported = {(k.cgroup_id, k.uid, k.source): v.value for k, v in self._maps["lost_reported"].items()}
+        grew, settled = [], []
+        for k, v in self._maps["lost_by"].items():
+            key = (LOST_SOURCES.get(k.source, str(k.source)), k.cgroup_id, k.uid)
+            before = reported.get((k.cgroup_id, k.uid, k.source), 0)
+            if v.value > before:
+                grew.append((key, v.value, before))
+            else:
+                settled.append(key)
+        return grew, settled
+
+    def mark_lost_reported(self, key: LostSource, total: int) -> None:
+        table = self._maps["lost_reported"]
+        table[_lost_key(key)] = table.Leaf(total)
+
+    def forget_lost(self, keys: Iterable[LostSource]) -> None:
+        for key in keys:
+            for name in ("lost_by", "lost_reported"):
+                try:
+                    del self._maps[name][_lost_key(key)]
+                except KeyError:
+                    pass
+
+    def start_reader(self, on_records: Callable[[list[NetRecord]], None]) -> None:
+        """Read the ring buffer on a thread: every POLL_MS, everything the kernel wrote
+        goes to `on_records` as one list of detached records (on that thread)."""
+        batch: list[bytes] = []
+
+        def callback(_ctx, data, size):
+            batch.append(ct.string_at(data, size))
             return 0
 
-        self.bpf[b"events"].open_ring_buffer(callback)
+        self.bpf[b"events_network"].open_ring_buffer(callback)
+        bpf = self.bpf
+
+        def drain() -> None:
+            bpf.ring_buffer_consume()
+            if batch:
+                offset = boot_offset()
+                records = [parse_net(raw, offset) for raw in batch]
+                batch.clear()
+                try:
+                    on_records(records)
+                except Exception:
+                    log.exception("handling %d network records failed", len(records))
 
         def loop() -> None:
             while not self._stop.is_set():
-                self.bpf.ring_buffer_poll(50)
+                bpf.ring_buffer_poll(POLL_MS)
+                drain()
                 self.reader_cycles += 1
-            self.bpf.ring_buffer_consume()
+            drain()
 
+        self._stop.clear()
         self._reader = threading.Thread(target=loop, name="ringbuf-network", daemon=True)
         self._reader.start()
 

@@ -11,7 +11,6 @@ Never use it to protect anything: it enforces nothing.
 
 from __future__ import annotations
 
-import ctypes as ct
 import os
 import queue
 import socket
@@ -20,8 +19,9 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from .netevents import NetRecord
 from .policy_core import Key, Step
-from .restricted_bpf import NetEvent
+from .restricted_bpf import LostSource
 
 ENV = "RINGFENCE_SIMULATE_KERNEL"
 
@@ -36,12 +36,13 @@ class SimulatedKernel:
         self.enforce = False
         self.observe = False
         self.sessions: dict[int, int] = {}
+        self.logins: set[int] = set()
         self.reader_cycles = 0
-        self._records: queue.SimpleQueue[NetEvent] = queue.SimpleQueue()
+        self._records: queue.SimpleQueue[NetRecord] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
 
-    def attach(self, cgroup: Path) -> None:
+    def attach(self, mount: Path, tree_root: Path) -> None:
         pass
 
     def close(self) -> None:
@@ -69,38 +70,49 @@ class SimulatedKernel:
     def remove_session(self, cgroup_id: int) -> None:
         self.sessions.pop(cgroup_id, None)
 
-    def lost(self) -> int:
-        return 0
+    def restricted_logins(self) -> set[int]:
+        return set(self.logins)
+
+    def restrict_login(self, uid: int) -> None:
+        self.logins.add(uid)
+
+    def release_login(self, uid: int) -> None:
+        self.logins.discard(uid)
+
+    def lost(self) -> dict[str, int]:
+        return {"network": 0}
+
+    def lost_unreported(self) -> tuple[list[tuple[LostSource, int, int]], list[LostSource]]:
+        return [], []
+
+    def mark_lost_reported(self, key: LostSource, total: int) -> None:
+        pass
+
+    def forget_lost(self, keys: Iterable[LostSource]) -> None:
+        pass
 
     def generate(self, count: int, cgroup_id: int = 0) -> None:
         """Queue `count` denied-connect records, as the kernel would write them."""
+        now = time.time()
+        boot_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         for i in range(count):
-            rec = NetEvent()
-            rec.boot_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-            rec.cgroup_id = cgroup_id
-            rec.pid = os.getpid()
-            rec.family = socket.AF_INET
-            rec.dst_port = 80
-            rec.operation = 0
-            rec.action = 1
-            ct.memmove(rec.dst_addr, bytes([10, 0, (i >> 8) & 255, i & 255]), 4)
-            rec.comm = b"simulated"
-            self._records.put(rec)
+            self._records.put(NetRecord(
+                boot_ns=boot_ns + i, wall_time=now, cgroup_id=cgroup_id, pid=os.getpid(), family=socket.AF_INET,
+                dst_port=80, operation=0, action=1, src_addr=bytes(16),
+                dst_addr=bytes([10, 0, (i >> 8) & 255, i & 255]) + bytes(12), comm="simulated"))
 
-    def start_reader(self, on_event: Callable[[NetEvent], None]) -> None:
+    def start_reader(self, on_records: Callable[[list[NetRecord]], None]) -> None:
         def loop() -> None:
             while not self._stop.is_set():
+                batch = []
                 try:
-                    rec = self._records.get(timeout=0.05)
+                    batch.append(self._records.get(timeout=0.05))
+                    while len(batch) < 10_000:  # what is queued, then count a full round
+                        batch.append(self._records.get_nowait())
                 except queue.Empty:
-                    self.reader_cycles += 1
-                    continue
-                on_event(rec)
-                while True:  # drain what is queued, then count a full round
-                    try:
-                        on_event(self._records.get_nowait())
-                    except queue.Empty:
-                        break
+                    pass
+                if batch:
+                    on_records(batch)
                 self.reader_cycles += 1
 
         self._reader = threading.Thread(target=loop, name="simulated-records", daemon=True)

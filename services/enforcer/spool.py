@@ -59,13 +59,18 @@ class Spool:
 
     def append(self, line: bytes) -> None:
         """Thread-safe; returns once the line is in the page cache."""
-        if b"\n" in line:
+        self.append_many([line])
+
+    def append_many(self, lines: list[bytes]) -> None:
+        """Several lines with one write (a batch of kernel records); thread-safe."""
+        if any(b"\n" in line for line in lines):
             raise ValueError("spool lines must not contain newlines")
+        data = b"".join(line + b"\n" for line in lines)
         with self._lock:
-            self._file.write(line + b"\n")
+            self._file.write(data)
             self._file.flush()
             self._dirty = True
-            self.appended += 1
+            self.appended += len(lines)
         if self._loop and self._wake:
             self._loop.call_soon_threadsafe(self._wake.set)
 

@@ -1,4 +1,4 @@
-"""Remove a node's enforcement: programs, pinned maps and session cgroups.
+"""Remove a node's enforcement: programs (their pinned links), pinned maps and session cgroups.
 
     python -m services.enforcer.uninstall [--nodename NAME] [--config FILE] [--kill-sessions]
 
@@ -22,7 +22,7 @@ from ringfence.config import ConfigError, load_config
 
 from . import bpf_sys, kernel
 from .cgroups import CgroupTree
-from .restricted_bpf import PROGRAMS
+from .restricted_bpf import LEGACY_ATTACH_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,11 @@ def uninstall(nodename: str, cgroup_path: str = "", kill_sessions: bool = False)
             while any(tree.populated(s) for s in sessions) and time.monotonic() < deadline:
                 time.sleep(0.05)
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for name, attach_type in PROGRAMS:
+        try:  # what enforcers of pin layout v1 attached to the node's tree
+            for attach_type in LEGACY_ATTACH_TYPES:
                 for prog in bpf_sys.attached_prog_ids(fd, attach_type):
                     bpf_sys.detach_prog_id(fd, attach_type, prog)
-                    done.append(f"detached {name} (program {prog})")
+                    done.append(f"detached program {prog} from {root}")
         finally:
             os.close(fd)
         for sid in sessions:
@@ -62,8 +62,8 @@ def uninstall(nodename: str, cgroup_path: str = "", kill_sessions: bool = False)
             done.append(f"kept {root}: {exc.strerror}")
     pins = Path(kernel.BPFFS) / "ringfence" / nodename
     if pins.exists():
-        shutil.rmtree(pins)
-        done.append(f"removed pinned maps {pins}")
+        shutil.rmtree(pins)  # the programs linked to the cgroup2 root go with their pinned links
+        done.append(f"removed pinned maps and links {pins}")
     return done
 
 
