@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Ringfence needs on a Debian-family host, skipping what is
 # already there, so a second run takes a second or two.
-#   system: bcc (python3-bpfcc), kernel headers for bcc, openssh, iproute2
+#   system: bcc (python3-bpfcc), kernel headers for bcc, openssh, iproute2, at (tests)
 #   venv:   .venv with the project and its Python dependencies, bcc linked in
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +31,7 @@ want_pkg openssh-server
 want_pkg openssh-client
 want_pkg iproute2
 want_pkg procps
+want_pkg at  # tests/adversarial: a restricted login's `at` job runs outside its session
 "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || want_pkg python3-venv
 
 KREL=$(uname -r)

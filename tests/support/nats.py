@@ -171,14 +171,16 @@ class NatsCluster:
 
 
 def audit_events(url: str, wait: float | None = 1.0) -> list[dict]:
-    """The events on the audit stream, in stream order: until none has come for `wait`
-    seconds (events may still be on their way), or exactly those stored now (wait=None)."""
+    """The events on the audit stream, in stream order (batches split into their events):
+    until none has come for `wait` seconds (events may still be on their way), or exactly
+    those stored now (wait=None)."""
     import asyncio
 
     import nats
     from nats.errors import TimeoutError as NatsTimeout
 
     from ringfence.contract import names
+    from ringfence.contract.batches import COUNT_HEADER, decode_batch
 
     async def read() -> list[dict]:
         nc = await nats.connect(url)
@@ -187,14 +189,20 @@ def audit_events(url: str, wait: float | None = 1.0) -> list[dict]:
             total = (await js.stream_info(names.AUDIT_STREAM)).state.messages if wait is None else None
             sub = await js.subscribe(names.AUDIT_SUBJECTS, ordered_consumer=True)
             found: list[dict] = []
-            while total is None or len(found) < total:
+            messages = 0
+            while total is None or messages < total:
                 try:
                     msg = await sub.next_msg(timeout=5 if wait is None else wait)
                 except NatsTimeout:
                     if wait is None:
                         raise
                     break
-                found.append(json.loads(msg.data))
+                messages += 1
+                if msg.subject == names.AUDIT_BATCH_SUBJECT:
+                    count = (msg.headers or {}).get(COUNT_HEADER)
+                    found += [json.loads(line) for line in decode_batch(msg.data, count)]
+                else:
+                    found.append(json.loads(msg.data))
             return found
         finally:
             await nc.close()

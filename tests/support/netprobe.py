@@ -2,6 +2,8 @@
 
     netprobe.py tcp:127.0.0.5:9 udp:[::1]:9 ...        one JSON object {target: result}
     netprobe.py --loop SECONDS --interval S tcp:...     one JSON line per attempt
+    netprobe.py ping:127.0.0.5 raw:127.0.0.5            an ICMP echo request from a ping socket
+                                                        (needs net.ipv4.ping_group_range) or a raw one
 
 Results: "allowed" (connected, or refused by the peer: the packet left),
 "eperm" (blocked by Ringfence), or the errno name.
@@ -14,9 +16,28 @@ import socket
 import sys
 import time
 
+ECHO_REQUEST = bytes([8, 0, 0, 0, 0, 1, 0, 1]) + b"ringfence"
+
+
+def icmp(proto: str, host: str) -> str:
+    kind = socket.SOCK_DGRAM if proto == "ping" else socket.SOCK_RAW
+    try:
+        s = socket.socket(socket.AF_INET, kind, socket.IPPROTO_ICMP)
+    except OSError as exc:
+        return "eperm" if exc.errno == errno.EPERM else errno.errorcode.get(exc.errno, str(exc))
+    try:
+        s.sendto(ECHO_REQUEST, (host, 0))
+        return "allowed"
+    except OSError as exc:
+        return "eperm" if exc.errno == errno.EPERM else errno.errorcode.get(exc.errno, str(exc))
+    finally:
+        s.close()
+
 
 def attempt(target: str) -> str:
     proto, rest = target.split(":", 1)
+    if proto in ("ping", "raw"):
+        return icmp(proto, rest)
     host, port = rest.rsplit(":", 1)
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
