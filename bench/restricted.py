@@ -7,6 +7,9 @@
     session, measured alternately in one run; each side's fastest of R runs
     (other work on the machine only ever adds time, so the fastest run is the
     steadiest estimate: medians of the same runs swing by +-10% on a 2-core VM).
+    Also the cost to every other process of the host (the programs are attached to
+    the cgroup2 root, so each connect() anywhere runs them): the same loop outside
+    any session before the enforcer started ("bare") against outside with it running.
 (b) Time from the policy service's reply to `create -f` (the moment the CLI
     returns) until the enforcer's pinned BPF map holds the new policy: p50, p99.
 
@@ -98,6 +101,9 @@ async def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="ringfence-bench-"))
     work.chmod(0o755)
     nodename = f"bench{uuid.uuid4().hex[:6]}"
+    loop = compile_loop(work)
+    bare = {proto: min(measure(loop, proto, args.iterations, None) for _ in range(args.rounds))
+            for proto in ("tcp", "udp")}  # no enforcer yet: what every other process paid before
     server = NatsServer(work / "nats").start()
     procs = [
         ServiceProcess("policy", server.url, work / "data").start(),
@@ -106,7 +112,6 @@ async def run(args: argparse.Namespace) -> int:
     try:
         for p in procs:
             p.wait_ready(60)
-        loop = compile_loop(work)
         session = [sys.executable, "-m", "ringfence.cli.main", "run", "--data-dir", str(work / "data"), "--"]
         nc = await nats.connect(server.url)
         fd = bpf_sys.obj_get(f"{BPFFS}/ringfence/{nodename}/{PIN_LAYOUT}/policy4")
@@ -114,6 +119,7 @@ async def run(args: argparse.Namespace) -> int:
         print(f"connect() to 127.0.0.1, {args.iterations} calls per run, fastest of {args.rounds} runs each")
         print(f"{'CIDRs/list':>10}  {'proto':>5}  {'outside ns':>10}  {'inside ns':>10}  {'ratio':>6}")
         ratios = {}
+        outside_ns = {}
         for n in SIZES:
             marker = f"10.250.{n % 256}.{n // 256 % 256}/32"
             await create(nc, restrictions(n, marker))
@@ -125,7 +131,13 @@ async def run(args: argparse.Namespace) -> int:
                     inside.append(measure(loop, proto, args.iterations, session))
                 o, i = min(outside), min(inside)
                 ratios[(n, proto)] = i / o
+                outside_ns[(n, proto)] = o
                 print(f"{n:>10}  {proto:>5}  {o:>10.1f}  {i:>10.1f}  {i / o:>6.3f}")
+
+        print("\nevery other process of the host (outside sessions), with the enforcer running vs before it started:")
+        for proto in ("tcp", "udp"):
+            o = outside_ns[(SIZES[-1], proto)]
+            print(f"  {proto}: {bare[proto]:.1f} ns -> {o:.1f} ns ({o / bare[proto]:.3f}) at {SIZES[-1]:,} CIDRs")
 
         baseline = "10.252.0.0/32"  # wait until the 100k-CIDR policy is gone before timing
         await create(nc, restrictions(10, baseline))
