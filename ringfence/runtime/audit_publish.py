@@ -6,9 +6,12 @@ import asyncio
 import logging
 
 import msgspec
+from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
+from nats.js.errors import APIError
 
 from ..contract import names
+from ..contract.batches import COUNT_HEADER, batch_msg_id, encode_batch, split_batches
 from ..contract.events import AuditEvent, encode_event
 from .service import ServiceContext
 
@@ -103,3 +106,28 @@ async def publish_encoded(js: JetStreamContext, lines: list[bytes], timeout: flo
             )
         )
     await asyncio.wait_for(asyncio.gather(*futures), timeout)
+
+
+async def publish_batches(js: JetStreamContext, lines: list[bytes], timeout: float = 10.0) -> None:
+    """Publish already-encoded events in order as batches (contract/batches.py): one
+    message per MAX_BATCH_EVENTS events or MAX_BATCH_BYTES bytes, pipelined; returns
+    when all are acked. Raises on any failure; the caller re-sends (message ids and
+    event uids make that safe)."""
+    futures = []
+    for batch in split_batches(lines):
+        headers = {MSG_ID_HEADER: batch_msg_id(batch), COUNT_HEADER: str(len(batch))}
+        futures.append(await js.publish_async(names.AUDIT_BATCH_SUBJECT, encode_batch(batch), headers=headers,
+                                              wait_stall=timeout))
+    await asyncio.wait_for(asyncio.gather(*futures), timeout)
+
+
+# JetStream's error for a message over the stream's max_msg_size.
+JS_MESSAGE_TOO_LARGE = 10054
+
+
+def refused_for_good(exc: Exception) -> bool:
+    """Whether a publish failed because the server will never take that message
+    (too large), rather than for now (disconnected, no leader, timeout)."""
+    if isinstance(exc, MaxPayloadError):
+        return True
+    return isinstance(exc, APIError) and exc.err_code == JS_MESSAGE_TOO_LARGE

@@ -28,6 +28,7 @@ from nats.micro.request import Request
 from ringfence.contract import names
 from ringfence.contract.api import ApiError, SearchRequest, SearchResult, ok_reply
 from ringfence.contract.auditlog import log_dir
+from ringfence.contract.batches import COUNT_HEADER, BatchError, decode_batch
 from ringfence.contract.strict import DecodeError, decode_json
 from ringfence.runtime.service import ServiceContext, StartupError
 
@@ -136,7 +137,7 @@ class Adapter:
 
     async def _handle(self, msgs) -> None:
         assert self.ctx is not None and self.writer is not None
-        received = [Incoming(m.data, m.subject, _stream_seq(m)) for m in msgs]
+        received = [i for m in msgs for i in _expand(Incoming(m.data, m.subject, _stream_seq(m)), m.headers)]
         missing = core.missing_sequences(self.position, [i.stream_seq for i in received], MAX_GAP)
         filled = await self._read_from_stream(missing) if missing else []
         # Stream order; a redelivery of something already written is dropped by uid.
@@ -194,7 +195,7 @@ class Adapter:
                     await asyncio.sleep(RETRY_PAUSE)
                     continue
                 if msg.subject and msg.subject.startswith(names.AUDIT_SUBJECT_PREFIX + "."):
-                    found.append(Incoming(msg.data or b"", msg.subject, seq))
+                    found += _expand(Incoming(msg.data or b"", msg.subject, seq), msg.headers)
                 break
         return found
 
@@ -253,6 +254,18 @@ def _write_position(path: Path | None, position: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(f"{position}\n")
     os.replace(tmp, path)
+
+
+def _expand(msg: Incoming, headers: dict | None) -> list[Incoming]:
+    """A batch message (contract/batches.py) as its events, each as if it came alone.
+    Stopgap for the kernel branch until the audit service's own batch consumer lands."""
+    if msg.subject != names.AUDIT_BATCH_SUBJECT:
+        return [msg]
+    try:
+        lines = decode_batch(msg.data, (headers or {}).get(COUNT_HEADER))
+    except BatchError:
+        return [msg]  # written to rejected.log as what it is: not an event
+    return [Incoming(line, msg.subject, msg.stream_seq) for line in lines]
 
 
 def _stream_seq(msg) -> int:

@@ -16,7 +16,7 @@ from ringfence.contract.events import AuditEvent, EventsLost, encode_event
 from ringfence.contract.strict import decode_json
 from ringfence.durations import parse_duration
 from ringfence.runtime import kv_read
-from ringfence.runtime.audit_publish import publish_encoded, stamp
+from ringfence.runtime.audit_publish import publish_batches, refused_for_good, stamp
 from ringfence.runtime.service import ServiceContext, StartupError
 
 from . import kernel, simulated, ssh_identity
@@ -198,8 +198,9 @@ class EnforcerAdapter:
         js, stop = self.ctx.js, self.stop_event
         self.tasks = [
             asyncio.create_task(self.policy.run(stop), name="policy"),
-            asyncio.create_task(self.spool.run(lambda lines: publish_encoded(js, lines), stop), name="spool"),
-            asyncio.create_task(self.recordings.run(lambda lines: publish_chunks(js, lines), stop),
+            asyncio.create_task(self.spool.run(lambda lines: publish_batches(js, lines), stop, refused_for_good),
+                                name="spool"),
+            asyncio.create_task(self.recordings.run(lambda lines: publish_chunks(js, lines), stop, refused_for_good),
                                 name="recordings"),
             asyncio.create_task(self._report_lost(), name="lost"),
             *(asyncio.create_task(t, name="directory") for t in self.directory.tasks(stop)),
@@ -303,6 +304,8 @@ class EnforcerAdapter:
         while not self.stop_event.is_set():
             for source, total in self._lost_counts().items():
                 self.ctx.counters[f"lost_{source}"] = total
+            if self.spool and self.recordings:  # lines the stream refused for good, moved aside
+                self.ctx.counters["spool_rejected"] = self.spool.rejected + self.recordings.rejected
             unreported, settled = self.bpf.lost_unreported()
             # Counters of sessions that ended, all reported: their cgroup ids may be reused.
             self.bpf.forget_lost([key for key in settled if key[1] and not self.sessions.lookup_cgroup(key[1])])

@@ -8,6 +8,11 @@ then advances a cursor kept next to it. Events accepted while NATS is down or
 the enforcer restarts are delivered afterwards, in order. A line published
 twice (crash between ack and cursor write) carries the same event uid, which
 the stream's duplicate window and the audit writer both drop.
+
+A line the stream will never take (longer than MAX_LINE, or refused by the
+server for good: over the stream's message size, say) is moved aside to
+`rejected.jsonl` next to the spool, counted (`rejected`) and logged, and the
+lines after it go on: one bad line never holds back every later event.
 """
 
 from __future__ import annotations
@@ -22,12 +27,19 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-BATCH = 256
+BATCH = 2048  # lines per publish round (the publisher may cut them into several messages)
 FSYNC_INTERVAL = 0.2
 COMPACT_AT = 8 * 1024 * 1024  # truncate the file once fully delivered and this big
-MAX_LINE = 1024 * 1024
+MAX_LINE = 1024 * 1024 - 4096  # the stream's message limit, less room for headers
+READ_CHUNK = 1 << 20
 
 Publish = Callable[[list[bytes]], Awaitable[None]]
+# Whether a publish failure is final for what was sent (the server refuses it for good).
+Permanent = Callable[[Exception], bool]
+
+
+def never(_exc: Exception) -> bool:
+    return False
 
 
 class Spool:
@@ -35,6 +47,8 @@ class Spool:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = directory / "events.jsonl"
         self.cursor_path = directory / "cursor"
+        self.rejected_path = directory / "rejected.jsonl"
+        self.rejected = 0
         self._lock = threading.Lock()
         self._file = open(self.path, "ab")  # noqa: SIM115 - lives as long as the spool
         self._dirty = False
@@ -78,17 +92,34 @@ class Spool:
         return self.path.stat().st_size - self.cursor
 
     def _read_batch(self) -> tuple[list[bytes], int]:
+        """Up to BATCH complete lines from the cursor, and the offset after them.
+        Lines over MAX_LINE are moved aside here (they are never sent)."""
         lines: list[bytes] = []
         with open(self.path, "rb") as f:
             f.seek(self.cursor)
             end = self.cursor
             while len(lines) < BATCH:
                 line = f.readline(MAX_LINE + 1)
+                if len(line) > MAX_LINE and not line.endswith(b"\n"):
+                    rest = _rest_of_line(f)
+                    if rest is None:
+                        break  # still being written
+                    line += rest
+                    end += len(line)
+                    self._set_aside(line[:-1], f"{len(line) - 1} bytes, over the {MAX_LINE}-byte limit")
+                    continue
                 if not line.endswith(b"\n"):
                     break  # partial line being written (or none): next round
                 end += len(line)
                 lines.append(line[:-1])
         return lines, end
+
+    def _set_aside(self, line: bytes, reason: str) -> None:
+        with open(self.rejected_path, "ab") as f:
+            f.write(line + b"\n")
+        self.rejected += 1
+        log.error("spool %s: a line the stream will not take was moved to %s (%s): %r", self.path,
+                  self.rejected_path, reason, line[:200])
 
     def _compact_if_drained(self) -> None:
         with self._lock:
@@ -99,7 +130,27 @@ class Spool:
                 self.cursor = 0
                 self._write_cursor()
 
-    async def run(self, publish: Publish, stop: asyncio.Event) -> None:
+    async def _publish_or_set_aside(self, publish: Publish, lines: list[bytes], permanent: Permanent) -> None:
+        """Publish `lines`; when the server refuses them for good, find the lines it
+        refuses (one by one) and move those aside. Raises on other failures."""
+        try:
+            await publish(lines)
+            return
+        except Exception as exc:
+            if not permanent(exc):
+                raise
+            if len(lines) == 1:
+                self._set_aside(lines[0], repr(exc))
+                return
+        for line in lines:  # what was already stored is dropped downstream by its uid
+            try:
+                await publish([line])
+            except Exception as exc:
+                if not permanent(exc):
+                    raise
+                self._set_aside(line, repr(exc))
+
+    async def run(self, publish: Publish, stop: asyncio.Event, permanent: Permanent = never) -> None:
         """Drain forever: publish batches in order, advance the cursor on ack."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
@@ -109,13 +160,17 @@ class Spool:
         try:
             while not stop.is_set():
                 lines, end = await asyncio.to_thread(self._read_batch)
+                if not lines and end != self.cursor:  # only lines set aside
+                    self.cursor = end
+                    self._write_cursor()
+                    continue
                 if not lines:
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), 1.0)
                     continue
                 try:
-                    await publish(lines)
+                    await self._publish_or_set_aside(publish, lines, permanent)
                 except Exception as exc:  # NATS down or slow: keep the events, retry
                     log.warning("cannot deliver %d spooled lines yet (%r); retrying in %.1fs",
                                 len(lines), exc, backoff)
@@ -153,3 +208,16 @@ class Spool:
     def close(self) -> None:
         self.sync()
         self._file.close()
+
+
+def _rest_of_line(f) -> bytes | None:
+    """The rest of an over-long line up to and including its newline; None when the
+    file ends first (the line is still being written)."""
+    parts = []
+    while True:
+        chunk = f.readline(READ_CHUNK)
+        if not chunk:
+            return None
+        parts.append(chunk)
+        if chunk.endswith(b"\n"):
+            return b"".join(parts)
