@@ -110,15 +110,13 @@ async def publish_encoded(js: JetStreamContext, lines: list[bytes], timeout: flo
 
 async def publish_batches(js: JetStreamContext, lines: list[bytes], timeout: float = 10.0) -> None:
     """Publish already-encoded events in order as batches (contract/batches.py): one
-    message per MAX_BATCH_EVENTS events or MAX_BATCH_BYTES bytes, pipelined; returns
-    when all are acked. Raises on any failure; the caller re-sends (message ids and
+    message per MAX_BATCH_EVENTS events or MAX_BATCH_BYTES bytes, each acked before the
+    next (nats-py's publish_async never resolves a refused message: its error goes to
+    the error callback). Raises on any failure; the caller re-sends (message ids and
     event uids make that safe)."""
-    futures = []
     for batch in split_batches(lines):
         headers = {MSG_ID_HEADER: batch_msg_id(batch), COUNT_HEADER: str(len(batch))}
-        futures.append(await js.publish_async(names.AUDIT_BATCH_SUBJECT, encode_batch(batch), headers=headers,
-                                              wait_stall=timeout))
-    await asyncio.wait_for(asyncio.gather(*futures), timeout)
+        await js.publish(names.AUDIT_BATCH_SUBJECT, encode_batch(batch), timeout=timeout, headers=headers)
 
 
 # JetStream's error for a message over the stream's max_msg_size.

@@ -93,7 +93,8 @@ class Spool:
 
     def _read_batch(self) -> tuple[list[bytes], int]:
         """Up to BATCH complete lines from the cursor, and the offset after them.
-        Lines over MAX_LINE are moved aside here (they are never sent)."""
+        A line over MAX_LINE is never sent: when it comes first it is moved aside
+        here (and the offset passes it), otherwise the batch ends before it."""
         lines: list[bytes] = []
         with open(self.path, "rb") as f:
             f.seek(self.cursor)
@@ -101,13 +102,14 @@ class Spool:
             while len(lines) < BATCH:
                 line = f.readline(MAX_LINE + 1)
                 if len(line) > MAX_LINE and not line.endswith(b"\n"):
+                    if lines:
+                        break  # publish what comes before it first
                     rest = _rest_of_line(f)
                     if rest is None:
                         break  # still being written
                     line += rest
-                    end += len(line)
                     self._set_aside(line[:-1], f"{len(line) - 1} bytes, over the {MAX_LINE}-byte limit")
-                    continue
+                    return [], end + len(line)
                 if not line.endswith(b"\n"):
                     break  # partial line being written (or none): next round
                 end += len(line)
