@@ -146,7 +146,7 @@ class Rig:
         return cgid
 
     def start_reader(self) -> None:
-        self.rec.start_reader(self.commands.append, self.disks.append)
+        self.rec.start_reader(self.commands.extend, self.disks.extend)
 
     def run(self, *cmd: str, sid: str = "rec") -> subprocess.CompletedProcess:
         """Run `cmd` in session `sid`: the shell moves itself into the cgroup, then execs it."""

@@ -23,13 +23,12 @@ from . import kernel, simulated, ssh_identity
 from .attribution import Attribution
 from .cgroups import CgroupTree
 from .directory import Directory
+from .kernel_events import KernelEvents
 from .limits import ConnectionLeases, SessionLimits
 from .lock_guard import LockGuard
-from .netevents import NetRecord, to_event
 from .policy_follower import PolicyFollower
 from .recorder import Recorder, publish_chunks
 from .recording_bpf import RecordingBPF
-from .recording_events import command_event, disk_event
 from .records import stable_uid
 from .relays import RelayLauncher
 from .restricted_bpf import SESSION_RECORDED, SESSION_RESTRICTED, BpfLoadError, RestrictedBPF
@@ -178,9 +177,10 @@ class EnforcerAdapter:
         for info in self.sessions.by_sid.values():
             if info.kind == "connection":
                 leases.held[info.sid] = info.user  # renewed from now on, released at its end
-        for key in ("network_events", "unattributed_events", "lost_network", "outside_session_events"):
-            counters.setdefault(key, 0)
-        self.bpf.start_reader(self._on_net_records)
+        counters.setdefault("lost_network", 0)
+        self.kernel_events = KernelEvents(self.spool, lambda ev: stamp(ev, self.ctx), self.attribution, counters,
+                                          self._reader_cycles)
+        self.bpf.start_reader(self.kernel_events.on_network)
         rec = cfg.ssh_service.enhanced_recording
         if rec.enabled and not simulated.enabled():
             try:
@@ -188,7 +188,7 @@ class EnforcerAdapter:
                                                              rec.ring_buffer_kib * 1024)
             except (kernel.HostNotReady, BpfLoadError) as exc:
                 raise StartupError(f"enhanced recording: {exc}") from None
-            self.recording_bpf.start_reader(self._on_command, self._on_disk)
+            self.recording_bpf.start_reader(self.kernel_events.on_commands, self.kernel_events.on_disks)
             log.info("enhanced recording on: command and disk events for session processes")
         for sid in ended:
             await self.sessions.end(sid)
@@ -243,18 +243,6 @@ class EnforcerAdapter:
             cycles.append(self.recording_bpf.reader_cycles)
         return min(cycles)
 
-    # Run on the recording reader thread.
-    def _on_command(self, rec) -> None:
-        self._spool_record(command_event(rec, self.attribution.session(rec.cgroup_id)), "command_events")
-
-    def _on_disk(self, rec) -> None:
-        self._spool_record(disk_event(rec, self.attribution.session(rec.cgroup_id)), "disk_events")
-
-    def _spool_record(self, event: AuditEvent, counter: str) -> None:
-        assert self.ctx is not None and self.spool is not None
-        self.ctx.counters[counter] = self.ctx.counters.get(counter, 0) + 1
-        self.spool.append(encode_event(stamp(event, self.ctx)))
-
     def emit(self, event: AuditEvent) -> None:
         """Queue an event for the audit trail (durably, before returning)."""
         assert self.ctx is not None and self.spool is not None
@@ -265,27 +253,7 @@ class EnforcerAdapter:
 
     async def _session_ended(self, info: SessionInfo) -> None:
         self.attribution.ended(info)
-
-    # Runs on the ring-buffer thread, once per round with everything read.
-    def _on_net_records(self, records: list[NetRecord]) -> None:
-        assert self.ctx is not None and self.spool is not None
-        counters = self.ctx.counters
-        lines = []
-        unattributed = 0
-        for rec in records:
-            if rec.outside:
-                counters["outside_session_events"] += 1
-                event = to_event(rec, None, self.attribution.login(rec.uid))
-            else:
-                session = self.attribution.session(rec.cgroup_id)
-                unattributed += session is None
-                event = to_event(rec, session)
-            lines.append(encode_event(stamp(event, self.ctx)))
-        counters["network_events"] += len(records)
-        if unattributed:
-            counters["unattributed_events"] += unattributed
-            log.warning("%d network records from cgroups that are no known session", unattributed)
-        self.spool.append_many(lines)
+        self.kernel_events.flush_folds(info.cgroup_id)
 
     def _lost_counts(self) -> dict[str, int]:
         assert self.bpf is not None
@@ -323,6 +291,7 @@ class EnforcerAdapter:
                 log.warning("%d %s records lost (session %s, login %s): the ring buffer was full; "
                             "raise ssh_service.enhanced_recording.ring_buffer_kib", total - before, source,
                             event.sid or "-", event.login or "-")
+            self.kernel_events.flush_folds()  # summaries of a flood reach the trail while it lasts
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), LOST_REPORT_INTERVAL)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ringfence.contract.api import SessionInfo
 from ringfence.contract.events import OPERATION_PACKET, REASON_OUTSIDE_SESSION, SessionNetwork
@@ -18,9 +18,8 @@ SUBJECT_SESSION = 1
 SUBJECT_OUTSIDE = 2
 
 
-@dataclass(frozen=True, slots=True)
-class NetRecord:
-    """A copy of struct net_event, detached from the ring buffer."""
+class NetRecord(NamedTuple):
+    """A copy of struct net_event, detached from the ring buffer (a tuple: cheap to make)."""
 
     boot_ns: int
     wall_time: float

@@ -112,6 +112,16 @@ def parse_disk(raw: bytes, offset: float) -> DiskRecord:
     )
 
 
+def _collector(raw: list[bytes]):
+    """A ring-buffer callback that copies each record into `raw`."""
+
+    def callback(_ctx, data, size):
+        raw.append(ct.string_at(data, size))
+        return 0
+
+    return callback
+
+
 # --- host ------------------------------------------------------------------------------
 def ensure_tracefs() -> Path:
     """The tracefs directory (bcc finds tracepoints there), mounting it when absent."""
@@ -245,29 +255,31 @@ class RecordingBPF:
             "disk": int(self.bpf[b"lost_disk"][ct.c_uint32(0)].value),
         }
 
-    def start_reader(self, on_command: Callable[[CommandRecord], None] | None,
-                     on_disk: Callable[[DiskRecord], None] | None) -> None:
-        """Read both ring buffers on one thread; the callbacks run on it and get
-        detached records. None discards that kind (it is still consumed)."""
-
-        def handler(kind: str, parse, on_record):
-            def callback(_ctx, data, size):
-                if on_record is None:
-                    return 0
-                try:
-                    on_record(parse(ct.string_at(data, size), boot_offset()))
-                except Exception:
-                    log.exception("handling a %s record failed", kind)
-                return 0
-
-            return callback
-
+    def start_reader(self, on_commands: Callable[[list[CommandRecord]], None],
+                     on_disks: Callable[[list[DiskRecord]], None]) -> None:
+        """Read both ring buffers on one thread: every POLL_MS, what each ring held goes
+        to its callback as one list of detached records (on that thread)."""
         if self._rings_open:
             raise RuntimeError("the ring buffers are read already: one reader per RecordingBPF")
         self._rings_open = True
-        self.bpf[b"events_exec"].open_ring_buffer(handler("command", parse_exec, on_command))
-        self.bpf[b"events_disk"].open_ring_buffer(handler("disk", parse_disk, on_disk))
+        rings = (("command", parse_exec, on_commands, []), ("disk", parse_disk, on_disks, []))
+        for (kind, _parse, _deliver, raw), table in zip(rings, (b"events_exec", b"events_disk"), strict=True):
+            self.bpf[table].open_ring_buffer(_collector(raw))
+            log.debug("reading %s records from %s", kind, table.decode())
         bpf = self.bpf
+
+        def drain() -> None:
+            bpf.ring_buffer_consume()
+            offset = boot_offset()
+            for kind, parse, deliver, raw in rings:
+                if not raw:
+                    continue
+                records = [parse(r, offset) for r in raw]
+                raw.clear()
+                try:
+                    deliver(records)
+                except Exception:
+                    log.exception("handling %d %s records failed", len(records), kind)
 
         def loop() -> None:
             # The programs submit without waking the reader (BPF_RB_NO_WAKEUP): a
@@ -275,9 +287,9 @@ class RecordingBPF:
             # sleeps out its timeout and consume() drains both rings each cycle.
             while not self._stop.is_set():
                 bpf.ring_buffer_poll(POLL_MS)
-                bpf.ring_buffer_consume()
+                drain()
                 self.reader_cycles += 1
-            bpf.ring_buffer_consume()
+            drain()
 
         self._stop.clear()
         self._reader = threading.Thread(target=loop, name="ringbuf-recording", daemon=True)
