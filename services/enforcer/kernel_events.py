@@ -37,8 +37,10 @@ DRAIN_WAIT = 30.0  # at most this long for the readers to finish their rounds at
 
 class KernelEvents:
     def __init__(self, spool: Spool, stamp: Callable[[AuditEvent], AuditEvent], attribution: Attribution,
-                 counters: dict, reader_cycles: Callable[[], int]) -> None:
+                 counters: dict, reader_cycles: Callable[[], int], *, fold_above: int = FOLD_ABOVE,
+                 fold_below: int = FOLD_BELOW) -> None:
         self.spool = spool
+        self.fold_above, self.fold_below = fold_above, fold_below
         self.stamp = stamp
         self.attribution = attribution
         self.counters = counters
@@ -94,7 +96,7 @@ class KernelEvents:
     def _over_capacity(self) -> bool:
         backlog = self.spool.pending_bytes()
         was = self.folding
-        self.folding = backlog > (FOLD_BELOW if was else FOLD_ABOVE)
+        self.folding = backlog > (self.fold_below if was else self.fold_above)
         if self.folding != was:
             log.warning("audit trail %s: %d bytes of events wait in the spool; kernel records are %s",
                         "behind" if self.folding else "caught up", backlog,
