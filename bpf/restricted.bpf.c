@@ -60,16 +60,6 @@ struct key6 {
     u8 addr[16];
 };
 
-// settings[0], written by user space.
-struct settings {
-    u32 enforce;  // a network_restrictions resource exists and restricted sessions are on
-    u32 observe;  // enhanced recording wants allowed connections of sessions reported too
-    u64 tree_id;  // cgroup id of <cgroup2>/ringfence/<node>: session cgroups are below it
-    u64 ringfence_id;  // cgroup id of <cgroup2>/ringfence: every node's tree is below it
-    u32 tree_level;  // level of tree_id (the hierarchy's root is level 0)
-    u32 pad;
-};
-
 struct sock_mark {
     u8 unhooked;
 };

@@ -31,6 +31,16 @@ struct session_flags {
 #define ACTION_OBSERVED 0
 #define ACTION_DENIED 1
 
+// settings[0] of restricted.bpf.c, written by user space.
+struct settings {
+    u32 enforce;  // a network_restrictions resource exists and restricted sessions are on
+    u32 observe;  // enhanced recording wants allowed connections of sessions reported too
+    u64 tree_id;  // cgroup id of <cgroup2>/ringfence/<node>: session cgroups are below it
+    u64 ringfence_id;  // cgroup id of <cgroup2>/ringfence: every node's tree is below it
+    u32 tree_level;  // level of tree_id (the hierarchy's root is level 0)
+    u32 pad;
+};
+
 // net_event.subject
 #define SUBJECT_SESSION 1  // a process of a session cgroup
 #define SUBJECT_OUTSIDE 2  // a process of a restricted login outside any session

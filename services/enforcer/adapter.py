@@ -51,7 +51,7 @@ def socket_path(data_dir: str) -> Path:
 class EnforcerAdapter:
     def __init__(self) -> None:
         self.ctx: ServiceContext | None = None
-        self.bpf: RestrictedBPF | None = None
+        self.bpf: kernel.Kernel | None = None
         self.recording_bpf: RecordingBPF | None = None
         self.spool: Spool | None = None
         self.recordings: Spool | None = None
@@ -110,7 +110,9 @@ class EnforcerAdapter:
     async def _simulate(self, req) -> bytes:
         """Benchmarks: make the simulated kernel write `events` denied-connect records."""
         body = msgspec.json.decode(req.data, type=dict[str, int])
-        self.bpf.generate(max(0, min(body.get("events", 0), 1_000_000)))  # type: ignore[union-attr]
+        if not isinstance(self.bpf, simulated.SimulatedKernel):
+            raise ApiError("only a simulated kernel makes records on request", "bad_request")
+        self.bpf.generate(max(0, min(body.get("events", 0), 1_000_000)))
         return ok_reply({"queued": body.get("events", 0)})
 
     async def _load_restrictions(self) -> tuple[CgroupTree, Path]:
@@ -121,7 +123,7 @@ class EnforcerAdapter:
         if simulated.enabled():
             log.warning("SIMULATED KERNEL (%s): no BPF, no cgroups, nothing is enforced; benchmarks only",
                         simulated.ENV)
-            self.bpf = simulated.SimulatedKernel()  # type: ignore[assignment]
+            self.bpf = simulated.SimulatedKernel()
             fake = Path(cfg.data_dir) / "simulated-kernel"
             return CgroupTree(fake / "cgroup2", cfg.nodename), fake / "bpffs"
         try:
@@ -129,10 +131,10 @@ class EnforcerAdapter:
             mount = kernel.find_cgroup2(rec.cgroup_path)
             bpffs = kernel.ensure_bpffs()
             tree = CgroupTree(mount, cfg.nodename)
-            self.bpf = await asyncio.to_thread(
+            self.bpf = restricted = await asyncio.to_thread(
                 RestrictedBPF, bpffs / "ringfence" / cfg.nodename, rec.ring_buffer_kib * 1024
             )
-            self.bpf.attach(mount, tree.root)
+            restricted.attach(mount, tree.root)
         except (kernel.HostNotReady, BpfLoadError) as exc:
             raise StartupError(str(exc)) from None
         log.info("restricted-session programs attached to %s (cgroup2 at %s)", tree.root, mount)
@@ -236,12 +238,12 @@ class EnforcerAdapter:
             raise ApiError(f'session "{body.sid}" is not running on {self.ctx.config.nodename}', "not_found")
         return ok_reply({"sid": body.sid})
 
+    def _record_sources(self) -> list[kernel.RecordSource]:
+        return [s for s in (self.bpf, self.recording_bpf) if s is not None]
+
     def _reader_cycles(self) -> int:
         """Rounds completed by every kernel-record reader (the slowest one counts)."""
-        cycles = [self.bpf.reader_cycles] if self.bpf else [0]
-        if self.recording_bpf:
-            cycles.append(self.recording_bpf.reader_cycles)
-        return min(cycles)
+        return min((s.reader_cycles for s in self._record_sources()), default=0)
 
     def emit(self, event: AuditEvent) -> None:
         """Queue an event for the audit trail (durably, before returning)."""
@@ -256,11 +258,7 @@ class EnforcerAdapter:
         self.kernel_events.flush_folds(info.cgroup_id)
 
     def _lost_counts(self) -> dict[str, int]:
-        assert self.bpf is not None
-        counts = self.bpf.lost()
-        if self.recording_bpf:
-            counts.update(self.recording_bpf.lost())
-        return counts
+        return {source: n for s in self._record_sources() for source, n in s.lost().items()}
 
     async def _report_lost(self) -> None:
         """Turn the kernel's drop counters into audit events (and stats counters):

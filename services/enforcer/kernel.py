@@ -1,11 +1,20 @@
-"""What the enforcer needs from the host, checked up front with messages that name the fix."""
+"""What the enforcer needs from the host, checked up front with messages that name
+the fix, and what it needs from the kernel side (the Kernel protocol)."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .netevents import NetRecord
+    from .policy_core import Key, Step
+
+LostKey = tuple[str, int, int]  # (source, session cgroup id or 0, uid of a login outside sessions or 0)
 
 log = logging.getLogger(__name__)
 
@@ -13,6 +22,45 @@ BPFFS = "/sys/fs/bpf"
 MIN_KERNEL = (5, 8)  # ring buffers, bpf_ktime_get_boot_ns, cgroup sock_addr hooks
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+class RecordSource(Protocol):
+    """A loader whose programs write records to ring buffers read on a thread:
+    RestrictedBPF, RecordingBPF and the simulated kernel."""
+
+    reader_cycles: int  # completed reading rounds: "everything written before was read and handled"
+
+    def lost(self) -> dict[str, int]:
+        """Records dropped because a ring buffer was full, per source, since the maps were created."""
+        ...
+
+    def stop_reader(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Kernel(RecordSource, Protocol):
+    """The restricted-session side the enforcer drives (RestrictedBPF, SimulatedKernel)."""
+
+    def attach(self, mount: Path, tree_root: Path) -> None: ...
+
+    # policy
+    def read_policy(self) -> dict[Key, int]: ...
+    def apply(self, steps: Iterable[Step]) -> int: ...
+    def set_settings(self, enforce: bool, observe: bool) -> None: ...
+
+    # sessions and restricted logins
+    def add_session(self, cgroup_id: int, flags: int) -> None: ...
+    def remove_session(self, cgroup_id: int) -> None: ...
+    def restricted_logins(self) -> set[int]: ...
+    def restrict_login(self, uid: int) -> None: ...
+    def release_login(self, uid: int) -> None: ...
+
+    # records and drops
+    def start_reader(self, on_records: Callable[[list[NetRecord]], None]) -> None: ...
+    def lost_unreported(self) -> tuple[list[tuple[LostKey, int, int]], list[LostKey]]: ...
+    def mark_lost_reported(self, key: LostKey, total: int) -> None: ...
+    def forget_lost(self, keys: Iterable[LostKey]) -> None: ...
 
 
 class HostNotReady(RuntimeError):

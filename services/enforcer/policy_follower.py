@@ -23,8 +23,8 @@ from ringfence.contract import names
 from ringfence.contract.resources import NetworkRestrictions
 from ringfence.runtime.kv_watch import watchable_bucket
 
+from .kernel import Kernel
 from .policy_core import effective_entries, plan_update
-from .restricted_bpf import RestrictedBPF
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ CONNECTION_CHECK = 0.5
 
 
 class PolicyFollower:
-    def __init__(self, bpf: RestrictedBPF, nc: Client, enabled: bool, observe: bool, counters: dict) -> None:
+    def __init__(self, bpf: Kernel, nc: Client, enabled: bool, observe: bool, counters: dict) -> None:
         self.bpf = bpf
         self.nc = nc
         self.enabled = enabled  # ssh_service.restricted_session.enabled

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from . import bpf_sys, kernel
+from .kernel import LostKey
 from .netevents import NetRecord, parse_net
 from .policy_core import Key, Step
 from .records import boot_offset
@@ -70,18 +71,15 @@ class Settings(ct.Structure):
                 ("ringfence_id", ct.c_uint64), ("tree_level", ct.c_uint32), ("pad", ct.c_uint32)]
 
 
-class LostKey(ct.Structure):
+class LostKeyStruct(ct.Structure):
     """struct lost_key in bpf/ringfence.h."""
 
     _fields_ = [("cgroup_id", ct.c_uint64), ("uid", ct.c_uint32), ("source", ct.c_uint32)]
 
 
-LostSource = tuple[str, int, int]  # ("network", session cgroup id or 0, uid outside sessions or 0)
-
-
-def _lost_key(key: LostSource) -> LostKey:
+def _lost_key(key: LostKey) -> LostKeyStruct:
     source, cgroup_id, uid = key
-    return LostKey(cgroup_id, uid, next(k for k, v in LOST_SOURCES.items() if v == source))
+    return LostKeyStruct(cgroup_id, uid, next(k for k, v in LOST_SOURCES.items() if v == source))
 
 
 class BpfLoadError(RuntimeError):
@@ -247,7 +245,7 @@ class RestrictedBPF:
         """The node's drop counter of the network ring buffer, since the maps were created."""
         return {"network": int(self._maps["lost"][ct.c_uint32(0)].value)}
 
-    def lost_unreported(self) -> tuple[list[tuple[LostSource, int, int]], list[LostSource]]:
+    def lost_unreported(self) -> tuple[list[tuple[LostKey, int, int]], list[LostKey]]:
         """Drops per (source, session cgroup id or 0, uid of a login outside sessions
         or 0), from the map both programs share: ([(key, total, reported before)]
         where the total grew, [keys fully reported])."""
@@ -262,11 +260,11 @@ class RestrictedBPF:
                 settled.append(key)
         return grew, settled
 
-    def mark_lost_reported(self, key: LostSource, total: int) -> None:
+    def mark_lost_reported(self, key: LostKey, total: int) -> None:
         table = self._maps["lost_reported"]
         table[_lost_key(key)] = table.Leaf(total)
 
-    def forget_lost(self, keys: Iterable[LostSource]) -> None:
+    def forget_lost(self, keys: Iterable[LostKey]) -> None:
         for key in keys:
             for name in ("lost_by", "lost_reported"):
                 try:

@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from .kernel import LostKey
 from .netevents import NetRecord
 from .policy_core import Key, Step
-from .restricted_bpf import LostSource
 
 ENV = "RINGFENCE_SIMULATE_KERNEL"
 
@@ -82,13 +82,13 @@ class SimulatedKernel:
     def lost(self) -> dict[str, int]:
         return {"network": 0}
 
-    def lost_unreported(self) -> tuple[list[tuple[LostSource, int, int]], list[LostSource]]:
+    def lost_unreported(self) -> tuple[list[tuple[LostKey, int, int]], list[LostKey]]:
         return [], []
 
-    def mark_lost_reported(self, key: LostSource, total: int) -> None:
+    def mark_lost_reported(self, key: LostKey, total: int) -> None:
         pass
 
-    def forget_lost(self, keys: Iterable[LostSource]) -> None:
+    def forget_lost(self, keys: Iterable[LostKey]) -> None:
         pass
 
     def generate(self, count: int, cgroup_id: int = 0) -> None:
