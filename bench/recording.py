@@ -1,0 +1,94 @@
+"""Enhanced recording: what an exec- and open-heavy session pays for it.
+
+    python -m bench recording [--loops 1500] [--rounds 5]
+
+Starts a nats-server, the audit service and an enforcer with enhanced recording
+on, then times a shell loop that runs /bin/true and `cat FILE` --loops times
+each: outside any session, and inside a recorded session (`ringfence run`),
+alternately, --rounds times each; the loop times itself, so opening the session
+is not counted. Prints the fastest run of each side and their ratio, and
+checks that every command of the recorded runs reached events.log
+(session.command lines of those sessions, or audit.events_folded counts).
+
+Target (issue 12): inside <= 1.10 x outside, every event written.
+Needs root and BPF, like the enforcer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.support.nats import NatsServer
+from tests.support.procs import ServiceProcess
+
+TARGET = 1.10
+LOOP = ('s=$(date +%s%N); i=0; while [ $i -lt {n} ]; do /bin/true; cat /etc/hostname > /dev/null; '
+        'i=$((i+1)); done; echo $(( $(date +%s%N) - s ))')
+
+
+def commands_written(log: Path, sids: set[str]) -> int:
+    n = 0
+    if not log.exists():
+        return 0
+    for line in log.read_bytes().splitlines():
+        if b'"session.command"' in line or b'"audit.events_folded"' in line:
+            ev = json.loads(line)
+            if ev["sid"] in sids:
+                n += ev["count"] if ev["event"] == "audit.events_folded" else 1
+    return n
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench recording", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--loops", type=int, default=1500)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="ringfence-bench-"))
+    work.chmod(0o755)
+    data = work / "data"
+    config = work / "ringfence.yaml"
+    config.write_text("ssh_service:\n  enhanced_recording:\n    enabled: true\n")
+    nodename = f"bench{work.name[-6:].replace('_', '')}"
+    server = NatsServer(work / "nats").start()
+    quiet = {"RINGFENCE_LOG_LEVEL": "INFO"}
+    audit = ServiceProcess("audit", server.url, data, env=quiet).start()
+    enforcer = ServiceProcess("enforcer", server.url, data, "--nodename", nodename, "--config", str(config),
+                              env=quiet).start()
+    script = LOOP.format(n=args.loops)
+    run = [sys.executable, "-m", "ringfence.cli.main", "run", "--data-dir", str(data), "--user", "bench", "--"]
+    try:
+        audit.wait_ready(60)
+        enforcer.wait_ready(60)
+        outside, inside = [], []
+        for _ in range(args.rounds):
+            outside.append(int(subprocess.run(["sh", "-c", script], capture_output=True, text=True,
+                                              check=True).stdout.split()[-1]))
+            inside.append(int(subprocess.run([*run, "sh", "-c", script], capture_output=True, text=True,
+                                             check=True).stdout.split()[-1]))
+        sids = set(re.findall(r"session (\S+) opened", enforcer.output()))
+        expected = args.rounds * (2 * args.loops + 1)  # the loop's commands and the shell itself
+        deadline = time.time() + 120
+        while (written := commands_written(data / "log" / "events.log", sids)) < expected and time.time() < deadline:
+            time.sleep(0.5)
+        o, i = min(outside) / 1e9, min(inside) / 1e9
+        print(f"{args.loops} x (/bin/true + cat), fastest of {args.rounds}: outside {o:.3f} s, "
+              f"recorded session {i:.3f} s, ratio {i / o:.3f}")
+        print(f"session.command events written: {written:,} of {expected:,}")
+        ok = i / o <= TARGET and written >= expected
+        print(f"target ratio <= {TARGET} with every command written: {'met' if ok else 'MISSED'}")
+        return 0 if ok else 1
+    finally:
+        enforcer.stop()
+        audit.stop()
+        server.stop()
+        from services.enforcer.uninstall import uninstall
+
+        uninstall(nodename, kill_sessions=True)
