@@ -15,8 +15,9 @@ import time
 
 import pytest
 
-from tests.support.enforcer import NETPROBE, delete_policy, policy, put_policy
-from tests.support.procs import wait_for
+from tests.support.enforcer import NETPROBE, EnforcerNode, delete_policy, policy, put_policy
+from tests.support.nats import audit_events
+from tests.support.procs import ServiceProcess, wait_for
 
 pytestmark = pytest.mark.bpf
 
@@ -220,3 +221,20 @@ def test_lost_samples_are_counted_and_reported(nats_server, enforcer):
     # The loss names the session it happened to, also when reported after the session ended.
     wait_for(lambda: f"network records lost (session {sid}," in node.log(), timeout=15,
              what="the loss to be reported")
+
+    def reports() -> list[dict]:
+        return [e for e in audit_events(nats_server.url, wait=0.5) if e["event"] == "audit.events_lost"]
+
+    [report] = wait_for(reports, what="the loss in the audit stream")
+    assert report["sid"] == sid and report["lost"] == report["total"] > 0
+    # Another enforcer of the same node, with another data dir, reports nothing again.
+    node.stop()
+    again = EnforcerNode(nats_server.url, node.data_dir.parent / "elsewhere")
+    again.nodename = node.nodename
+    again.proc = ServiceProcess("enforcer", nats_server.url, again.data_dir, "--nodename", node.nodename)
+    try:
+        again.start()
+        wait_for(lambda: "drop counters checked" in again.log(), what="a first round of loss reports")
+        assert reports() == [report]
+    finally:
+        again.stop()

@@ -290,6 +290,7 @@ class EnforcerAdapter:
                             "raise ssh_service.enhanced_recording.ring_buffer_kib", total - before, source,
                             event.sid or "-", event.login or "-")
             self.kernel_events.flush_folds()  # summaries of a flood reach the trail while it lasts
+            log.debug("drop counters checked: %d new reports", len(unreported))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), LOST_REPORT_INTERVAL)
 
