@@ -12,7 +12,7 @@ import msgspec
 
 from ringfence.contract import names
 from ringfence.contract.api import ApiError, JoinRequest, KillRequest, SessionInfo, ok_reply
-from ringfence.contract.events import AuditEvent, EventsLost, encode_event
+from ringfence.contract.events import AuditEvent, encode_event
 from ringfence.contract.strict import decode_json
 from ringfence.durations import parse_duration
 from ringfence.runtime import kv_read
@@ -29,7 +29,6 @@ from .lock_guard import LockGuard
 from .policy_follower import PolicyFollower
 from .recorder import Recorder, publish_chunks
 from .recording_bpf import RecordingBPF
-from .records import stable_uid
 from .relays import RelayLauncher
 from .restricted_bpf import SESSION_RECORDED, SESSION_RESTRICTED, BpfLoadError, RestrictedBPF
 from .restricted_logins import RestrictedLogins
@@ -253,6 +252,11 @@ class EnforcerAdapter:
     async def _restrict_login(self, info: SessionInfo) -> None:
         self.logins.session_opened(info.login)
 
+    async def kernel_drained(self, info: SessionInfo) -> None:
+        """For the session flow, just before it writes session.end of `info`: returns
+        once every kernel record of that session is in the spool, summaries included."""
+        await self.kernel_events.drained(info)
+
     async def _session_ended(self, info: SessionInfo) -> None:
         self.attribution.ended(info)
         self.kernel_events.flush_folds(info.cgroup_id)
@@ -272,25 +276,9 @@ class EnforcerAdapter:
                 self.ctx.counters[f"lost_{source}"] = total
             if self.spool and self.recordings:  # lines the stream refused for good, moved aside
                 self.ctx.counters["spool_rejected"] = self.spool.rejected + self.recordings.rejected
-            unreported, settled = self.bpf.lost_unreported()
-            # Counters of sessions that ended, all reported: their cgroup ids may be reused.
-            self.bpf.forget_lost([key for key in settled if key[1] and not self.sessions.lookup_cgroup(key[1])])
-            for (source, cgroup_id, uid), total, before in unreported:
-                event = EventsLost(uid=stable_uid(f"lost:{source}:{cgroup_id}:{uid}:{total}"), source=source,
-                                   lost=total - before, total=total)
-                if cgroup_id:
-                    session = self.attribution.session(cgroup_id)
-                    if session:
-                        event.sid, event.user, event.login = session.sid, session.user, session.login
-                else:
-                    event.login = self.attribution.login(uid)
-                self.emit(event)  # before marking it reported: a crash between repeats the same uid
-                self.bpf.mark_lost_reported((source, cgroup_id, uid), total)
-                log.warning("%d %s records lost (session %s, login %s): the ring buffer was full; "
-                            "raise ssh_service.enhanced_recording.ring_buffer_kib", total - before, source,
-                            event.sid or "-", event.login or "-")
+            reported = self.kernel_events.report_losses(self.bpf, self.emit)
             self.kernel_events.flush_folds()  # summaries of a flood reach the trail while it lasts
-            log.debug("drop counters checked: %d new reports", len(unreported))
+            log.debug("drop counters checked: %d new reports", reported)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), LOST_REPORT_INTERVAL)
 

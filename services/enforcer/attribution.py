@@ -33,6 +33,9 @@ class Attribution:
         self._logins: dict[int, str] = {}
         self._lock = threading.Lock()  # the reader threads look up while the event loop remembers
 
+    def running(self, cgroup_id: int) -> bool:
+        return self._live(cgroup_id) is not None
+
     def session(self, cgroup_id: int) -> SessionInfo | None:
         """The running session of `cgroup_id`, or one that ended at most ttl seconds ago."""
         info = self._live(cgroup_id)

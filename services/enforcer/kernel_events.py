@@ -19,13 +19,15 @@ from collections.abc import Callable
 from typing import Any
 
 from ringfence.contract.api import SessionInfo
-from ringfence.contract.events import AuditEvent, encode_event
+from ringfence.contract.events import AuditEvent, EventsLost, encode_event
 
 from .attribution import Attribution
 from .folding import Folder
+from .kernel import Kernel
 from .netevents import NetRecord, destination
 from .netevents import to_event as network_event
 from .recording_events import CommandRecord, DiskRecord, command_event, disk_event
+from .records import stable_uid
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -125,3 +127,29 @@ class KernelEvents:
         while self.reader_cycles() < target and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         self.flush_folds(info.cgroup_id)
+
+    # --- drops ---------------------------------------------------------------------------------
+    def report_losses(self, kernel: Kernel, emit: Callable[[AuditEvent], None]) -> int:
+        """One round of turning the kernel's per-session drop counters into audit
+        events: one audit.events_lost per session (or login outside sessions) and
+        source whose count grew, naming it. What was reported is kept in the pinned
+        maps, so another enforcer of this node (a restart, another data dir)
+        reports only what is new. Returns how many were reported."""
+        unreported, settled = kernel.lost_unreported()
+        # Counters of sessions that ended, all reported: their cgroup ids may be reused.
+        kernel.forget_lost([key for key in settled if key[1] and not self.attribution.running(key[1])])
+        for (source, cgroup_id, uid), total, before in unreported:
+            event = EventsLost(uid=stable_uid(f"lost:{source}:{cgroup_id}:{uid}:{total}"), source=source,
+                               lost=total - before, total=total)
+            if cgroup_id:
+                session = self.attribution.session(cgroup_id)
+                if session:
+                    event.sid, event.user, event.login = session.sid, session.user, session.login
+            else:
+                event.login = self.attribution.login(uid)
+            emit(event)  # before marking it reported: a crash between repeats the same uid
+            kernel.mark_lost_reported((source, cgroup_id, uid), total)
+            log.warning("%d %s records lost (session %s, login %s): the ring buffer was full; "
+                        "raise ssh_service.enhanced_recording.ring_buffer_kib", total - before, source,
+                        event.sid or "-", event.login or "-")
+        return len(unreported)
