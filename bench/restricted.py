@@ -10,6 +10,11 @@
     Also the cost to every other process of the host (the programs are attached to
     the cgroup2 root, so each connect() anywhere runs them): the same loop outside
     any session before the enforcer started ("bare") against outside with it running.
+(c) The programs alone, without an enforcer or `ringfence run` (their start-up and
+    scheduling dominate (a) on a loaded VM): the bench loads restricted.bpf.c for a
+    node of its own with 100,000 CIDRs per list and times UDP connect() with the
+    programs detached ("bare"), attached from outside any session, and attached
+    from inside a session cgroup, alternating, fastest of --rounds x 3.
 (b) Time from the policy service's reply to `create -f` (the moment the CLI
     returns) until the enforcer's pinned BPF map holds the new policy: p50, p99.
 
@@ -88,6 +93,37 @@ async def wait_in_map(fd: int, cidr: str, timeout: float = 60) -> float:
     return time.perf_counter() - start
 
 
+def programs_alone(loop: Path, iterations: int, rounds: int) -> dict[str, float]:
+    """(c): fastest UDP connect() ns with the programs detached / outside / inside."""
+    from services.enforcer import kernel
+    from services.enforcer.cgroups import CgroupTree
+    from services.enforcer.policy_core import effective_entries, plan_update
+    from services.enforcer.restricted_bpf import SESSION_RESTRICTED, RestrictedBPF
+
+    node = f"bench{uuid.uuid4().hex[:6]}"
+    mount = kernel.find_cgroup2()
+    tree = CgroupTree(mount, node)
+    bpf = RestrictedBPF(kernel.ensure_bpffs() / "ringfence" / node, 1 << 16)
+    big = restrictions(SIZES[-1])
+    bpf.apply(plan_update({}, effective_entries((r.cidr for r in big.spec.allow), (r.cidr for r in big.spec.deny))))
+    bpf.set_settings(enforce=True, observe=False)
+    bpf.add_session(tree.create("s"), SESSION_RESTRICTED)
+    enter = f"echo $$ > {tree.path('s')}/cgroup.procs && "
+    times: dict[str, list[float]] = {"bare": [], "outside": [], "inside": []}
+    try:
+        for _ in range(rounds * 3):
+            for link in bpf.pin_dir.glob("link_*"):
+                link.unlink()  # the links go with their pins: nothing attached
+            times["bare"].append(measure(loop, "udp", iterations, None))
+            bpf.attach(mount, tree.root)
+            times["outside"].append(measure(loop, "udp", iterations, None))
+            times["inside"].append(measure(loop, "udp", iterations, ["sh", "-c", enter + 'exec "$@"', "sh"]))
+    finally:
+        bpf.close()
+        uninstall(node, kill_sessions=True)
+    return {k: min(v) for k, v in times.items()}
+
+
 def measure(loop: Path, proto: str, iterations: int, session_cmd: list[str] | None) -> float:
     argv = [str(loop), proto, "127.0.0.1", "9", str(iterations)]
     out = subprocess.run([*(session_cmd or []), *argv], capture_output=True, text=True, check=True).stdout
@@ -102,6 +138,7 @@ async def run(args: argparse.Namespace) -> int:
     work.chmod(0o755)
     nodename = f"bench{uuid.uuid4().hex[:6]}"
     loop = compile_loop(work)
+    alone = programs_alone(loop, args.iterations, args.rounds)
     bare = {proto: min(measure(loop, proto, args.iterations, None) for _ in range(args.rounds))
             for proto in ("tcp", "udp")}  # no enforcer yet: what every other process paid before
     server = NatsServer(work / "nats").start()
@@ -138,6 +175,11 @@ async def run(args: argparse.Namespace) -> int:
         for proto in ("tcp", "udp"):
             o = outside_ns[(SIZES[-1], proto)]
             print(f"  {proto}: {bare[proto]:.1f} ns -> {o:.1f} ns ({o / bare[proto]:.3f}) at {SIZES[-1]:,} CIDRs")
+
+        b = alone["bare"]
+        print(f"\nthe programs alone, UDP connect() at {SIZES[-1]:,} CIDRs (fastest of {args.rounds * 3}): "
+              f"detached {b:.1f} ns, other processes {alone['outside']:.1f} ns ({alone['outside'] / b:.3f}), "
+              f"session processes {alone['inside']:.1f} ns ({alone['inside'] / b:.3f})")
 
         baseline = "10.252.0.0/32"  # wait until the 100k-CIDR policy is gone before timing
         await create(nc, restrictions(10, baseline))
