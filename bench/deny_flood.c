@@ -2,7 +2,7 @@
 // when the policy denies 127.1.0.0/16.
 //   deny_flood COUNT RATE      RATE calls per second (0: as fast as possible)
 // Destination i: 127.1.(i / 256 % 256).(i % 256), port 1000 + i / 65536.
-// Prints: calls eperm other_errors seconds
+// Prints: calls eperm other_errors seconds start (wall clock, seconds since the epoch)
 #include <arpa/inet.h>
 #include <errno.h>
 #include <stdio.h>
@@ -25,6 +25,8 @@ int main(int argc, char **argv) {
     double rate = atof(argv[2]);
     int fd = socket(AF_INET, SOCK_DGRAM, 0);
     long eperm = 0, other = 0;
+    struct timespec wall;
+    clock_gettime(CLOCK_REALTIME, &wall);
     double start = now();
     for (long i = 0; i < n; i++) {
         if (rate > 0 && i % 100 == 0) {  // pace in steps of 100 calls
@@ -44,6 +46,6 @@ int main(int argc, char **argv) {
                 other++;
         }
     }
-    printf("%ld %ld %ld %.3f\n", n, eperm, other, now() - start);
+    printf("%ld %ld %ld %.3f %.6f\n", n, eperm, other, now() - start, wall.tv_sec + wall.tv_nsec / 1e9);
     return 0;
 }
