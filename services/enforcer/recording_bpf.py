@@ -17,14 +17,14 @@ import ctypes as ct
 import logging
 import os
 import struct
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from . import kernel
 from .recording_events import CommandRecord, DiskRecord
-from .records import boot_offset, wall_time
+from .records import wall_time
 from .restricted_bpf import PIN_LAYOUT, BpfLoadError, compile_flags
+from .ringbuf import RingReader
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,6 @@ MAX_ARGS = 20
 ARG_BYTES = 128  # per argument, NUL included
 EXEC_PATH_BYTES = 512
 DISK_PATH_BYTES = 512
-
-POLL_MS = 50  # the reader drains both ring buffers this often
 
 TRUNC_PATH = 1
 TRUNC_ARGS = 2
@@ -110,16 +108,6 @@ def parse_disk(raw: bytes, offset: float) -> DiskRecord:
         return_code=ret,
         path_truncated=bool(truncated & TRUNC_PATH),
     )
-
-
-def _collector(raw: list[bytes]):
-    """A ring-buffer callback that copies each record into `raw`."""
-
-    def callback(_ctx, data, size):
-        raw.append(ct.string_at(data, size))
-        return 0
-
-    return callback
 
 
 # --- host ------------------------------------------------------------------------------
@@ -236,10 +224,7 @@ class RecordingBPF:
                 f"cannot load {SOURCE.name}: {exc}. If the pinned maps under {self.pin_dir} come from an "
                 f"incompatible version, stop the enforcer and run `python -m services.enforcer.uninstall`"
             ) from exc
-        self._reader: threading.Thread | None = None
-        self._rings_open = False
-        self._stop = threading.Event()
-        self.reader_cycles = 0  # completed polls of both ring buffers: "everything before now was read"
+        self._reader = RingReader("ringbuf-recording")
 
     def close(self) -> None:
         """Stop reading and detach the tracepoints; the pinned maps stay."""
@@ -255,48 +240,16 @@ class RecordingBPF:
             "disk": int(self.bpf[b"lost_disk"][ct.c_uint32(0)].value),
         }
 
+    @property
+    def reader_cycles(self) -> int:
+        return self._reader.cycles
+
     def start_reader(self, on_commands: Callable[[list[CommandRecord]], None],
                      on_disks: Callable[[list[DiskRecord]], None]) -> None:
-        """Read both ring buffers on one thread: every POLL_MS, what each ring held goes
-        to its callback as one list of detached records (on that thread)."""
-        if self._rings_open:
-            raise RuntimeError("the ring buffers are read already: one reader per RecordingBPF")
-        self._rings_open = True
-        rings = (("command", parse_exec, on_commands, []), ("disk", parse_disk, on_disks, []))
-        for (kind, _parse, _deliver, raw), table in zip(rings, (b"events_exec", b"events_disk"), strict=True):
-            self.bpf[table].open_ring_buffer(_collector(raw))
-            log.debug("reading %s records from %s", kind, table.decode())
-        bpf = self.bpf
-
-        def drain() -> None:
-            bpf.ring_buffer_consume()
-            offset = boot_offset()
-            for kind, parse, deliver, raw in rings:
-                if not raw:
-                    continue
-                records = [parse(r, offset) for r in raw]
-                raw.clear()
-                try:
-                    deliver(records)
-                except Exception:
-                    log.exception("handling %d %s records failed", len(records), kind)
-
-        def loop() -> None:
-            # The programs submit without waking the reader (BPF_RB_NO_WAKEUP): a
-            # wakeup per record cost a session ~50% more time per exec. So poll
-            # sleeps out its timeout and consume() drains both rings each cycle.
-            while not self._stop.is_set():
-                bpf.ring_buffer_poll(POLL_MS)
-                drain()
-                self.reader_cycles += 1
-            drain()
-
-        self._stop.clear()
-        self._reader = threading.Thread(target=loop, name="ringbuf-recording", daemon=True)
-        self._reader.start()
+        """Read both ring buffers on one thread (ringbuf.py): each round's commands and
+        opens go to the callbacks as lists of detached records."""
+        self._reader.start(self.bpf, [(b"events_exec", parse_exec, on_commands, "command"),
+                                      (b"events_disk", parse_disk, on_disks, "disk")])
 
     def stop_reader(self) -> None:
-        if self._reader:
-            self._stop.set()
-            self._reader.join(5)
-            self._reader = None
+        self._reader.stop()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes as ct
 import logging
 import os
-import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from . import bpf_sys, kernel
 from .kernel import LostKey
 from .netevents import NetRecord, parse_net
 from .policy_core import Key, Step
-from .records import boot_offset
+from .ringbuf import RingReader
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,6 @@ SESSIONS_MAX_ENTRIES = 65_536
 LOGINS_MAX_ENTRIES = 65_536
 LOST_BY_MAX_ENTRIES = 65_536
 BPF_F_ALLOW_MULTI = 2
-POLL_MS = 10  # the reader drains the ring buffer this often (records are submitted without a wakeup)
 
 SESSION_RESTRICTED = 1
 SESSION_RECORDED = 2
@@ -123,9 +121,7 @@ class RestrictedBPF:
         self._maps = {n: self.bpf[n.encode()]
                       for n in ("policy4", "policy6", "settings", "sessions", "logins", "lost", "lost_by",
                                 "lost_reported")}
-        self._reader: threading.Thread | None = None
-        self._stop = threading.Event()
-        self.reader_cycles = 0  # completed ring-buffer rounds: "everything before now was read and handled"
+        self._reader = RingReader("ringbuf-network")
 
     # --- attaching -----------------------------------------------------------------
     def attach(self, mount: Path, tree_root: Path) -> None:
@@ -272,42 +268,14 @@ class RestrictedBPF:
                 except KeyError:
                     pass
 
+    @property
+    def reader_cycles(self) -> int:
+        return self._reader.cycles
+
     def start_reader(self, on_records: Callable[[list[NetRecord]], None]) -> None:
-        """Read the ring buffer on a thread: every POLL_MS, everything the kernel wrote
-        goes to `on_records` as one list of detached records (on that thread)."""
-        batch: list[bytes] = []
-
-        def callback(_ctx, data, size):
-            batch.append(ct.string_at(data, size))
-            return 0
-
-        self.bpf[b"events_network"].open_ring_buffer(callback)
-        bpf = self.bpf
-
-        def drain() -> None:
-            bpf.ring_buffer_consume()
-            if batch:
-                offset = boot_offset()
-                records = [parse_net(raw, offset) for raw in batch]
-                batch.clear()
-                try:
-                    on_records(records)
-                except Exception:
-                    log.exception("handling %d network records failed", len(records))
-
-        def loop() -> None:
-            while not self._stop.is_set():
-                bpf.ring_buffer_poll(POLL_MS)
-                drain()
-                self.reader_cycles += 1
-            drain()
-
-        self._stop.clear()
-        self._reader = threading.Thread(target=loop, name="ringbuf-network", daemon=True)
-        self._reader.start()
+        """Read the ring buffer on a thread (ringbuf.py): each round's records go to
+        `on_records` as one list of detached records."""
+        self._reader.start(self.bpf, [(b"events_network", parse_net, on_records, "network")])
 
     def stop_reader(self) -> None:
-        if self._reader:
-            self._stop.set()
-            self._reader.join(5)
-            self._reader = None
+        self._reader.stop()
