@@ -60,6 +60,13 @@ def uninstall(nodename: str, cgroup_path: str = "", kill_sessions: bool = False)
             done.append(f"removed {root}")
         except OSError as exc:
             done.append(f"kept {root}: {exc.strerror}")
+    relays = mount / "ringfence" / f"{nodename}.relays"  # the session relays' cgroup (relays.py)
+    if relays.exists():
+        try:
+            relays.rmdir()
+            done.append(f"removed {relays}")
+        except OSError as exc:
+            done.append(f"kept {relays}: {exc.strerror}")
     pins = Path(kernel.BPFFS) / "ringfence" / nodename
     if pins.exists():
         shutil.rmtree(pins)  # the programs linked to the cgroup2 root go with their pinned links
