@@ -158,9 +158,9 @@ class KillRequest(Struct, omit_defaults=True):
 class OpenSessionRequest(Struct, omit_defaults=True, forbid_unknown_fields=True):
     """A request on the enforcer's Unix socket (ringfence/hooks/wire.py speaks it).
 
-    connection  root only (sshd's PAM hook): `login` and `auth_info` (sshd's
-                SSH_AUTH_INFO_0) in `phase` account, then session; the enforcer
-                takes sshd's process from the peer's parent.
+    connection  root only (sshd's PAM hook, session phase): `login` and
+                `auth_info` (sshd's SSH_AUTH_INFO_0); the enforcer takes sshd's
+                process from the peer's parent.
     channel     from inside an SSH connection (the ForceCommand wrapper, as the
                 user): `command` is what the client asked to run ([] for a shell);
                 stdin, stdout and stderr come as SCM_RIGHTS. Identity and
@@ -172,7 +172,6 @@ class OpenSessionRequest(Struct, omit_defaults=True, forbid_unknown_fields=True)
     """
 
     kind: SessionKind = "local"
-    phase: Literal["account", "session", ""] = ""
     login: str = ""
     user: str = ""
     auth_info: str = ""

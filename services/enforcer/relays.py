@@ -79,7 +79,8 @@ class RelayLauncher:
         assert self.sock is not None
         data = msgspec.json.encode(spec) + b"\n"
         sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        self.sock.sendall(data[sent:])
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
         reply = msgspec.json.decode(self._line(), type=dict)
         if "pid" not in reply:
             raise RelayError(f"relayd could not start the relay: {reply.get('error')}")

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import pwd
+import signal
 import socket
 import time
 import uuid
@@ -65,6 +66,7 @@ CONNECTION_GRACE = 0.03  # channels go first, so sshd can pass their last words 
 KV_ACTIVITY_INTERVAL = 10.0  # how often last_active reaches the fleet-wide listing
 RELAY_CLOSE_WAIT = 5.0  # a session's end waits this long for its relay's last journal lines
 JOURNAL_POLL = 0.5  # journal reads without a wake-up from the relay
+REFUSED_GRACE = 3.0  # a refused SSH connection with no channel is closed after this
 EVENT_UID_NAMESPACE = uuid.UUID("6c1f3a52-33b1-4c6c-9d59-5f3b0e9f6a10")
 
 
@@ -163,9 +165,6 @@ class SessionManager:
     def channels_of(self, conn_sid: str) -> list[SessionInfo]:
         return [s for s in self.by_sid.values() if s.connection == conn_sid]
 
-    def _connection_of_sshd(self, pid: int) -> SessionInfo | None:
-        return next((s for s in self.by_sid.values() if s.kind == "connection" and s.pid == pid), None)
-
     def last_input(self, sid: str) -> float:
         """Monotonic time of the client's last input to this session (or its channels)."""
         return max([self.activity.get(sid, 0.0)] + [self.activity.get(c.sid, 0.0) for c in self.channels_of(sid)])
@@ -203,13 +202,28 @@ class SessionManager:
                    reply: Reply) -> SessionInfo | None:
         """Open the session asked for and answer through `reply`; raises Refused.
         For a program, its relay takes `client` and `fds` over once the session is open."""
-        if req.kind == "connection" and req.phase == "session":
-            known = self._connection_of_sshd(peer.parent)
-            if known is not None and peer.uid == 0:
-                # pam_systemd moved sshd into a cgroup of its own after our account hook: back it goes.
-                self.tree.move(known.cgroup, peer.parent)
-                await reply(OpenSessionReply(ok=True, sid=known.sid, user=known.user))
-                return known
+        try:
+            return await self._open(peer, req, fds, client, reply)
+        except Refused:
+            if req.kind == "connection" and peer.uid == 0 and peer.parent > 1:
+                self._close_refused(peer.parent)
+            raise
+
+    def _close_refused(self, sshd: int) -> None:
+        """sshd runs no program for a refused login and shows our reason on its channel; a
+        connection without one (ssh -N) would stay up doing nothing: close it after a moment."""
+        started = _start_time(sshd)
+
+        def hang_up() -> None:
+            if started and _start_time(sshd) == started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(sshd, signal.SIGTERM)
+                    log.info("closed refused SSH connection (sshd %d)", sshd)
+
+        asyncio.get_running_loop().call_later(REFUSED_GRACE, hang_up)
+
+    async def _open(self, peer: Peer, req: OpenSessionRequest, fds: list[int], client: socket.socket,
+                    reply: Reply) -> SessionInfo | None:
         plan: Plan = plan_session(peer, req, self.key_owners(), self.roles_of, has_program=bool(fds),
                                   trusted_cas=self.settings.trusted_cas(),
                                   require_registered=self.settings.require_registered)
@@ -534,6 +548,14 @@ def _parent_of(pid: int) -> int:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         return int(stat.rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _start_time(pid: int) -> int:
+    """The process's start time (clock ticks since boot): tells a process from a later one with its pid."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
     except (OSError, ValueError, IndexError):
         return 0
 

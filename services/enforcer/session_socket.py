@@ -118,6 +118,7 @@ class SessionSocket:
             await self._reply(conn, OpenSessionReply(ok=False, error=f"no request within {REQUEST_TIMEOUT:g}s"))
         except (BadRequest, DecodeError) as exc:
             self.counters["socket_requests_refused"] += 1
+            log.info("bad request from pid %d (uid %d): %s", pid, uid, exc)
             await self._reply(conn, OpenSessionReply(ok=False, error=f"bad request: {exc}"))
         except (ConnectionError, BrokenPipeError):
             pass

@@ -27,17 +27,14 @@ STOCK_PAM = Path("/etc/pam.d/sshd")
 
 
 def stock_pam_with(ours: list[str]) -> str:
-    """Debian's /etc/pam.d/sshd with our account line after common-account and our
-    session line right after common-session (before pam_env)."""
-    account, session = ours
+    """Debian's /etc/pam.d/sshd with our line right after common-session (before pam_env)."""
+    [line] = ours
     out = []
-    for line in STOCK_PAM.read_text().splitlines():
-        out.append(line)
-        if line.strip() == "@include common-account":
-            out.append(account)
-        elif line.strip() == "@include common-session":
-            out.append(session)
-    assert account in out and session in out, "the stock PAM file lacks @include common-account/common-session"
+    for stock in STOCK_PAM.read_text().splitlines():
+        out.append(stock)
+        if stock.strip() == "@include common-session":
+            out.append(line)
+    assert line in out, "the stock PAM file lacks @include common-session"
     return "\n".join(out) + "\n"
 
 
@@ -93,7 +90,7 @@ class SshServer:
         config.write_text(
             f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {hostkey}\nPidFile {self.dir}/sshd.pid\n"
             f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
-            f"TrustedUserCAKeys {self.ca}.pub\nStrictModes no\n"
+            f"TrustedUserCAKeys {self.ca}.pub\nStrictModes no\nSubsystem sftp /usr/lib/openssh/sftp-server\n"
             + ("AllowTcpForwarding yes\n" if self.forwarding else "")
             + example.replace("/opt/ringfence/ringfence/hooks", str(HOOKS)).replace("/usr/bin/python3", PYTHON)
             .replace("/var/lib/ringfence", str(self.data_dir))
