@@ -165,7 +165,9 @@ async def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
                 os.close(fd)
             raise BadRequest(f"more than {MAX_FDS} file descriptors")
         if not data:
-            raise ConnectionError("closed before a full request")
+            for fd in fds:
+                os.close(fd)
+            raise BadRequest("the request ended before its newline")
         buf += data
         if len(buf) > MAX_LINE:
             for fd in fds:
