@@ -41,6 +41,8 @@ class AuditEvent(Struct, tag_field="event"):
     namespace: str = "default"
     server_id: str = ""
     server_hostname: str = ""
+    # true when a field was cut to its bound (see encode_event); absent otherwise
+    truncated: bool | msgspec.UnsetType = msgspec.UNSET
 
     def __post_init__(self) -> None:
         if not self.code:
@@ -233,8 +235,51 @@ _decoder = msgspec.json.Decoder(AnyEvent)
 _encoder = msgspec.json.Encoder()
 
 
+# Every field of an event is bounded, so no user can make an event the audit stream
+# refuses (and nobody has to trust each writer to cut what its users control): a
+# string longer than MAX_FIELD_CHARS characters, or a list longer than MAX_LIST_ITEMS,
+# is cut and the event carries "truncated": true. Should the event still be larger
+# than MAX_EVENT_BYTES, fields are cut shorter until it fits.
+MAX_FIELD_CHARS = 4096
+MAX_LIST_ITEMS = 256
+MAX_EVENT_BYTES = 64 * 1024
+
+
+def _cut(value: Any, chars: int, items: int) -> tuple[Any, bool]:
+    if isinstance(value, str):
+        return (value[:chars], True) if len(value) > chars else (value, False)
+    if isinstance(value, list):
+        out, cut = [], len(value) > items
+        for v in value[:items]:
+            v, c = _cut(v, chars, items)
+            out.append(v)
+            cut = cut or c
+        return out, cut
+    if isinstance(value, dict):
+        out_d, cut = {}, len(value) > items
+        for k, v in list(value.items())[:items]:
+            v, c = _cut(v, chars, items)
+            out_d[k[:chars]] = v
+            cut = cut or c or len(k) > chars
+        return out_d, cut
+    return value, False
+
+
 def encode_event(event: AuditEvent) -> bytes:
-    return _encoder.encode(event)
+    data = _encoder.encode(event)
+    if len(data) <= MAX_FIELD_CHARS:
+        return data  # nothing in it can be over a bound (the common case costs nothing more)
+    doc = msgspec.to_builtins(event)
+    chars, items = MAX_FIELD_CHARS, MAX_LIST_ITEMS
+    while True:
+        bounded, cut = _cut(doc, chars, items)
+        if not cut:
+            return data
+        bounded["truncated"] = True
+        out = _encoder.encode(bounded)
+        if len(out) <= MAX_EVENT_BYTES:
+            return out
+        chars, items = max(chars // 4, 16), max(items // 2, 8)
 
 
 def decode_event(data: bytes) -> AuditEvent:

@@ -204,8 +204,10 @@ class SessionManager:
         For a program, its relay takes `client` and `fds` over once the session is open."""
         try:
             return await self._open(peer, req, fds, client, reply)
-        except Refused:
+        except Refused as exc:
             if req.kind == "connection" and peer.uid == 0 and peer.parent > 1:
+                if not exc.recorded:
+                    self.emit(SessionRejected(user=req.login, login=req.login, reason=str(exc)))
                 self._close_refused(peer.parent)
             raise
 
@@ -237,7 +239,7 @@ class SessionManager:
                 await self._run_end_hooks(info)  # give back what earlier checks took
                 self.emit(SessionRejected(user=info.user, login=info.login, reason=refusal.reason,
                                           max=refusal.max, sid=info.connection))
-                raise Refused(refusal.reason)
+                raise Refused(refusal.reason, recorded=True)
         try:
             info.cgroup_id = self.tree.create(info.cgroup)
             info.relay = program is not None
