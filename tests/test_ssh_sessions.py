@@ -81,7 +81,13 @@ def test_denied_connect_inside_ssh_is_eperm_and_audited_with_the_session(stack):
     assert exec_event["command"].startswith("echo sid=$RINGFENCE_SESSION_ID")
 
 
-def test_identity_from_certificate_key_id_then_registered_key_then_login(stack, tmp_path):
+def test_identity_from_certificate_key_id_then_registered_key_then_login(nats_server, data_dir, services, enforcer,
+                                                                         sshd, tmp_path):
+    services("policy", "audit")
+    trusted = tmp_path / "trusted_user_ca_keys"
+    node = enforcer(config=f"ssh_service:\n  trusted_user_ca_keys: {trusted}\n")
+    stack = SimpleNamespace(url=nats_server.url, server=sshd(node))
+    trusted.write_text(Path(f"{stack.server.ca}.pub").read_text())
     login, key = stack.server.add_user()
     show = "echo user=$RINGFENCE_USER"
     assert "user=" + login in stack.server.ssh(login, key, show).stdout  # no cert, no registered key: the login

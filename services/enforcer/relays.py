@@ -161,8 +161,13 @@ class RelayControl:
         self.wake = asyncio.Event()
         self.writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
+        self._connecting = asyncio.Lock()
 
     async def connect(self) -> bool:
+        async with self._connecting:
+            return self.writer is not None or await self._connect()
+
+    async def _connect(self) -> bool:
         try:
             reader, writer = await asyncio.open_unix_connection("\0" + self.name.removeprefix("@"))
         except OSError:

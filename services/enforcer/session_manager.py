@@ -395,7 +395,7 @@ class SessionManager:
             self.counters["idle_terminations"] += 1
             self.emit(ClientDisconnect(uid=uid, user=info.user, login=info.login, sid=info.sid, reason=line.message))
         elif isinstance(line, wire.Exit):
-            if info.command and not info.interactive and not programs.is_sftp(info.command):
+            if info.kind == "channel" and info.command and not info.interactive and not programs.is_sftp(info.command):
                 self.emit(Exec(uid=uid, user=info.user, login=info.login, sid=info.sid,
                                command=" ".join(info.command), exitCode=str(line.code)))
             if recorded:
@@ -409,7 +409,14 @@ class SessionManager:
     async def tell(self, sid: str, message: msgspec.Struct) -> bool:
         """Send a session's relay a control message (a notice, a peer's input, a new idle timeout)."""
         relayed = self.relayed.get(sid)
-        return bool(relayed) and await relayed.control.send(message)
+        if relayed is None or relayed.closed.is_set():
+            return False
+        if relayed.control.writer is None:  # a relay that just started may not listen yet
+            for _ in range(20):
+                if await relayed.control.connect():
+                    break
+                await asyncio.sleep(0.025)
+        return await relayed.control.send(message)
 
     # --- joining ---------------------------------------------------------------------------
     def join(self, sid: str, user: str) -> bool:
