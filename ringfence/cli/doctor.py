@@ -1,0 +1,204 @@
+"""`ringfence doctor`: name every sshd and PAM setting that opens a hole in Ringfence's controls.
+
+Reads the live sshd configuration (`sshd -T`, and `sshd -T -C user=...,host=...,addr=...`
+for each Match block, to see what it changes for the connections it matches), sshd's
+PAM stack (/etc/pam.d/<sshd's name>, includes followed) and the files the hooks run,
+and prints each hole with its fix. Run it as root (sshd -T reads the host keys).
+
+Exit status: 0 no hole found, 1 a hole found, 2 the configuration could not be read.
+The checks themselves are ringfence/doctor_checks.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import grp
+import json
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import sys
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from .. import doctor_checks as checks
+from ..config import DEFAULT_CONFIG_PATH, ENV_CONFIG, load_config
+from .client import CliError
+
+SSHD_CONFIG = "/etc/ssh/sshd_config"
+SSHD_CONFIG_DIR = "/etc/ssh"  # sshd's base for relative Include paths
+PAM_DIRS = ("/etc/pam.d", "/usr/lib/pam.d")
+PACKAGE = Path(__file__).resolve().parents[1]
+SSHD_FIRST_VALUE = ("(sshd keeps the first value it reads for a setting: no line read before the fix, in an "
+                    "earlier drop-in or above the Include, may set it)")
+
+
+def sshd_t(sshd: str, config: str | None, spec: str | None = None) -> str:
+    argv = [sshd, "-T", *(["-f", config] if config else []), *(["-C", spec] if spec else [])]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except OSError as exc:
+        raise CliError(f"cannot run {sshd}: {exc.strerror}; name sshd with --sshd PATH", exit_code=2) from None
+    if done.returncode != 0:
+        raise CliError(f"{' '.join(argv)} failed (exit {done.returncode}): {done.stderr.strip()} "
+                       "(run ringfence doctor as root; sshd -T reads the host keys)", exit_code=2)
+    return done.stdout
+
+
+def read_sshd_configs(path: str) -> list[tuple[str, str]]:
+    """(path, text) of the config and every file it Includes, in sshd's order."""
+    seen: list[tuple[str, str]] = []
+
+    def read(file: str, depth: int) -> None:
+        try:
+            text = Path(file).read_text()
+        except OSError as exc:
+            raise CliError(f"cannot read {file}: {exc.strerror}", exit_code=2) from None
+        seen.append((file, text))
+        for pattern in checks.config_includes(text):
+            full = pattern if pattern.startswith("/") else f"{SSHD_CONFIG_DIR}/{pattern}"
+            for included in sorted(glob.glob(full)):
+                if depth < 16:
+                    read(included, depth + 1)
+
+    read(path, 0)
+    return seen
+
+
+def sshd_fix_file(configs: list[tuple[str, str]]) -> str:
+    """Where a global sshd setting goes: the Ringfence drop-in when the config includes it."""
+    main = configs[0][0]
+    for _, text in configs:
+        for pattern in checks.config_includes(text):
+            full = pattern if pattern.startswith("/") else f"{SSHD_CONFIG_DIR}/{pattern}"
+            if fnmatchcase(checks.SSHD_DROP_IN, full):
+                return checks.SSHD_DROP_IN
+    return f"{main}, before any Match block"
+
+
+def read_pam_files(main: str) -> dict[str, str | None]:
+    """The PAM file and every file it includes, by the name it is included as (None: not found)."""
+    files: dict[str, str | None] = {}
+    todo = [main]
+    while todo:
+        name = todo.pop()
+        if name in files:
+            continue
+        candidates = [name] if name == main or name.startswith("/") else [
+            f"{d}/{name}" for d in (str(Path(main).parent), *PAM_DIRS)]
+        files[name] = next((Path(c).read_text() for c in candidates if Path(c).is_file()), None)
+        todo.extend(checks.pam_includes(files[name] or ""))
+    return files
+
+
+def group_members() -> dict[str, list[str]]:
+    members = {g.gr_name: list(g.gr_mem) for g in grp.getgrall()}
+    names = {g.gr_gid: g.gr_name for g in grp.getgrall()}
+    for user in pwd.getpwall():
+        if user.pw_gid in names:
+            members[names[user.pw_gid]].append(user.pw_name)
+    return members
+
+
+def ca_file(path: str) -> checks.CaFile:
+    if not path or path == "none":
+        return checks.CaFile("")
+    try:
+        return checks.CaFile(path, checks.parse_public_keys(Path(path).read_text()))
+    except OSError as exc:
+        return checks.CaFile(path, None, exc.strerror or str(exc))
+
+
+def hook_file_stats(path: str) -> tuple[list[checks.FileStat], bool]:
+    """The program, what it links to, every directory above them and, for a script of ours, the whole
+    ringfence package it imports. False when the program does not exist."""
+    if not os.path.exists(path):
+        return [], False
+    real = Path(path).resolve()
+    paths = {real, *Path(path).parents, *real.parents}
+    if real.parent.name == "hooks" and real.parent.parent.name == "ringfence":
+        for root, dirs, files in os.walk(real.parent.parent):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            paths.update(Path(root, name) for name in [*dirs, *files])
+    stats = []
+    for p in sorted(paths):
+        st = os.stat(p)
+        stats.append(checks.FileStat(str(p), st.st_uid, st.st_gid, st.st_mode))
+    return stats, True
+
+
+def gather(args: argparse.Namespace) -> list[checks.Finding]:
+    sshd = args.sshd or shutil.which("sshd") or "/usr/sbin/sshd"
+    configs = read_sshd_configs(args.sshd_config or SSHD_CONFIG)
+    pam_file = args.pam_file or f"{PAM_DIRS[0]}/{os.path.basename(sshd)}"  # sshd's PAM service is its name
+    try:
+        force = re.compile(args.force_command) if args.force_command else checks.FORCE_COMMAND
+    except re.error as exc:
+        raise CliError(f'--force-command "{args.force_command}": not a regular expression: {exc}') from None
+    install = checks.Install(python=sys.executable, package=str(PACKAGE), sshd_fix_in=sshd_fix_file(configs),
+                             pam_file=pam_file, force_command=force)
+
+    base_settings = checks.parse_sshd_t(sshd_t(sshd, args.sshd_config))
+    findings = checks.sshd_findings(base_settings, install)
+    members = group_members()
+    for path, text in configs:
+        for block in checks.match_blocks(text, path):
+            spec = checks.probe_spec(block, members)
+            if spec is None:
+                if block.criteria:
+                    findings.append(checks.Finding(checks.OK, "sshd", "Match", "not probed (no user it applies "
+                                                   "to can be named)", where=f"{block.text} at {block.origin}"))
+                continue
+            probed = checks.sshd_findings(checks.parse_sshd_t(sshd_t(sshd, args.sshd_config, spec)), install)
+            findings.extend(checks.match_findings(findings, probed, block, spec))
+
+    cfg = load_config(args.config)
+    config_file = args.config or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH
+    ours = getattr(cfg.ssh_service, "trusted_user_ca_keys", "")  # the key arrives with issue 11's identity work
+    findings += checks.ca_findings(ca_file(checks.first(base_settings, "trustedusercakeys")), ca_file(ours),
+                                   config_file)
+
+    lines, problems = checks.flatten_pam(pam_file, read_pam_files(pam_file))
+    findings += checks.pam_findings(lines, problems, install)
+
+    for role, path in checks.hook_paths(checks.first(base_settings, "forcecommand"), lines):
+        stats, exists = hook_file_stats(path)
+        findings += checks.file_findings(role, path, stats, exists)
+    return findings
+
+
+def run(args: argparse.Namespace) -> int:
+    findings = gather(args)
+    holes = sum(f.status == checks.HOLE for f in findings)
+    warnings = sum(f.status == checks.WARN for f in findings)
+    if args.format == "json":
+        print(json.dumps({"holes": holes, "warnings": warnings,
+                          "findings": [dataclasses.asdict(f) for f in findings]}, indent=2))
+    else:
+        for finding in findings:
+            if finding.status != checks.OK or args.verbose:
+                print(finding.line())
+        if any(f.source == "sshd" and f.status != checks.OK for f in findings):
+            print(SSHD_FIRST_VALUE)
+        print(f"{holes} hole(s), {warnings} warning(s)" if holes or warnings else "no holes found")
+    return 1 if holes else 0
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("doctor", help="name every sshd and PAM setting that opens a hole, with its fix",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="Ringfence config file, for ssh_service.trusted_user_ca_keys "
+                                    "(default: /etc/ringfence.yaml when present)")
+    p.add_argument("--sshd", metavar="PATH", help="the sshd binary (default: sshd on PATH, else /usr/sbin/sshd)")
+    p.add_argument("--sshd-config", metavar="FILE", help=f"check this sshd config (sshd -f) instead of {SSHD_CONFIG}")
+    p.add_argument("--pam-file", metavar="FILE", help="check this PAM file instead of /etc/pam.d/<sshd's name>")
+    p.add_argument("--force-command", metavar="REGEX",
+                   help="what an acceptable ForceCommand looks like (default: the wrapper, "
+                        ".../ringfence/hooks/ssh_session.py, or `ringfence ssh-session`)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--verbose", "-v", action="store_true", help="also print the checks that passed")
+    p.set_defaults(func=run)
