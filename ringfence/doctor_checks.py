@@ -529,14 +529,29 @@ def _control_actions(control: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in control[1:-1].split() if "=" in item)
 
 
-def _skips(line: PamLine, index: int, target: int, target_line: PamLine) -> str | None:
-    """How `line` (at `index`) can make PAM skip the line at `target`, or None."""
-    if line.substack != target_line.substack[:len(line.substack)]:
+def _jump_end(stack: Sequence[PamLine], index: int, count: int) -> int:
+    """The index after the modules a jump of `count` from `index` skips: a jump stays in its substack, and
+    a substack counts as one module in the stack that holds it (pam.conf(5))."""
+    level = stack[index].substack
+    depth, j = len(level), index + 1
+    while count > 0 and j < len(stack) and stack[j].substack[:depth] == level:
+        unit = stack[j].substack[:depth + 1]  # this module, or the substack it starts
+        j += 1
+        while len(unit) > depth and j < len(stack) and stack[j].substack[:depth + 1] == unit:
+            j += 1
+        count -= 1
+    return j
+
+
+def _skips(stack: Sequence[PamLine], index: int, target: int) -> str | None:
+    """How the line at `index` can make PAM skip the line at `target`, or None."""
+    line = stack[index]
+    if line.substack != stack[target].substack[:len(line.substack)]:
         return None  # a substack's done and jumps end at the substack
     for value, action in _control_actions(line.control).items():
         if action == "done":
             return f"when it returns {value}, PAM stops the stack there"
-        if action.isdigit() and index + int(action) >= target:
+        if action.isdigit() and _jump_end(stack, index, int(action)) > target:
             return f"when it returns {value}, PAM jumps over the next {action} module(s)"
     return None
 
@@ -598,7 +613,7 @@ def _our_line(line: PamLine, install: Install) -> list[Finding]:
 def _before_ours(session: Sequence[PamLine], ours: int) -> list[Finding]:
     found = []
     for i, line in enumerate(session[:ours]):
-        how = _skips(line, i, ours, session[ours])
+        how = _skips(session, i, ours)
         if how:
             found.append(Finding(HOLE, "pam", "session line before ringfence's", line.text(),
                                  f"{how}, so Ringfence's line does not run and the login goes on outside any "
