@@ -239,7 +239,7 @@ def parse_public_keys(text: str) -> frozenset[tuple[str, str]]:
     return frozenset(keys)
 
 
-def ca_findings(sshd: CaFile, ours: CaFile, config_file: str) -> list[Finding]:
+def ca_findings(sshd: CaFile, ours: CaFile, config_file: str, install: Install) -> list[Finding]:
     """sshd's TrustedUserCAKeys against Ringfence's ssh_service.trusted_user_ca_keys.
 
     A cert-authority line in a user's own authorized_keys lets that user mint certificates with any key ID,
@@ -256,8 +256,8 @@ def ca_findings(sshd: CaFile, ours: CaFile, config_file: str) -> list[Finding]:
                         "no certificate authority is trusted: certificates reach sshd only through cert-authority "
                         "lines users write in their own authorized_keys, so Ringfence never takes a "
                         "certificate's key ID as the identity (logins are known by registered key or login name)",
-                        f"if your users log in with certificates, TrustedUserCAKeys FILE in {SSHD_DROP_IN} and "
-                        "ssh_service.trusted_user_ca_keys: FILE", config_file)]
+                        f"if your users log in with certificates, TrustedUserCAKeys FILE in {install.sshd_fix_in} "
+                        "and ssh_service.trusted_user_ca_keys: FILE", config_file)]
     if sshd.path and not ours.path:
         return [Finding(HOLE, "sshd", setting, value,
                         "sshd accepts certificates from these CAs but Ringfence trusts none, so certificate "
@@ -274,7 +274,7 @@ def ca_findings(sshd: CaFile, ours: CaFile, config_file: str) -> list[Finding]:
         return [Finding(WARN, "sshd", setting, value,
                         f"Ringfence trusts {len(extra)} CA key(s) sshd does not: certificates they sign reach "
                         "sshd only through cert-authority lines in a user's own authorized_keys",
-                        f"the same file for both (TrustedUserCAKeys {ours.path})", SSHD_DROP_IN)]
+                        f"the same file for both (TrustedUserCAKeys {ours.path})", install.sshd_fix_in)]
     return [Finding(OK, "sshd", setting, value)]
 
 
@@ -588,9 +588,9 @@ def _our_line(line: PamLine, install: Install) -> list[Finding]:
         found.append(Finding(OK, "pam", "ringfence line", text, where=where))
     elif OLD_PAM_HOOK_COMMAND.search(command):
         found.append(Finding(WARN, "pam", "ringfence line", text,
-                             "the older form runs the whole ringfence CLI as root with the PAM environment (an "
-                             "entry of the user's ~/.pam_environment, PYTHONPATH, would run the user's code as "
-                             "root); the hook script runs isolated", f"replace it with `{install.pam_line}`",
+                             "the older form runs the whole ringfence CLI as root with the PAM environment, which "
+                             "then decides what Python loads (PYTHONPATH) and where the enforcer is (RINGFENCE_*); "
+                             "the hook script runs isolated from it", f"replace it with `{install.pam_line}`",
                              install.pam_file, where))
     else:
         found.append(Finding(HOLE, "pam", "ringfence line", text,

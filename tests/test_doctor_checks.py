@@ -186,7 +186,7 @@ def ca(path: str, *lines: str) -> dc.CaFile:
     ],
 )
 def test_trusted_cas_of_sshd_and_ringfence_are_compared_by_key(sshd, ours, status, why):
-    (finding,) = dc.ca_findings(sshd, ours, "/etc/ringfence.yaml")
+    (finding,) = dc.ca_findings(sshd, ours, "/etc/ringfence.yaml", INSTALL)
     assert finding.status == status
     assert why in finding.why
 

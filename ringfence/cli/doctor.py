@@ -44,8 +44,9 @@ def sshd_t(sshd: str, config: str | None, spec: str | None = None) -> str:
     except OSError as exc:
         raise CliError(f"cannot run {sshd}: {exc.strerror}; name sshd with --sshd PATH", exit_code=2) from None
     if done.returncode != 0:
-        raise CliError(f"{' '.join(argv)} failed (exit {done.returncode}): {done.stderr.strip()} "
-                       "(run ringfence doctor as root; sshd -T reads the host keys)", exit_code=2)
+        hint = "" if os.geteuid() == 0 else " (run ringfence doctor as root: sshd -T reads the host keys)"
+        raise CliError(f"{' '.join(argv)} failed (exit {done.returncode}): {done.stderr.strip()}{hint}",
+                       exit_code=2)
     return done.stdout
 
 
@@ -70,14 +71,16 @@ def read_sshd_configs(path: str) -> list[tuple[str, str]]:
 
 
 def sshd_fix_file(configs: list[tuple[str, str]]) -> str:
-    """Where a global sshd setting goes: the Ringfence drop-in when the config includes it."""
-    main = configs[0][0]
-    for _, text in configs:
-        for pattern in checks.config_includes(text):
-            full = pattern if pattern.startswith("/") else f"{SSHD_CONFIG_DIR}/{pattern}"
-            if fnmatchcase(checks.SSHD_DROP_IN, full):
-                return checks.SSHD_DROP_IN
-    return f"{main}, before any Match block"
+    """Where a global sshd setting goes: Ringfence's drop-in when the config includes one."""
+    included = [path for path, _ in configs[1:]]
+    patterns = [p if p.startswith("/") else f"{SSHD_CONFIG_DIR}/{p}"
+                for _, text in configs for p in checks.config_includes(text)]
+    ours = [path for path in included if os.path.basename(path) == os.path.basename(checks.SSHD_DROP_IN)]
+    if ours:
+        return ours[0]
+    if any(fnmatchcase(checks.SSHD_DROP_IN, pattern) for pattern in patterns):
+        return checks.SSHD_DROP_IN
+    return f"{configs[0][0]}, before any Match block"
 
 
 def read_pam_files(main: str) -> dict[str, str | None]:
@@ -160,7 +163,7 @@ def gather(args: argparse.Namespace) -> list[checks.Finding]:
     config_file = args.config or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH
     ours = getattr(cfg.ssh_service, "trusted_user_ca_keys", "")  # the key arrives with issue 11's identity work
     findings += checks.ca_findings(ca_file(checks.first(base_settings, "trustedusercakeys")), ca_file(ours),
-                                   config_file)
+                                   config_file, install)
 
     lines, problems = checks.flatten_pam(pam_file, read_pam_files(pam_file))
     findings += checks.pam_findings(lines, problems, install)
