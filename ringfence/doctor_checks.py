@@ -161,18 +161,17 @@ def _force_command(settings: Mapping[str, list[str]], install: Install) -> Findi
     command = first(settings, "forcecommand", "none")
     if command != "none" and install.force_command.search(command):
         return Finding(OK, "sshd", "ForceCommand", command)
-    subsystems = ", ".join(v.split(None, 1)[0] for v in settings.get("subsystem", []))
-    also = f" (and the subsystems: {subsystems})" if subsystems else ""
+    program = command.split(None, 1)[0]
     if command == "none":
-        why = (f"shells, commands and subsystems{f' ({subsystems})' if subsystems else ''} run without "
-               "Ringfence's wrapper: no channel session, so "
-               "nothing is recorded and the session limits do not apply")
-    elif command.split(None, 1)[0] == "internal-sftp":
-        why = ("sftp runs inside sshd instead of through Ringfence's wrapper: no channel session, so nothing is "
-               "recorded and the session limits do not apply")
+        what = "shells, commands and subsystems run without Ringfence's wrapper"
+    elif program == "internal-sftp":
+        what = "sftp runs inside sshd instead of through Ringfence's wrapper"
     else:
-        why = (f"{command.split(None, 1)[0]} runs instead of Ringfence's wrapper{also}: no channel session, so "
-               "nothing is recorded and the session limits do not apply")
+        what = f"{program} runs instead of Ringfence's wrapper"
+    subsystems = ", ".join(v.split(None, 1)[0] for v in settings.get("subsystem", []))
+    if subsystems and program != "internal-sftp":
+        what += f" (subsystems too: {subsystems})"
+    why = f"{what}: no channel session, so nothing is recorded and the session limits do not apply"
     return Finding(HOLE, "sshd", "ForceCommand", command, why, f"ForceCommand {install.force_command_line}",
                    install.sshd_fix_in)
 
@@ -312,7 +311,7 @@ def match_blocks(text: str, path: str) -> list[MatchBlock]:
         if keyword == "match":
             words = shlex.split(args)
             pairs = zip(words[::2], [*words[1::2], ""], strict=False)
-            criteria = () if words[:1] in (["all"], ["All"]) else tuple((k.lower(), v) for k, v in pairs)
+            criteria = () if [w.lower() for w in words[:1]] == ["all"] else tuple((k.lower(), v) for k, v in pairs)
             blocks.append(MatchBlock(criteria, f"Match {args}", f"{path}:{number}"))
     return blocks
 
@@ -408,6 +407,10 @@ class PamLine:
     substack: tuple[str, ...] = ()  # the substacks it is in: their `done` and jumps stay inside
 
     @property
+    def file(self) -> str:
+        return self.origin.rsplit(":", 1)[0]
+
+    @property
     def module_name(self) -> str:
         return self.module.rsplit("/", 1)[-1]
 
@@ -445,7 +448,7 @@ def _pam_records(text: str) -> list[tuple[int, list[str]]]:
     for number, raw in enumerate(text.splitlines(), 1):
         if not pending:
             start = number
-        line = raw.split("#", 1)[0] if not raw.rstrip().endswith("\\") else raw
+        line = raw.split("#", 1)[0]
         if line.rstrip().endswith("\\"):
             pending += line.rstrip()[:-1] + " "
             continue
@@ -618,7 +621,7 @@ def _before_ours(session: Sequence[PamLine], ours: int) -> list[Finding]:
             found.append(Finding(HOLE, "pam", "session line before ringfence's", line.text(),
                                  f"{how}, so Ringfence's line does not run and the login goes on outside any "
                                  "session", "move Ringfence's line before it, or make it not skip (no "
-                                 "`sufficient`, `done` or jumps past Ringfence's line)", line.origin.rsplit(":", 1)[0],
+                                 "`sufficient`, `done` or jumps past Ringfence's line)", line.file,
                                  line.origin))
     return found
 
@@ -627,7 +630,7 @@ def _after_ours(session: Sequence[PamLine], ours: int) -> list[Finding]:
     return [Finding(HOLE, "pam", "session line after ringfence's", line.text(),
                     f"{line.module_name} runs after Ringfence's line and moves sshd into a cgroup of its own, out "
                     "of the Ringfence session: the login is not restricted",
-                    "move Ringfence's line after it (the last session line)", session[ours].origin.rsplit(":", 1)[0],
+                    "move Ringfence's line after it (the last session line)", session[ours].file,
                     line.origin)
             for line in session[ours + 1:] if line.module_name in CGROUP_MOVERS]
 
@@ -645,7 +648,7 @@ def _user_env(lines: Iterable[PamLine], session: Sequence[PamLine], ours: int) -
                     "~/.pam_environment into the PAM environment, which pam_exec hands to Ringfence's hook running "
                     "as root: LD_PRELOAD runs the user's code as root, and other entries (PYTHONPATH, "
                     "SSH_AUTH_INFO_0, RINGFENCE_*) reach the hook", "remove user_readenv=1 from that line",
-                    line.origin.rsplit(":", 1)[0], line.origin)
+                    line.file, line.origin)
             for line in reaching]
 
 

@@ -26,7 +26,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from .. import doctor_checks as checks
-from ..config import DEFAULT_CONFIG_PATH, ENV_CONFIG, load_config
+from ..config import DEFAULT_CONFIG_PATH, ENV_CONFIG, ConfigError, load_config
 from .client import CliError
 
 SSHD_CONFIG = "/etc/ssh/sshd_config"
@@ -50,19 +50,22 @@ def sshd_t(sshd: str, config: str | None, spec: str | None = None) -> str:
     return done.stdout
 
 
+def include_pattern(pattern: str) -> str:
+    return pattern if pattern.startswith("/") else f"{SSHD_CONFIG_DIR}/{pattern}"
+
+
 def read_sshd_configs(path: str) -> list[tuple[str, str]]:
     """(path, text) of the config and every file it Includes, in sshd's order."""
     seen: list[tuple[str, str]] = []
 
     def read(file: str, depth: int) -> None:
         try:
-            text = Path(file).read_text()
+            text = Path(file).read_text(errors="replace")
         except OSError as exc:
             raise CliError(f"cannot read {file}: {exc.strerror}", exit_code=2) from None
         seen.append((file, text))
         for pattern in checks.config_includes(text):
-            full = pattern if pattern.startswith("/") else f"{SSHD_CONFIG_DIR}/{pattern}"
-            for included in sorted(glob.glob(full)):
+            for included in sorted(glob.glob(include_pattern(pattern))):
                 if depth < 16:
                     read(included, depth + 1)
 
@@ -73,8 +76,7 @@ def read_sshd_configs(path: str) -> list[tuple[str, str]]:
 def sshd_fix_file(configs: list[tuple[str, str]]) -> str:
     """Where a global sshd setting goes: Ringfence's drop-in when the config includes one."""
     included = [path for path, _ in configs[1:]]
-    patterns = [p if p.startswith("/") else f"{SSHD_CONFIG_DIR}/{p}"
-                for _, text in configs for p in checks.config_includes(text)]
+    patterns = [include_pattern(p) for _, text in configs for p in checks.config_includes(text)]
     ours = [path for path in included if os.path.basename(path) == os.path.basename(checks.SSHD_DROP_IN)]
     if ours:
         return ours[0]
@@ -93,14 +95,15 @@ def read_pam_files(main: str) -> dict[str, str | None]:
             continue
         candidates = [name] if name == main or name.startswith("/") else [
             f"{d}/{name}" for d in (str(Path(main).parent), *PAM_DIRS)]
-        files[name] = next((Path(c).read_text() for c in candidates if Path(c).is_file()), None)
+        files[name] = next((Path(c).read_text(errors="replace") for c in candidates if Path(c).is_file()), None)
         todo.extend(checks.pam_includes(files[name] or ""))
     return files
 
 
 def group_members() -> dict[str, list[str]]:
-    members = {g.gr_name: list(g.gr_mem) for g in grp.getgrall()}
-    names = {g.gr_gid: g.gr_name for g in grp.getgrall()}
+    groups = grp.getgrall()
+    members = {g.gr_name: list(g.gr_mem) for g in groups}
+    names = {g.gr_gid: g.gr_name for g in groups}
     for user in pwd.getpwall():
         if user.pw_gid in names:
             members[names[user.pw_gid]].append(user.pw_name)
@@ -141,7 +144,8 @@ def gather(args: argparse.Namespace) -> list[checks.Finding]:
     try:
         force = re.compile(args.force_command) if args.force_command else checks.FORCE_COMMAND
     except re.error as exc:
-        raise CliError(f'--force-command "{args.force_command}": not a regular expression: {exc}') from None
+        raise CliError(f'--force-command "{args.force_command}": not a regular expression: {exc}',
+                       exit_code=2) from None
     install = checks.Install(python=sys.executable, package=str(PACKAGE), sshd_fix_in=sshd_fix_file(configs),
                              pam_file=pam_file, force_command=force)
 
@@ -159,7 +163,10 @@ def gather(args: argparse.Namespace) -> list[checks.Finding]:
             probed = checks.sshd_findings(checks.parse_sshd_t(sshd_t(sshd, args.sshd_config, spec)), install)
             findings.extend(checks.match_findings(findings, probed, block, spec))
 
-    cfg = load_config(args.config)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc), exit_code=2) from None
     config_file = args.config or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH
     ours = getattr(cfg.ssh_service, "trusted_user_ca_keys", "")  # the key arrives with issue 11's identity work
     findings += checks.ca_findings(ca_file(checks.first(base_settings, "trustedusercakeys")), ca_file(ours),
