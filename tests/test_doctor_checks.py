@@ -1,12 +1,18 @@
-"""`ringfence doctor`'s checks (ringfence/doctor_checks.py): sshd -T output and PAM stacks in, holes out."""
+"""`ringfence doctor`'s checks (ringfence/doctor/): sshd -T output and PAM stacks in, holes out."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from ringfence import doctor_checks as dc
+from ringfence.doctor.findings import HOLE, OK, SSHD_DROP_IN, Finding, Install
+from ringfence.doctor.hook_files import FileStat, file_findings, hook_paths, writable_by_others
+from ringfence.doctor.pam_stack import flatten_pam, pam_findings, pam_includes
+from ringfence.doctor.sshd_match import config_includes, match_blocks, match_findings, probe_spec
+from ringfence.doctor.sshd_settings import CaFile, ca_findings, parse_public_keys, parse_sshd_t, sshd_findings
 
-INSTALL = dc.Install(python="/opt/rf/.venv/bin/python3", package="/opt/rf/ringfence")
+INSTALL = Install(python="/opt/rf/.venv/bin/python3", package="/opt/rf/ringfence")
 WRAPPER = "/opt/rf/.venv/bin/python3 -I -S /opt/rf/ringfence/hooks/ssh_session.py"
 HOOK = "/opt/rf/.venv/bin/python3 -I -S /opt/rf/ringfence/hooks/pam_hook.py"
 OUR_LINE = f"session required pam_exec.so quiet stdout {HOOK}"
@@ -25,12 +31,12 @@ def sshd_t(**changes: str) -> str:
     return "".join(f"{k} {v}\n" for k, v in settings.items() if v is not None)
 
 
-def not_ok(findings: list[dc.Finding]) -> list[tuple[str, str, str]]:
-    return [(f.status, f.setting, f.value) for f in findings if f.status != dc.OK]
+def not_ok(findings: list[Finding]) -> list[tuple[str, str, str]]:
+    return [(f.status, f.setting, f.value) for f in findings if f.status != OK]
 
 
 def test_a_host_set_up_as_the_readme_says_has_no_holes():
-    findings = dc.sshd_findings(dc.parse_sshd_t(sshd_t()), INSTALL)
+    findings = sshd_findings(parse_sshd_t(sshd_t()), INSTALL)
     assert not_ok(findings) == []
     assert {f.setting for f in findings} >= {"UsePAM", "ExposeAuthInfo", "ForceCommand", "Subsystem"}
 
@@ -78,30 +84,30 @@ def test_a_host_set_up_as_the_readme_says_has_no_holes():
     ],
 )
 def test_each_sshd_setting_that_opens_a_hole_is_named_with_its_fix(changes, expected, why):
-    findings = dc.sshd_findings(dc.parse_sshd_t(sshd_t(**changes)), INSTALL)
+    findings = sshd_findings(parse_sshd_t(sshd_t(**changes)), INSTALL)
     assert not_ok(findings) == expected
     for finding in findings:
-        if finding.status != dc.OK:
+        if finding.status != OK:
             assert why in finding.why
-            assert finding.fix and finding.fix_in == dc.SSHD_DROP_IN
+            assert finding.fix and finding.fix_in == SSHD_DROP_IN
 
 
 def test_the_forcecommand_fix_names_the_installed_wrapper_and_another_form_can_be_expected():
-    (hole,) = [f for f in dc.sshd_findings(dc.parse_sshd_t(sshd_t(forcecommand="none")), INSTALL)
-               if f.status != dc.OK]
+    (hole,) = [f for f in sshd_findings(parse_sshd_t(sshd_t(forcecommand="none")), INSTALL)
+               if f.status != OK]
     assert hole.fix == f"ForceCommand {WRAPPER}"
-    custom = dc.Install(force_command=dc.re.compile(r"^/usr/sbin/our-wrapper$"))
-    settings = dc.parse_sshd_t(sshd_t(forcecommand="/usr/sbin/our-wrapper"))
-    assert not_ok(dc.sshd_findings(settings, custom)) == []
-    assert not_ok(dc.sshd_findings(dc.parse_sshd_t(sshd_t()), custom)) == [("HOLE", "ForceCommand", WRAPPER)]
+    custom = Install(force_command=re.compile(r"^/usr/sbin/our-wrapper$"))
+    settings = parse_sshd_t(sshd_t(forcecommand="/usr/sbin/our-wrapper"))
+    assert not_ok(sshd_findings(settings, custom)) == []
+    assert not_ok(sshd_findings(parse_sshd_t(sshd_t()), custom)) == [("HOLE", "ForceCommand", WRAPPER)]
 
 
 def test_a_finding_prints_as_one_line_with_its_fix():
-    finding = dc.Finding(dc.HOLE, "sshd", "AllowStreamLocalForwarding", "yes", "a client can open it",
-                         "AllowStreamLocalForwarding no", dc.SSHD_DROP_IN)
+    finding = Finding(HOLE, "sshd", "AllowStreamLocalForwarding", "yes", "a client can open it",
+                         "AllowStreamLocalForwarding no", SSHD_DROP_IN)
     assert finding.line() == ("HOLE  sshd AllowStreamLocalForwarding yes: a client can open it. Fix: "
                               "AllowStreamLocalForwarding no in /etc/ssh/sshd_config.d/ringfence.conf")
-    assert dc.Finding(dc.OK, "sshd", "UsePAM", "yes").line() == "ok    sshd UsePAM yes"
+    assert Finding(OK, "sshd", "UsePAM", "yes").line() == "ok    sshd UsePAM yes"
 
 
 # ------------------------------------------------------------------ Match blocks
@@ -125,12 +131,12 @@ Match=User dave
 
 
 def test_match_blocks_are_read_with_where_they_are():
-    blocks = dc.match_blocks(CONFIG, "/etc/ssh/sshd_config")
+    blocks = match_blocks(CONFIG, "/etc/ssh/sshd_config")
     assert [b.origin for b in blocks][:2] == ["/etc/ssh/sshd_config:4", "/etc/ssh/sshd_config:6"]
     assert blocks[0].text == "Match User alice,b*"
     assert blocks[0].criteria == (("user", "alice,b*"),)
     assert blocks[-2].criteria == ()
-    assert dc.config_includes(CONFIG) == ["/etc/ssh/sshd_config.d/*.conf"]
+    assert config_includes(CONFIG) == ["/etc/ssh/sshd_config.d/*.conf"]
 
 
 @pytest.mark.parametrize(
@@ -149,16 +155,16 @@ def test_match_blocks_are_read_with_where_they_are():
     ],
 )
 def test_a_probe_is_a_connection_the_match_block_applies_to(index, spec):
-    block = dc.match_blocks(CONFIG, "sshd_config")[index]
-    assert dc.probe_spec(block, {"sftponly": ["frank", "erin"], "nobodyhere": []}) == spec
+    block = match_blocks(CONFIG, "sshd_config")[index]
+    assert probe_spec(block, {"sftponly": ["frank", "erin"], "nobodyhere": []}) == spec
 
 
 def test_a_match_block_reports_only_what_it_adds():
-    base = dc.sshd_findings(dc.parse_sshd_t(sshd_t(x11forwarding="yes")), INSTALL)
-    probed = dc.sshd_findings(dc.parse_sshd_t(sshd_t(x11forwarding="yes", forcecommand="internal-sftp")), INSTALL)
-    block = dc.match_blocks(CONFIG, "/etc/ssh/sshd_config")[0]
+    base = sshd_findings(parse_sshd_t(sshd_t(x11forwarding="yes")), INSTALL)
+    probed = sshd_findings(parse_sshd_t(sshd_t(x11forwarding="yes", forcecommand="internal-sftp")), INSTALL)
+    block = match_blocks(CONFIG, "/etc/ssh/sshd_config")[0]
     spec = "user=alice,host=doctor.invalid,addr=192.0.2.1"
-    (added,) = dc.match_findings(base, probed, block, spec)
+    (added,) = match_findings(base, probed, block, spec)
     assert (added.status, added.setting, added.value) == ("HOLE", "ForceCommand", "internal-sftp")
     assert added.where == f"Match User alice,b* at /etc/ssh/sshd_config:4, probed with -C {spec}"
     assert added.fix_in == "that Match block"
@@ -170,8 +176,8 @@ CA1 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIone ca-one"
 CA2 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAItwo ca-two"
 
 
-def ca(path: str, *lines: str) -> dc.CaFile:
-    return dc.CaFile(path, dc.parse_public_keys("# CAs\n\n" + "\n".join(lines))) if path else dc.CaFile("")
+def ca(path: str, *lines: str) -> CaFile:
+    return CaFile(path, parse_public_keys("# CAs\n\n" + "\n".join(lines))) if path else CaFile("")
 
 
 @pytest.mark.parametrize(
@@ -183,11 +189,11 @@ def ca(path: str, *lines: str) -> dc.CaFile:
         (ca("/etc/ssh/ca.pub", CA1), ca("/etc/rf/ca.pub", CA1, CA2), "WARN", "Ringfence trusts 1 CA key(s)"),
         (ca(""), ca("/etc/rf/ca.pub", CA1), "WARN", "Ringfence trusts 1 CA key(s)"),
         (ca("/etc/ssh/ca.pub", CA1, CA2), ca("/etc/ssh/ca.pub", CA2 + " other comment", CA1), "ok", ""),
-        (dc.CaFile("/etc/ssh/ca.pub", None, "Permission denied"), ca(""), "HOLE", "Permission denied"),
+        (CaFile("/etc/ssh/ca.pub", None, "Permission denied"), ca(""), "HOLE", "Permission denied"),
     ],
 )
 def test_trusted_cas_of_sshd_and_ringfence_are_compared_by_key(sshd, ours, status, why):
-    (finding,) = dc.ca_findings(sshd, ours, "/etc/ringfence.yaml", INSTALL)
+    (finding,) = ca_findings(sshd, ours, "/etc/ringfence.yaml", INSTALL)
     assert finding.status == status
     assert why in finding.why
 
@@ -226,9 +232,9 @@ session [success=ok ignore=ignore module_unknown=ignore default=bad]        pam_
 SSHD_FIXED = SSHD_STOCK.replace("user_readenv=1 ", "")
 
 
-def pam(sshd: str, **files: str) -> list[dc.Finding]:
-    lines, problems = dc.flatten_pam("/etc/pam.d/sshd", {**STOCK, **files, "/etc/pam.d/sshd": sshd})
-    return dc.pam_findings(lines, problems, INSTALL)
+def pam(sshd: str, **files: str) -> list[Finding]:
+    lines, problems = flatten_pam("/etc/pam.d/sshd", {**STOCK, **files, "/etc/pam.d/sshd": sshd})
+    return pam_findings(lines, problems, INSTALL)
 
 
 @pytest.mark.parametrize(
@@ -292,11 +298,11 @@ def test_each_pam_setting_that_opens_a_hole_is_named(sshd, files, expected):
 
 
 def test_pam_findings_say_where_the_line_is_and_how_to_fix_it():
-    (hole,) = [f for f in pam(SSHD_STOCK + OUR_LINE) if f.status != dc.OK]
+    (hole,) = [f for f in pam(SSHD_STOCK + OUR_LINE) if f.status != OK]
     assert hole.where == "/etc/pam.d/sshd:13"
     assert "~/.pam_environment" in hole.why and "LD_PRELOAD" in hole.why
     assert hole.fix == "remove user_readenv=1 from that line" and hole.fix_in == "/etc/pam.d/sshd"
-    (missing,) = [f for f in pam(SSHD_FIXED) if f.status != dc.OK]
+    (missing,) = [f for f in pam(SSHD_FIXED) if f.status != OK]
     assert missing.fix == f"append `{INSTALL.pam_line}` at the end of /etc/pam.d/sshd"
     assert INSTALL.pam_line == OUR_LINE
 
@@ -305,7 +311,7 @@ def test_pam_lines_with_brackets_continuations_and_comments_are_read_as_pam_does
     text = ("session [success=ok default=bad] pam_exec.so quiet stdout [/opt/x y/ringfence] # comment\n"
             "session required \\\n  pam_limits.so conf=/etc/limits\n# session required pam_env.so\n"
             "-session optional pam_systemd.so\n@include other\n")
-    lines, problems = dc.flatten_pam("f", {"f": text, "other": "auth required pam_deny.so\n"})
+    lines, problems = flatten_pam("f", {"f": text, "other": "auth required pam_deny.so\n"})
     assert problems == []
     assert [(x.kind, x.control, x.module_name, x.args, x.origin) for x in lines] == [
         ("session", "[success=ok default=bad]", "pam_exec.so", ("quiet", "stdout", "[/opt/x y/ringfence]"), "f:1"),
@@ -313,12 +319,12 @@ def test_pam_lines_with_brackets_continuations_and_comments_are_read_as_pam_does
         ("session", "optional", "pam_systemd.so", (), "f:5"),
         ("auth", "required", "pam_deny.so", (), "other:1"),
     ]
-    assert dc.pam_includes(text + "session include common-session\nauth substack x\n") == [
+    assert pam_includes(text + "session include common-session\nauth substack x\n") == [
         "other", "common-session", "x"]
 
 
 def test_an_include_loop_stops():
-    lines, problems = dc.flatten_pam("a", {"a": "@include b\n", "b": "@include a\n"})
+    lines, problems = flatten_pam("a", {"a": "@include b\n", "b": "@include a\n"})
     assert lines == [] and problems == ["b: included more than 16 deep"]
 
 
@@ -338,21 +344,21 @@ def test_an_include_loop_stops():
     ],
 )
 def test_hook_files_must_be_roots_alone(uid, gid, mode, why):
-    assert dc.writable_by_others(dc.FileStat("/p", uid, gid, mode)) == why
+    assert writable_by_others(FileStat("/p", uid, gid, mode)) == why
 
 
 def test_the_files_each_hook_runs_are_named():
-    lines, _ = dc.flatten_pam("f", {"f": f"{OUR_LINE} --socket /run/rf.sock\nsession required pam_exec.so "
+    lines, _ = flatten_pam("f", {"f": f"{OUR_LINE} --socket /run/rf.sock\nsession required pam_exec.so "
                                          "/usr/local/bin/ringfence pam-hook --data-dir /srv/rf\n"})
-    assert dc.hook_paths(WRAPPER, lines) == [
+    assert hook_paths(WRAPPER, lines) == [
         ("PAM hook (runs as root)", "/opt/rf/.venv/bin/python3"),
         ("PAM hook (runs as root)", "/opt/rf/ringfence/hooks/pam_hook.py"),
         ("PAM hook (runs as root)", "/usr/local/bin/ringfence"),
         ("ForceCommand wrapper (runs as each user)", "/opt/rf/.venv/bin/python3"),
         ("ForceCommand wrapper (runs as each user)", "/opt/rf/ringfence/hooks/ssh_session.py"),
     ]
-    writable = dc.FileStat("/opt/rf/ringfence/runtime", 1000, 1000, 0o40755)
-    (hole,) = dc.file_findings("PAM hook (runs as root)", "/opt/rf/ringfence/hooks/pam_hook.py", [writable])
+    writable = FileStat("/opt/rf/ringfence/runtime", 1000, 1000, 0o40755)
+    (hole,) = file_findings("PAM hook (runs as root)", "/opt/rf/ringfence/hooks/pam_hook.py", [writable])
     assert (hole.status, hole.value) == ("HOLE", "/opt/rf/ringfence/runtime")
-    (gone,) = dc.file_findings("PAM hook (runs as root)", "/nope", [], exists=False)
+    (gone,) = file_findings("PAM hook (runs as root)", "/nope", [], exists=False)
     assert gone.status == "WARN" and "every login fails" in gone.why

@@ -6,7 +6,7 @@ PAM stack (/etc/pam.d/<sshd's name>, includes followed) and the files the hooks 
 and prints each hole with its fix. Run it as root (sshd -T reads the host keys).
 
 Exit status: 0 no hole found, 1 a hole found, 2 the configuration could not be read.
-The checks themselves are ringfence/doctor_checks.py.
+The checks themselves are ringfence/doctor/.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import sys
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from .. import doctor_checks as checks
 from ..config import DEFAULT_CONFIG_PATH, ENV_CONFIG, ConfigError, load_config
+from ..doctor import hook_files, pam_stack, sshd_match, sshd_settings
+from ..doctor.findings import FORCE_COMMAND, HOLE, OK, SSHD_DROP_IN, WARN, Finding, Install
 from .client import CliError
 
 SSHD_CONFIG = "/etc/ssh/sshd_config"
@@ -64,7 +65,7 @@ def read_sshd_configs(path: str) -> list[tuple[str, str]]:
         except OSError as exc:
             raise CliError(f"cannot read {file}: {exc.strerror}", exit_code=2) from None
         seen.append((file, text))
-        for pattern in checks.config_includes(text):
+        for pattern in sshd_match.config_includes(text):
             for included in sorted(glob.glob(include_pattern(pattern))):
                 if depth < 16:
                     read(included, depth + 1)
@@ -76,12 +77,12 @@ def read_sshd_configs(path: str) -> list[tuple[str, str]]:
 def sshd_fix_file(configs: list[tuple[str, str]]) -> str:
     """Where a global sshd setting goes: Ringfence's drop-in when the config includes one."""
     included = [path for path, _ in configs[1:]]
-    patterns = [include_pattern(p) for _, text in configs for p in checks.config_includes(text)]
-    ours = [path for path in included if os.path.basename(path) == os.path.basename(checks.SSHD_DROP_IN)]
+    patterns = [include_pattern(p) for _, text in configs for p in sshd_match.config_includes(text)]
+    ours = [path for path in included if os.path.basename(path) == os.path.basename(SSHD_DROP_IN)]
     if ours:
         return ours[0]
-    if any(fnmatchcase(checks.SSHD_DROP_IN, pattern) for pattern in patterns):
-        return checks.SSHD_DROP_IN
+    if any(fnmatchcase(SSHD_DROP_IN, pattern) for pattern in patterns):
+        return SSHD_DROP_IN
     return f"{configs[0][0]}, before any Match block"
 
 
@@ -96,7 +97,7 @@ def read_pam_files(main: str) -> dict[str, str | None]:
         candidates = [name] if name == main or name.startswith("/") else [
             f"{d}/{name}" for d in (str(Path(main).parent), *PAM_DIRS)]
         files[name] = next((Path(c).read_text(errors="replace") for c in candidates if Path(c).is_file()), None)
-        todo.extend(checks.pam_includes(files[name] or ""))
+        todo.extend(pam_stack.pam_includes(files[name] or ""))
     return files
 
 
@@ -110,16 +111,16 @@ def group_members() -> dict[str, list[str]]:
     return members
 
 
-def ca_file(path: str) -> checks.CaFile:
+def ca_file(path: str) -> sshd_settings.CaFile:
     if not path or path == "none":
-        return checks.CaFile("")
+        return sshd_settings.CaFile("")
     try:
-        return checks.CaFile(path, checks.parse_public_keys(Path(path).read_text()))
+        return sshd_settings.CaFile(path, sshd_settings.parse_public_keys(Path(path).read_text()))
     except OSError as exc:
-        return checks.CaFile(path, None, exc.strerror or str(exc))
+        return sshd_settings.CaFile(path, None, exc.strerror or str(exc))
 
 
-def hook_file_stats(path: str) -> tuple[list[checks.FileStat], bool]:
+def hook_file_stats(path: str) -> tuple[list[hook_files.FileStat], bool]:
     """The program, what it links to, every directory above them and, for a script of ours, the whole
     ringfence package it imports. False when the program does not exist."""
     if not os.path.exists(path):
@@ -133,35 +134,36 @@ def hook_file_stats(path: str) -> tuple[list[checks.FileStat], bool]:
     stats = []
     for p in sorted(paths):
         st = os.stat(p)
-        stats.append(checks.FileStat(str(p), st.st_uid, st.st_gid, st.st_mode))
+        stats.append(hook_files.FileStat(str(p), st.st_uid, st.st_gid, st.st_mode))
     return stats, True
 
 
-def gather(args: argparse.Namespace) -> list[checks.Finding]:
+def gather(args: argparse.Namespace) -> list[Finding]:
     sshd = args.sshd or shutil.which("sshd") or "/usr/sbin/sshd"
     configs = read_sshd_configs(args.sshd_config or SSHD_CONFIG)
     pam_file = args.pam_file or f"{PAM_DIRS[0]}/{os.path.basename(sshd)}"  # sshd's PAM service is its name
     try:
-        force = re.compile(args.force_command) if args.force_command else checks.FORCE_COMMAND
+        force = re.compile(args.force_command) if args.force_command else FORCE_COMMAND
     except re.error as exc:
         raise CliError(f'--force-command "{args.force_command}": not a regular expression: {exc}',
                        exit_code=2) from None
-    install = checks.Install(python=sys.executable, package=str(PACKAGE), sshd_fix_in=sshd_fix_file(configs),
+    install = Install(python=sys.executable, package=str(PACKAGE), sshd_fix_in=sshd_fix_file(configs),
                              pam_file=pam_file, force_command=force)
 
-    base_settings = checks.parse_sshd_t(sshd_t(sshd, args.sshd_config))
-    findings = checks.sshd_findings(base_settings, install)
+    base_settings = sshd_settings.parse_sshd_t(sshd_t(sshd, args.sshd_config))
+    findings = sshd_settings.sshd_findings(base_settings, install)
     members = group_members()
     for path, text in configs:
-        for block in checks.match_blocks(text, path):
-            spec = checks.probe_spec(block, members)
+        for block in sshd_match.match_blocks(text, path):
+            spec = sshd_match.probe_spec(block, members)
             if spec is None:
                 if block.criteria:
-                    findings.append(checks.Finding(checks.OK, "sshd", "Match", "not probed (no user it applies "
+                    findings.append(Finding(OK, "sshd", "Match", "not probed (no user it applies "
                                                    "to can be named)", where=f"{block.text} at {block.origin}"))
                 continue
-            probed = checks.sshd_findings(checks.parse_sshd_t(sshd_t(sshd, args.sshd_config, spec)), install)
-            findings.extend(checks.match_findings(findings, probed, block, spec))
+            probed_settings = sshd_settings.parse_sshd_t(sshd_t(sshd, args.sshd_config, spec))
+            probed = sshd_settings.sshd_findings(probed_settings, install)
+            findings.extend(sshd_match.match_findings(findings, probed, block, spec))
 
     try:
         cfg = load_config(args.config)
@@ -169,30 +171,30 @@ def gather(args: argparse.Namespace) -> list[checks.Finding]:
         raise CliError(str(exc), exit_code=2) from None
     config_file = args.config or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH
     ours = getattr(cfg.ssh_service, "trusted_user_ca_keys", "")  # the key arrives with issue 11's identity work
-    findings += checks.ca_findings(ca_file(checks.first(base_settings, "trustedusercakeys")), ca_file(ours),
-                                   config_file, install)
+    sshd_cas = ca_file(sshd_settings.first(base_settings, "trustedusercakeys"))
+    findings += sshd_settings.ca_findings(sshd_cas, ca_file(ours), config_file, install)
 
-    lines, problems = checks.flatten_pam(pam_file, read_pam_files(pam_file))
-    findings += checks.pam_findings(lines, problems, install)
+    lines, problems = pam_stack.flatten_pam(pam_file, read_pam_files(pam_file))
+    findings += pam_stack.pam_findings(lines, problems, install)
 
-    for role, path in checks.hook_paths(checks.first(base_settings, "forcecommand"), lines):
+    for role, path in hook_files.hook_paths(sshd_settings.first(base_settings, "forcecommand"), lines):
         stats, exists = hook_file_stats(path)
-        findings += checks.file_findings(role, path, stats, exists)
+        findings += hook_files.file_findings(role, path, stats, exists)
     return findings
 
 
 def run(args: argparse.Namespace) -> int:
     findings = gather(args)
-    holes = sum(f.status == checks.HOLE for f in findings)
-    warnings = sum(f.status == checks.WARN for f in findings)
+    holes = sum(f.status == HOLE for f in findings)
+    warnings = sum(f.status == WARN for f in findings)
     if args.format == "json":
         print(json.dumps({"holes": holes, "warnings": warnings,
                           "findings": [dataclasses.asdict(f) for f in findings]}, indent=2))
     else:
         for finding in findings:
-            if finding.status != checks.OK or args.verbose:
+            if finding.status != OK or args.verbose:
                 print(finding.line())
-        if any(f.source == "sshd" and f.status != checks.OK for f in findings):
+        if any(f.source == "sshd" and f.status != OK for f in findings):
             print(SSHD_FIRST_VALUE)
         print(f"{holes} hole(s), {warnings} warning(s)" if holes or warnings else "no holes found")
     return 1 if holes else 0
