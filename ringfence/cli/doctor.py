@@ -128,8 +128,7 @@ def hook_file_stats(path: str) -> tuple[list[hook_files.FileStat], bool]:
     real = Path(path).resolve()
     paths = {real, *Path(path).parents, *real.parents}
     if real.parent.name == "hooks" and real.parent.parent.name == "ringfence":
-        for root, dirs, files in os.walk(real.parent.parent):
-            dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for root, dirs, files in os.walk(real.parent.parent):  # __pycache__ too: Python loads what is there
             paths.update(Path(root, name) for name in [*dirs, *files])
     stats = []
     for p in sorted(paths):
