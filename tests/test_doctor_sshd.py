@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -40,11 +41,11 @@ session required pam_exec.so quiet stdout {sys.executable} -I -S {PACKAGE}/hooks
 """
 
 
-def doctor(tmp_path: Path, sshd_config: str, *extra: str) -> subprocess.CompletedProcess:
+def doctor(tmp_path: Path, sshd_config: str, *extra: str, pam_text: str = PAM) -> subprocess.CompletedProcess:
     config = tmp_path / "sshd_config"
     config.write_text(f"HostKey {tmp_path / 'hostkey'}\n{sshd_config}")
     pam = tmp_path / "pam-sshd"
-    pam.write_text(PAM)
+    pam.write_text(pam_text)
     ringfence_yaml = tmp_path / "ringfence.yaml"
     ringfence_yaml.write_text("")
     return subprocess.run([RINGFENCE, "doctor", "--sshd", SSHD, "--sshd-config", str(config), "--pam-file", str(pam),
@@ -90,3 +91,22 @@ def test_a_config_sshd_rejects_is_an_error_naming_it(tmp_path):
     done = doctor(tmp_path, GOOD + "AllowStreamLocalFrowarding no\n")
     assert done.returncode == 2
     assert "AllowStreamLocalFrowarding" in done.stderr and done.stdout == ""
+
+
+def test_a_file_of_the_root_hook_that_another_user_can_change_is_a_hole(tmp_path):
+    keygen(tmp_path / "hostkey")
+    package = tmp_path / "install" / "ringfence"
+    (package / "hooks").mkdir(parents=True)
+    (package / "hooks" / "pam_hook.py").write_text("")
+    planted = package / "hooks" / "__pycache__"
+    planted.mkdir()
+    tmp_path.chmod(0o755)
+    pam_text = PAM.replace(str(PACKAGE), str(package))
+    assert doctor(tmp_path, GOOD, "--format", "json", pam_text=pam_text).returncode == 0
+
+    os.chown(planted, 65534, 65534)  # nobody could plant a .pyc the root hook loads
+    found = doctor(tmp_path, GOOD, "--format", "json", pam_text=pam_text)
+    assert found.returncode == 1
+    assert [(f["setting"], f["value"], f["why"]) for f in json.loads(found.stdout)["findings"]
+            if f["status"] == "HOLE"] == [
+        ("PAM hook (runs as root)", str(planted), "owned by uid 65534: whoever can change it runs code in the hook")]
