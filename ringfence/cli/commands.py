@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import bootstrap, events, locks, resources, run, session_control, sessions, ssh_hooks, status, up, users
+from . import bootstrap, doctor, events, locks, resources, run, session_control, sessions, ssh_hooks, status, up, users
 
 _ = session_control  # registers `sessions join` and `sessions kill` with the sessions group
 
@@ -17,4 +17,5 @@ REGISTRY = [
     locks.register,  # lock, unlock
     ssh_hooks.register,  # hooks: the sshd and PAM lines (OpenSSH integration)
     users.register,  # users add|ls|rm
+    doctor.register,  # doctor (sshd and PAM settings that open a hole)
 ]
