@@ -13,6 +13,11 @@ and gets back the file operations those bytes finished, as plain dicts whose key
 the fields of ringfence.contract.events.SFTP (the relay adds the session's own). Nothing
 here raises on any input: the relay keeps relaying whatever this module makes of it.
 
+Feed a client chunk before forwarding it. When that makes `"client" in auditor.stopped`,
+the chunk holds what sftp-server cannot be trusted to read as we did (a request whose
+fields run past its length: sftp-server reads them on into the next bytes, acts, then
+exits), so a relay that ends the session there instead of forwarding leaves no gap.
+
 Which operations are events follows the original (Teleport lib/sshutils/sftp ParseSFTPEvent
 and lib/events/codes.go SFTPOpenCode..SFTPLinkCode): open (TS001), setstat (TS007, lsetstat
 too), a directory listing (TS010, at opendir), remove (TS011), mkdir (TS012), rmdir (TS013),
@@ -207,6 +212,9 @@ _PATH_ACTIONS = {REMOVE: ACTION_REMOVE, RMDIR: ACTION_RMDIR}
 _TWO_PATH_ACTIONS = {RENAME: ACTION_RENAME, SYMLINK: ACTION_SYMLINK, b"posix-rename@openssh.com": ACTION_RENAME,
                      b"hardlink@openssh.com": ACTION_LINK}
 _READ_ONLY = frozenset({LSTAT, FSTAT, READDIR, REALPATH, STAT, READLINK})
+_REQUEST_NAMES = dict(zip(range(OPEN, SYMLINK + 1), (
+    "open", "close", "read", "write", "lstat", "fstat", "setstat", "fsetstat", "opendir", "readdir", "remove",
+    "mkdir", "rmdir", "realpath", "stat", "rename", "readlink", "symlink"), strict=True)) | {EXTENDED: "extended"}
 
 
 class SftpAuditor:
@@ -277,6 +285,7 @@ class SftpAuditor:
             pending, self._pending, self._n_pending = self._pending, {}, 0
             for entries in pending.values():
                 for entry in entries:
+                    self._state_bytes -= entry[3]
                     self._unanswered(entry)
 
     def _take(self) -> list[dict]:
@@ -295,8 +304,9 @@ class SftpAuditor:
         except _Short:
             # sftp-server reads such a field on into the next packet, acts on it, then exits:
             # we cannot know what it did, so the trail says so and stops here.
-            raise _Garbage(f"request type {kind} at byte {self._requests.offset} of the client stream has a field "
-                           f"running past its {size} bytes") from None
+            raise _Garbage(f"{_REQUEST_NAMES.get(kind, kind)} request at byte {self._requests.offset} of the client "
+                           f"stream has a field running past its {size} bytes (sftp-server would read on into "
+                           f"the next bytes, act, and exit)") from None
 
     def _request(self, kind: int, rid: int, r: _Reader) -> None:
         if kind == OPEN:
@@ -388,8 +398,7 @@ class SftpAuditor:
         self._state_bytes += cost
 
     def _unanswered(self, entry) -> None:
-        kind, _accepts, data, cost = entry
-        self._state_bytes -= cost
+        kind, _accepts, data, _cost = entry
         if kind in (_EVENT, _OPENING):
             self._out.append(data)
         elif kind == _CLOSE:  # the client is done with the file either way
