@@ -480,3 +480,19 @@ def test_fuzz_never_breaks_and_stays_bounded(draw, streams, caps):
         assert "internal error" not in op["error"], op
         assert len(op["path"].encode("utf-8", "surrogatepass")) <= 4 * caps.get("max_path", sa.MAX_PATH)
         events.encode_event(events.SFTP(**op))
+
+
+def test_requests_with_handles_too_long_for_sftp_server_hold_no_memory():
+    import tracemalloc
+
+    huge = b"h" * 200_000  # sftp-server refuses any handle of 256 bytes or more
+    stream = b"".join(read(i, huge, 0, 4096) for i in range(100))
+    a = SftpAuditor()
+    tracemalloc.start()
+    try:
+        for i in range(0, len(stream), 65536):
+            a.feed_request(stream[i:i + 65536])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert a._n_pending == 100 and peak < 2 * 1024 * 1024, peak

@@ -101,3 +101,53 @@ def test_a_request_sftp_server_would_read_past_its_length_is_flagged_before_it_i
     assert not victim.exists()
     replies = server.stdout.read()
     assert replies[4] == sftp_audit.VERSION and len(replies) == 4 + int.from_bytes(replies[:4], "big")  # no answer
+
+
+def test_fsetstat_after_a_pipelined_close_and_open_names_the_file_sftp_server_changed(tmp_path):
+    """sftp-server gives a freed handle to the next open, so a client that pipelines close,
+    open and fsetstat changes the second file through the first file's handle."""
+    old, secret = tmp_path / "old", tmp_path / "secret"
+    old.touch(mode=0o600)
+    secret.touch(mode=0o600)
+
+    def u32(v: int) -> bytes:
+        return v.to_bytes(4, "big")
+
+    def pkt(kind: int, *parts: bytes) -> bytes:
+        body = bytes([kind]) + b"".join(parts)
+        return u32(len(body)) + body
+
+    def s(b: bytes) -> bytes:
+        return u32(len(b)) + b
+
+    server = subprocess.Popen(["/usr/lib/openssh/sftp-server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    auditor = sftp_audit.SftpAuditor()
+    ops = []
+
+    def send(data: bytes, replies: int) -> bytes:
+        ops.extend(auditor.feed_request(data))
+        server.stdin.write(data)
+        server.stdin.flush()
+        got = b""
+        for _ in range(replies):
+            head = server.stdout.read(4)
+            got += head + server.stdout.read(int.from_bytes(head, "big"))
+        ops.extend(auditor.feed_response(got))
+        return got
+
+    send(pkt(sftp_audit.INIT, u32(3)), 1)
+    reply = send(pkt(sftp_audit.OPEN, u32(1), s(str(old).encode()), u32(1), u32(0)), 1)
+    handle = reply[13:]  # length, HANDLE, id, handle's length, handle
+    send(pkt(sftp_audit.CLOSE, u32(2), s(handle))
+         + pkt(sftp_audit.OPEN, u32(3), s(str(secret).encode()), u32(1), u32(0))
+         + pkt(sftp_audit.FSETSTAT, u32(4), s(handle), u32(sftp_audit.ATTR_PERMISSIONS), u32(0o777)), 3)
+    server.stdin.close()
+    server.wait(timeout=10)
+    ops += auditor.finish()
+
+    assert (secret.stat().st_mode & 0o777, old.stat().st_mode & 0o777) == (0o777, 0o600)
+    assert [(op["action"], op["path"], op["status"]) for op in ops] == [
+        (1, str(old), 0), (2, str(old), 0), (1, str(secret), 0),
+        (8, str(secret), 0),  # the file sftp-server changed
+        (2, str(secret), None),  # never closed
+    ]

@@ -85,7 +85,7 @@ class _Reader:
 
     __slots__ = ("data", "pos", "size")
 
-    def __init__(self, data, size: int, pos: int = 5) -> None:
+    def __init__(self, data, size: int, pos: int) -> None:
         self.data, self.size, self.pos = data, size, pos
 
     def u32(self) -> int:
@@ -108,6 +108,11 @@ class _Reader:
         value = bytes(self.data[self.pos:min(end, len(self.data))])
         self.pos = end
         return value
+
+    def handle(self) -> bytes | None:
+        """A handle, or None for one sftp-server would refuse as too long (never kept)."""
+        handle = self.string()
+        return handle if len(handle) < MAX_HANDLE else None
 
     def attrs(self) -> dict | None:
         """ATTRS (section 5) as the original's SFTPAttributes JSON; None when no attribute is set."""
@@ -204,9 +209,9 @@ def _event(action: int, path: str = "", target_path: str = "", flags: int = 0,
 
 
 # Pending request kinds and the reply types each accepts (anything else is someone else's reply).
-_EVENT, _OPENING, _READ, _WRITE, _CLOSE, _COPY, _OTHER = range(7)
-_ACCEPTS = {_EVENT: (STATUS,), _OPENING: (HANDLE, STATUS), _READ: (DATA, STATUS), _WRITE: (STATUS,),
-            _CLOSE: (STATUS,), _COPY: (STATUS,), _OTHER: None}
+_EVENT, _OPENING, _FSETSTAT, _READ, _WRITE, _CLOSE, _COPY, _OTHER = range(8)
+_ACCEPTS = {_EVENT: (STATUS,), _OPENING: (HANDLE, STATUS), _FSETSTAT: (STATUS,), _READ: (DATA, STATUS),
+            _WRITE: (STATUS,), _CLOSE: (STATUS,), _COPY: (STATUS,), _OTHER: None}
 # Requests that are events as soon as answered: packet type (or extension name) -> action.
 _PATH_ACTIONS = {REMOVE: ACTION_REMOVE, RMDIR: ACTION_RMDIR}
 _TWO_PATH_ACTIONS = {RENAME: ACTION_RENAME, SYMLINK: ACTION_SYMLINK, b"posix-rename@openssh.com": ACTION_RENAME,
@@ -247,12 +252,7 @@ class SftpAuditor:
     def finish(self) -> list[dict]:
         """Both streams ended: requests never answered (status None) and files never closed
         (a close with status None and the bytes moved so far)."""
-        for entries in self._pending.values():
-            for kind, _accepts, data, _cost in entries:
-                if kind in (_EVENT, _OPENING):
-                    self._out.append(data)
-        self._pending.clear()
-        self._n_pending = 0
+        self._give_up_pending()
         for event, is_dir in self._handles.values():
             if not is_dir:
                 self._out.append(event)
@@ -281,12 +281,16 @@ class SftpAuditor:
         """Stop reading a stream and say so in the trail (action 0, the original's INVALID)."""
         self.stopped[stream] = reason
         self._out.append(dict(_event(ACTION_INVALID), error=f"sftp audit of the {stream} stream stopped: {reason}"))
-        if stream == "server":  # no answers will come: what is waiting is an operation of unknown outcome
-            pending, self._pending, self._n_pending = self._pending, {}, 0
-            for entries in pending.values():
-                for entry in entries:
-                    self._state_bytes -= entry[3]
-                    self._unanswered(entry)
+        if stream == "server":  # no answers will come
+            self._give_up_pending()
+
+    def _give_up_pending(self) -> None:
+        """What still waits for an answer is an operation of unknown outcome."""
+        pending, self._pending, self._n_pending = self._pending, {}, 0
+        for entries in pending.values():
+            for entry in entries:
+                self._state_bytes -= entry[3]
+                self._unanswered(entry)
 
     def _take(self) -> list[dict]:
         out, self._out = self._out, []
@@ -316,28 +320,28 @@ class SftpAuditor:
         elif kind == OPENDIR:
             path, cut = self._path(r.string())
             self._expect(rid, _OPENING, _event(ACTION_READDIR, path, truncated=cut))
-        elif kind == READ:
-            self._expect(rid, _READ, r.string())
-        elif kind == WRITE:
-            handle = r.string()
-            if len(handle) >= MAX_HANDLE:  # sftp-server: an invalid handle, nothing written
+        elif kind in (READ, WRITE, CLOSE):
+            handle = r.handle()
+            if handle is None:  # sftp-server refuses it: nothing read, written or closed
                 self._expect(rid, _OTHER, None)
-                return
-            r.u64()
-            n = r.u32()
-            if r.pos + n > r.size:
-                raise _Short
-            self._expect(rid, _WRITE, (handle, n))
-        elif kind == CLOSE:
-            self._expect(rid, _CLOSE, r.string())
+            elif kind == WRITE:
+                r.u64()
+                n = r.u32()
+                if r.pos + n > r.size:
+                    raise _Short
+                self._expect(rid, _WRITE, (handle, n))
+            else:
+                self._expect(rid, _READ if kind == READ else _CLOSE, handle)
         elif kind in (SETSTAT, MKDIR):
             path, cut = self._path(r.string())
             action = ACTION_SETSTAT if kind == SETSTAT else ACTION_MKDIR
             self._expect(rid, _EVENT, _event(action, path, attributes=r.attrs(), truncated=cut))
         elif kind == FSETSTAT:
-            event = self._handle_event(ACTION_FSETSTAT, r.string())
-            event["attributes"] = r.attrs()
-            self._expect(rid, _EVENT, event)
+            # Its file is looked up when answered: by then the handle means what it meant to
+            # sftp-server (a pipelined close and open can give it to another file).
+            handle = r.handle()
+            event = _event(ACTION_FSETSTAT, attributes=r.attrs())
+            self._expect(rid, _FSETSTAT, (handle, event))
         elif kind in _PATH_ACTIONS:
             path, cut = self._path(r.string())
             self._expect(rid, _EVENT, _event(_PATH_ACTIONS[kind], path, truncated=cut))
@@ -355,8 +359,11 @@ class SftpAuditor:
             path, cut = self._path(r.string())
             self._expect(rid, _EVENT, _event(ACTION_SETSTAT, path, attributes=r.attrs(), truncated=cut))
         elif name == b"copy-data":
-            src, _offset, length, dst = r.string(), r.u64(), r.u64(), r.string()
-            self._expect(rid, _COPY, (src, length, dst))
+            src, _offset, length, dst = r.handle(), r.u64(), r.u64(), r.handle()
+            if src is None or dst is None:
+                self._expect(rid, _OTHER, None)
+            else:
+                self._expect(rid, _COPY, (src, length, dst))
         else:  # statvfs, fstatvfs, fsync, limits, expand-path, home-directory, users-groups-by-id, unknown
             self._expect(rid, _OTHER, None)
 
@@ -374,13 +381,15 @@ class SftpAuditor:
             self.counters["truncated_paths"] += 1
         return raw.decode("utf-8", "backslashreplace"), cut
 
-    def _handle_event(self, action: int, handle: bytes) -> dict:
-        known = self._handles.get(handle)
+    def _name_file(self, handle_event: tuple) -> dict:
+        """The fsetstat event with its handle's file (path "" for a handle not followed)."""
+        handle, event = handle_event
+        known = self._handles.get(handle) if handle is not None else None
         if known is None:
             self.counters["unknown_handles"] += 1
-            return _event(action)
-        opened = known[0]
-        return _event(action, opened["path"], truncated=opened["truncated"])
+        else:
+            event["path"], event["truncated"] = known[0]["path"], known[0]["truncated"]
+        return event
 
     def _expect(self, rid: int, kind: int, data) -> None:
         """Wait for the answer to request `rid`; when that cannot be followed, an event
@@ -401,6 +410,8 @@ class SftpAuditor:
         kind, _accepts, data, _cost = entry
         if kind in (_EVENT, _OPENING):
             self._out.append(data)
+        elif kind == _FSETSTAT:
+            self._out.append(self._name_file(data))
         elif kind == _CLOSE:  # the client is done with the file either way
             self._closed(data, None, "")
         elif kind == _COPY:
@@ -443,10 +454,12 @@ class SftpAuditor:
                 error = message.decode("utf-8", "backslashreplace") or _status_text(status)
         if kind == _EVENT:
             self._settled(data, status, error)
+        elif kind == _FSETSTAT:
+            self._settled(self._name_file(data), status, error)
         elif kind == _OPENING:
             self._settled(data, status, error)
             if reply == HANDLE:
-                self._opened(r.string(), data)
+                self._opened(r.handle(), data)
         elif kind == _READ:
             if reply == DATA:
                 n = r.u32()
@@ -465,9 +478,9 @@ class SftpAuditor:
         event["status"], event["error"] = status, error
         self._out.append(event)
 
-    def _opened(self, handle: bytes, opened: dict) -> None:
+    def _opened(self, handle: bytes | None, opened: dict) -> None:
         cost = len(opened["path"])
-        if (len(handle) >= MAX_HANDLE or len(self._handles) >= self.max_handles
+        if (handle is None or len(self._handles) >= self.max_handles
                 or self._state_bytes + cost > self.max_state_bytes):
             self.counters["untracked_handles"] += 1
             return
