@@ -18,15 +18,17 @@ the chunk holds what sftp-server cannot be trusted to read as we did (a request 
 fields run past its length: sftp-server reads them on into the next bytes, acts, then
 exits), so a relay that ends the session there instead of forwarding leaves no gap.
 
-Which operations are events follows the original (Teleport lib/sshutils/sftp ParseSFTPEvent
-and lib/events/codes.go SFTPOpenCode..SFTPLinkCode): open (TS001), setstat (TS007, lsetstat
-too), a directory listing (TS010, at opendir), remove (TS011), mkdir (TS012), rmdir (TS013),
-rename (TS016, posix-rename too), symlink (TS018) and hardlink (TS019). Reads and writes are
-not events of their own: the original sums them per file (sftp_summary's bytes_read and
-bytes_written); here a file's close (TS002) carries its sums (bytes_exact False when a
-server-side copy moved an amount SFTP does not tell), and fsetstat (TS008) names its file.
-Stat, realpath, readlink and the read-only extensions are not audited, as there. An event
-whose action is 0 (the original's INVALID) says a stream stopped being audited, and why.
+Which operations are events follows the original (Teleport: ParseSFTPEvent in
+lib/sshutils/sftp/events.go, SFTPOpenCode..SFTPLinkCode in lib/events/codes.go, the SFTP
+and SFTPSummary messages in api/proto/teleport/legacy/types/events/events.proto): open
+(TS001), setstat (TS007, lsetstat too), a directory listing (TS010, at opendir), remove
+(TS011), mkdir (TS012), rmdir (TS013), rename (TS016, posix-rename too), symlink (TS018)
+and hardlink (TS019). Reads and writes are not events of their own: the original sums them
+per file (sftp_summary's bytes_read and bytes_written); here a file's close (TS002) carries
+its sums (bytes_exact False when a server-side copy moved an amount SFTP does not tell),
+and fsetstat (TS008) names its file. Stat, realpath, readlink and the read-only extensions
+are not audited, as there. An event whose action is 0 (the original's INVALID) says a
+stream stopped being audited, and why.
 
 The protocol is SFTP v3 (draft-ietf-secsh-filexfer-02) as OpenSSH speaks it: uint32
 length-prefixed packets, answered in order and matched here by request id. Everything a
@@ -44,7 +46,7 @@ REMOVE, MKDIR, RMDIR, REALPATH, STAT, RENAME, READLINK, SYMLINK = range(13, 21)
 STATUS, HANDLE, DATA, NAME, ATTRS = range(101, 106)
 EXTENDED, EXTENDED_REPLY = 200, 201
 
-# The original's SFTPAction enum (api/proto/.../events.proto); an event's code is
+# The original's SFTPAction enum (events.proto, see above); an event's code is
 # "TS" + the action's three digits + "I", or "E" when the server refused it.
 ACTION_INVALID, ACTION_OPEN, ACTION_CLOSE = 0, 1, 2
 ACTION_SETSTAT, ACTION_FSETSTAT, ACTION_READDIR, ACTION_REMOVE, ACTION_MKDIR, ACTION_RMDIR = 7, 8, 10, 11, 12, 13
