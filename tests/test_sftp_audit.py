@@ -5,9 +5,12 @@ and the contract event its dicts become."""
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ringfence.contract import events
 from ringfence.hooks import sftp_audit as sa
@@ -375,10 +378,21 @@ def test_a_flood_of_requests_keeps_memory_bounded():
     assert a.counters["untracked_requests"] == len(ops)
 
 
-# --- fuzz: garbage and near-valid sessions, cut anywhere ----------------------------------------------
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+def test_requests_with_handles_too_long_for_sftp_server_hold_no_memory():
+    huge = b"h" * 200_000  # sftp-server refuses any handle of 256 bytes or more
+    stream = b"".join(read(i, huge, 0, 4096) for i in range(100))
+    a = SftpAuditor()
+    tracemalloc.start()
+    try:
+        for i in range(0, len(stream), 65536):
+            a.feed_request(stream[i:i + 65536])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert a._n_pending == 100 and peak < 2 * 1024 * 1024, peak
 
+
+# --- fuzz: garbage and near-valid sessions, cut anywhere ----------------------------------------------
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ids = st.integers(0, 6)
 paths = st.text(max_size=12) | st.binary(max_size=40) | st.sampled_from(["/a", "/b", "x" * 70])
@@ -481,18 +495,3 @@ def test_fuzz_never_breaks_and_stays_bounded(draw, streams, caps):
         assert len(op["path"].encode("utf-8", "surrogatepass")) <= 4 * caps.get("max_path", sa.MAX_PATH)
         events.encode_event(events.SFTP(**op))
 
-
-def test_requests_with_handles_too_long_for_sftp_server_hold_no_memory():
-    import tracemalloc
-
-    huge = b"h" * 200_000  # sftp-server refuses any handle of 256 bytes or more
-    stream = b"".join(read(i, huge, 0, 4096) for i in range(100))
-    a = SftpAuditor()
-    tracemalloc.start()
-    try:
-        for i in range(0, len(stream), 65536):
-            a.feed_request(stream[i:i + 65536])
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert a._n_pending == 100 and peak < 2 * 1024 * 1024, peak
