@@ -142,6 +142,40 @@ class ClientDisconnect(AuditEvent, tag="client.disconnect"):
     reason: str = ""
 
 
+def sftp_code(action: int, error: str) -> str:
+    """The original's codes (lib/events/codes.go, SFTPOpenCode "TS001I" .. SFTPLinkCode "TS019E"):
+    TS, the action's number in its SFTPAction enum (OPEN 1 .. LINK 19), then I, or E when the
+    server refused the operation. Action 0 is Ringfence's: the audit of a stream stopped."""
+    if 1 <= action <= 19:
+        return f"TS{action:03d}{'E' if error else 'I'}"
+    return "RF1001W"
+
+
+class SFTP(AuditEvent, tag="sftp"):
+    """One file operation of an sftp session, from ringfence.hooks.sftp_audit (its dicts
+    have these fields but the session's own). One code per action and outcome: sftp_code."""
+
+    CODE = "TS001I"  # an open; each event's own code is set from its action and error
+    working_directory: str = ""
+    path: str = ""
+    target_path: str = ""  # rename and link: the new path; symlink: the link
+    flags: int = 0  # open's SSH_FXF_* flags
+    attributes: dict[str, int | str] | None = None  # what open, mkdir and setstat asked to set
+    action: int = 0
+    error: str = ""  # the server's message when it refused
+    # Ringfence additions: the server's status (None: its answer was not seen); on a file's close
+    # the bytes moved through its handle (lower bounds when not bytes_exact); a path cut to 4096 bytes.
+    status: int | None = None
+    bytes_read: int = 0
+    bytes_written: int = 0
+    bytes_exact: bool = True
+    truncated: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.code:
+            self.code = sftp_code(self.action, self.error)
+
+
 # --- locks, roles, users, cluster settings ----------------------------------------------
 class LockCreated(AuditEvent, tag="lock.created"):
     CODE = "TLK00I"
