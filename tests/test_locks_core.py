@@ -8,7 +8,7 @@ import datetime as dt
 import msgspec
 import pytest
 
-from ringfence.contract import api, events
+from ringfence.contract import api, documents, events
 from ringfence.contract import resources as r
 from services.locks import core
 
@@ -138,17 +138,17 @@ def test_every_problem_of_every_document_is_reported_and_duplicates_are_refused(
 
 
 @pytest.mark.parametrize("data, problem", [
-    (b"{", "malformed request"),
+    (b"{", "malformed create request"),
     (b'{"resources": []}', "the request contains no documents"),
-    (b'{"resources": "x"}', "malformed request"),
+    (b'{"resources": "x"}', "malformed create request"),
 ])
 def test_bad_create_requests(data, problem):
-    assert problem in str(raises(core.decode_create_request, data))
+    assert problem in str(raises(documents.decode_create_request, data))
 
 
 def test_create_request_round_trip():
     body = msgspec.json.encode(api.CreateRequest(resources=[msgspec.Raw(msgspec.json.encode(SEED))], dry_run=True))
-    assert core.decode_create_request(body) == ([SEED], True)
+    assert documents.decode_create_request(body) == ([SEED], True)
 
 
 # --- ringfence lock ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import msgspec
 import nkeys
 import pytest
 
-from ringfence.contract import api, events, names
+from ringfence.contract import api, documents, events, names
 from ringfence.contract import resources as r
 from services.policy import core
 from services.policy.credentials import is_openssh_public_key, is_public_user_nkey
@@ -173,9 +173,9 @@ def test_the_same_resource_twice_in_one_request_is_rejected():
 
 
 def test_a_long_list_of_problems_is_cut():
-    doc = with_(NETPOL, "spec.allow", [{"cidr": "bad"}] * (core.MAX_PROBLEMS_SHOWN + 10))
+    doc = with_(NETPOL, "spec.allow", [{"cidr": "bad"}] * (documents.MAX_PROBLEMS_SHOWN + 10))
     lines = rejection([doc]).splitlines()
-    assert len(lines) == core.MAX_PROBLEMS_SHOWN + 1
+    assert len(lines) == documents.MAX_PROBLEMS_SHOWN + 1
     assert lines[-1] == "... and 10 more problems"
 
 
@@ -184,7 +184,7 @@ def test_a_long_list_of_problems_is_cut():
 
 def test_requests_over_the_size_limit_are_refused_before_decoding():
     with pytest.raises(api.ApiError, match=r"at most 16777216 \(16 MiB\)"):
-        core.decode_create_request(b" " * (core.MAX_REQUEST_BYTES + 1))
+        documents.decode_create_request(b" " * (documents.MAX_REQUEST_BYTES + 1))
 
 
 @pytest.mark.parametrize(
@@ -194,12 +194,12 @@ def test_requests_over_the_size_limit_are_refused_before_decoding():
 )
 def test_malformed_requests_are_refused(data, message):
     with pytest.raises(api.ApiError, match=message):
-        core.decode_create_request(data)
+        documents.decode_create_request(data)
 
 
 def test_a_create_request_round_trips_its_documents():
     raw = msgspec.json.encode(api.CreateRequest(resources=[msgspec.Raw(msgspec.json.encode(ROLE))], dry_run=True))
-    docs, dry_run = core.decode_create_request(raw)
+    docs, dry_run = documents.decode_create_request(raw)
     assert docs == [ROLE] and dry_run is True
 
 

@@ -135,6 +135,8 @@ class SessionInfo(Struct, omit_defaults=True):
     connection: str = ""  # for channels: the connection's sid
     cgroup: str = ""  # path below the node's cgroup tree, e.g. "<conn>/<sid>"
     key_id: str = ""  # certificate key ID the user authenticated with
+    key_fingerprint: str = ""  # SHA256:... of the key (or the certificate's key) it logged in with
+    key_is_sk: bool = False  # that key is a FIDO security key (sk-*)
     term: str = ""
 
 

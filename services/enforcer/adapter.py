@@ -68,7 +68,7 @@ class EnforcerAdapter:
         Path(cfg.data_dir).chmod(0o755)  # session users reach the socket inside it
         self.spool = Spool(data / "spool")
         self.recordings = Spool(data / "recordings-spool")
-        self.directory = Directory(ctx.nc)
+        self.directory = Directory(ctx.nc, ctx.counters)
         self.sessions = self._session_manager(tree, data)
         self.guard = LockGuard(ctx.nc, self.sessions, self.directory, parse_duration(cfg.lock_view_max_staleness),
                                self.emit, ctx.counters)

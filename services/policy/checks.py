@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from ringfence.contract import resources as r
-from ringfence.contract.strict import visible
+from ringfence.contract.documents import show
 from ringfence.durations import parse_duration
 
 from .cidrs import normalise_cidr
@@ -25,12 +25,6 @@ VERBS = ("list", "create", "read", "update", "delete", "*")
 # Names end up in messages, audit events and `KIND/NAME` arguments: no
 # whitespace or control characters, and no "/" so `roles/NAME` is unambiguous.
 _NAME = re.compile(r"[^\s/\x00-\x1f\x7f]+")
-
-
-def show(value: Any) -> str:
-    """A value as the user wrote it, quoted when a string, cut when long."""
-    text = f'"{visible(value)}"' if isinstance(value, str) else repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class Problems:

@@ -14,14 +14,9 @@ import msgspec
 
 from ringfence.contract import api, events, names, strict
 from ringfence.contract import resources as r
+from ringfence.contract.documents import document_label, format_problems, quote
 
 from .checks import check
-
-MAX_REQUEST_BYTES = 16 * 1024 * 1024
-MAX_PROBLEMS_SHOWN = 50  # more would scroll the first (usually the cause) out of sight
-MAX_QUOTED = r.MAX_NAME_LEN + 3  # longer names are invalid; messages show their start
-# A request is applied as one atomic write (runtime/kv_batch.py), which holds at most 1000 keys.
-MAX_DOCUMENTS = 1000
 
 SINGLETON_KEYS = {
     "network_restrictions": names.NETWORK_RESTRICTIONS_KEY,
@@ -51,14 +46,6 @@ NETWORKING_UPDATED = "cluster networking configuration has been updated"
 NETWORKING_RESET = "cluster networking configuration has been reset to defaults"
 
 
-def quote(name: str) -> str:
-    """Go's %q: "alice". For names we reject: control characters are escaped, and a name
-    longer than any valid one is cut (an error reply must fit in a NATS message)."""
-    if len(name) > MAX_QUOTED:
-        name = name[: MAX_QUOTED - 3] + "..."
-    return '"' + strict.visible(name.replace("\\", "\\\\").replace('"', '\\"')) + '"'
-
-
 @dataclass(frozen=True)
 class Document:
     label: str  # `document 2 (role "x")`, how errors and warnings name it
@@ -74,32 +61,6 @@ class Change:
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
 
-# --- requests -------------------------------------------------------------------------
-
-
-def decode_create_request(data: bytes) -> tuple[list[Any], bool]:
-    """The untyped documents of a create request, and whether it is a dry run."""
-    if len(data) > MAX_REQUEST_BYTES:
-        raise api.ApiError(
-            f"the request is {len(data)} bytes; at most {MAX_REQUEST_BYTES} ({MAX_REQUEST_BYTES >> 20} MiB) "
-            "are accepted: split the documents into several requests"
-        )
-    try:
-        # Typed decoding keeps each document as raw JSON; strict.convert checks it below.
-        request = msgspec.json.decode(data, type=api.CreateRequest)
-        docs = [msgspec.json.decode(raw) for raw in request.resources]
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string: UnicodeDecodeError
-        raise api.ApiError(f"malformed create request: {exc}") from None
-    except RecursionError:
-        raise api.ApiError(f"malformed create request: {strict.NESTED_TOO_DEEPLY}") from None
-    if not docs:
-        raise api.ApiError("the request contains no documents")
-    if len(docs) > MAX_DOCUMENTS:
-        raise api.ApiError(f"the request contains {len(docs)} documents; at most {MAX_DOCUMENTS} are applied "
-                           "together: split them into several requests")
-    return docs, request.dry_run
-
-
 def canonical_kind(text: str) -> str:
     kind = r.KIND_ALIASES.get(text)
     if kind is None:
@@ -111,19 +72,6 @@ def canonical_kind(text: str) -> str:
 
 
 # --- create ----------------------------------------------------------------------------
-
-
-def document_label(position: int, doc: Any) -> str:
-    """`document 2 (role "x")` from whatever the user wrote, valid or not."""
-    kind = doc.get("kind") if isinstance(doc, dict) else None
-    metadata = doc.get("metadata") if isinstance(doc, dict) else None
-    name = metadata.get("name") if isinstance(metadata, dict) else None
-    if not isinstance(kind, str):
-        return f"document {position}"
-    kind = strict.visible(kind if len(kind) <= 60 else kind[:57] + "...")
-    if isinstance(name, str):
-        return f"document {position} ({kind} {quote(name)})"
-    return f"document {position} ({kind})"
 
 
 def storage_key(res: r.Resource) -> str:
@@ -172,13 +120,6 @@ def check_documents(docs: list[Any]) -> list[Document]:
     if problems:
         raise api.ApiError(format_problems(problems))
     return checked
-
-
-def format_problems(problems: list[str]) -> str:
-    shown = problems[:MAX_PROBLEMS_SHOWN]
-    if len(problems) > len(shown):
-        shown.append(f"... and {len(problems) - len(shown)} more problems")
-    return "\n".join(shown)
 
 
 def _defined_roles(docs: list[Document]) -> set[str]:
