@@ -31,6 +31,7 @@ from ringfence.contract.events import (
 )
 
 from .cgroups import CgroupTree, PopulatedWatcher
+from .key_fingerprint import login_key
 from .recorder import Recorder
 from .restricted_bpf import RestrictedBPF
 from .session_core import Peer, Plan, Refusal, Refused, plan_session
@@ -148,6 +149,9 @@ class SessionManager:
     async def open(self, peer: Peer, req: OpenSessionRequest) -> SessionInfo:
         plan: Plan = plan_session(peer, req, self.key_owners(), self.roles_of)
         sid = str(uuid.uuid4())
+        # device / mfa_device locks: the connection's login key; a channel inherits it.
+        fingerprint, is_sk = login_key(req.auth_info) if plan.kind == "connection" else (
+            (plan.parent.key_fingerprint, plan.parent.key_is_sk) if plan.parent else ("", False))
         info = SessionInfo(
             sid=sid,
             user=plan.user,
@@ -165,6 +169,8 @@ class SessionManager:
             connection=plan.parent.sid if plan.parent else "",
             cgroup=f"{plan.parent.cgroup}/{sid}" if plan.parent else sid,
             key_id=plan.key_id,
+            key_fingerprint=fingerprint,
+            key_is_sk=is_sk,
             term=req.term,
         )
         for check in self.checks:

@@ -94,6 +94,29 @@ def check_target(target: r.LockTarget, path_of=document_path, where: str = "") -
     return problems
 
 
+# `ssh-keygen -lf KEY.pub` prints SHA256: and the unpadded base64 of a 32-byte digest.
+_FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
+KEY_TARGETS = {
+    "device": "the key (or the certificate's key) a session logged in with",
+    "mfa_device": "the FIDO security key (sk-ssh-ed25519, sk-ecdsa) a session logged in with",
+}
+
+
+def check_matchable(target: r.LockTarget, path_of=document_path) -> list[str]:
+    """Problems with the targets of a new lock that could never match a session here: a target
+    kind OpenSSH fleets do not have, or a key target that is not a key fingerprint."""
+    problems = []
+    for name, value in target.fields().items():
+        if name in locking.UNMATCHABLE_TARGETS:
+            problems.append(f"{path_of(name)}: {show(value)}: cannot be locked here: "
+                            f"{locking.UNMATCHABLE_TARGETS[name]}")
+        elif name in KEY_TARGETS and not _FINGERPRINT.fullmatch(value):
+            problems.append(f"{path_of(name)}: {show(value)} is not an SSH key fingerprint: {name} locks match "
+                            f"the SHA256 fingerprint of {KEY_TARGETS[name]}, as `ssh-keygen -lf KEY.pub` prints "
+                            "it (SHA256: and 43 characters)")
+    return problems
+
+
 def check_message(message: str, path: str) -> list[str]:
     if len(message) > r.MAX_MESSAGE_LEN:
         return [f"{path}: {len(message)} characters; at most {r.MAX_MESSAGE_LEN} are allowed"]
@@ -163,7 +186,7 @@ def check_document(doc: Any) -> tuple[list[str], r.Lock | None]:
     assert isinstance(decoded, r.Lock)  # every other kind was turned away above
     spec = decoded.spec
     problems = check_metadata(decoded.metadata)
-    problems += check_target(spec.target, document_path, "spec.target: ")
+    problems += check_target(spec.target, document_path, "spec.target: ") or check_matchable(spec.target)
     problems += check_message(spec.message, "spec.message")
     expires = ""
     if spec.expires:
@@ -262,7 +285,7 @@ def lock_expiry(request: api.LockRequest, now: dt.datetime) -> tuple[str, list[s
 
 def plan_lock(request: api.LockRequest, name: str, actor: str, now: dt.datetime) -> Change:
     """The lock `ringfence lock` asks for, named `name` (a fresh UUID)."""
-    problems = check_target(request.target, flag_path)
+    problems = check_target(request.target, flag_path) or check_matchable(request.target, flag_path)
     problems += check_message(request.message, "--message")
     expires, found = lock_expiry(request, now)
     problems += found
