@@ -16,5 +16,5 @@ REGISTRY = [
     sessions.register,  # sessions ls (join, kill: see sessions.py), play
     locks.register,  # lock, unlock
     ssh_hooks.register,  # pam-hook, ssh-session (OpenSSH integration)
-    users.register,  # users add|ls|rm
+    users.register,  # users add|update|ls|rm
 ]

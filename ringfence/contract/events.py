@@ -172,6 +172,12 @@ class UserCreated(AuditEvent, tag="user.create"):
     roles: list[str] = field(default_factory=list)
 
 
+class UserUpdated(AuditEvent, tag="user.update"):
+    CODE = "T1003I"
+    name: str = ""
+    roles: list[str] = field(default_factory=list)
+
+
 class UserDeleted(AuditEvent, tag="user.delete"):
     CODE = "T1004I"
     name: str = ""

@@ -89,7 +89,7 @@ def user_key(name: str) -> str:
 
 # --- request/reply APIs ------------------------------------------------------------
 API_PREFIX = "ringfence.api"
-POLICY_API = f"{API_PREFIX}.{POLICY}"  # .create .get .delete
+POLICY_API = f"{API_PREFIX}.{POLICY}"  # .create .get .delete .update_user
 LOCKS_API = f"{API_PREFIX}.{LOCKS}"  # .create .get .delete .unlock
 AUDIT_API = f"{API_PREFIX}.{AUDIT}"  # .search .recordings .recording
 ENFORCER_API = f"{API_PREFIX}.{ENFORCER}"  # .<server_id>.kill

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import struct
+
+from ringfence.sshkeys import fingerprint
 
 from .ssh_identity import _CERT_KEY_FIELDS, _read_string, parse_auth_info
 
@@ -43,6 +44,5 @@ def login_key(auth_info: str) -> tuple[str, bool]:
             blob = _plain_blob(key.key_type, base64.b64decode(key.blob, validate=True))
         except (binascii.Error, ValueError, struct.error):
             return "", False
-        digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
-        return f"SHA256:{digest}", key.key_type.startswith("sk-")
+        return fingerprint(blob), key.key_type.startswith("sk-")
     return "", False

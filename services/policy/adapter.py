@@ -9,7 +9,9 @@ from nats.errors import NoRespondersError
 from nats.js.kv import KeyValue
 
 from ringfence.contract import api, names
+from ringfence.contract import resources as r
 from ringfence.contract.documents import CreateDocuments, decode_create_request
+from ringfence.contract.resources import MAX_NAME_LEN
 from ringfence.runtime import kv_batch, kv_read
 from ringfence.runtime.audit_outbox import Outbox
 from ringfence.runtime.audit_publish import publish_change_events
@@ -39,6 +41,8 @@ class Adapter:
                                request=api.GetRequest, action=self._get_actions)
         await ctx.add_endpoint("delete", names.api_subject(names.POLICY_API, "delete"), self.delete,
                                request=api.DeleteRequest, action=self._delete_actions, exclusive=True)
+        await ctx.add_endpoint("update_user", names.api_subject(names.POLICY_API, "update_user"), self.update_user,
+                               request=api.UserUpdateRequest, action=self._update_user_actions, exclusive=True)
 
     async def stop(self) -> None:
         if hasattr(self, "outbox"):
@@ -61,6 +65,11 @@ class Adapter:
 
     async def _delete_actions(self, call: Call[api.DeleteRequest]) -> list[tuple[str, str]]:
         return [(core.canonical_kind(call.body.kind), "delete")]
+
+    async def _update_user_actions(self, call: Call[api.UserUpdateRequest]) -> list[tuple[str, str]]:
+        key = names.user_key(call.body.name) if len(call.body.name) <= MAX_NAME_LEN else ""
+        exists = bool(key) and await self._read(key, call) is not None
+        return [("user", "update" if exists or not call.body.create else "create")]
 
     # --- endpoints ------------------------------------------------------------------
 
@@ -97,6 +106,16 @@ class Adapter:
         change = core.plan_delete(look, exists, call.actor)
         problems = await self._apply([change])
         return api.DeleteResult(message="\n".join([change.message, *problems]))
+
+    async def update_user(self, call: Call[api.UserUpdateRequest]) -> api.CreateResult:
+        """`users add` / `users update`: read, change what was asked, write back, under the write lock."""
+        if len(call.body.name) > MAX_NAME_LEN:
+            raise core.not_found(core.Lookup("user", call.body.name))
+        raw = await self._read(names.user_key(call.body.name), call)
+        stored = msgspec.json.decode(raw, type=r.User) if raw is not None else None
+        change = core.plan_user_update(call.body, stored, call.actor)
+        problems = await self._apply([change])
+        return api.CreateResult(messages=[change.message, *problems])
 
     # --- KV and audit -------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ import msgspec
 
 from ringfence.contract import api, events, names, strict
 from ringfence.contract import resources as r
-from ringfence.contract.documents import document_label, format_problems, quote
+from ringfence.contract.documents import document_label, format_problems, quote, show
+from ringfence.sshkeys import line_fingerprint
 
 from .checks import check
 
@@ -260,3 +261,46 @@ def plan_delete(look: Lookup, exists: bool, actor: str) -> Change:
         message, event = f"user {quote(look.name)} has been deleted", events.UserDeleted(name=look.name)
     event.user = actor
     return Change(look.key, None, message, event)
+
+
+# --- users add / users update ----------------------------------------------------------------
+
+
+def _same_key(line: str, wanted: str) -> bool:
+    """`wanted` names the key `line` holds: the same type and blob, or its SHA256 fingerprint."""
+    if wanted.startswith("SHA256:"):
+        return line_fingerprint(line) == wanted
+    return line.split()[:2] == wanted.split()[:2]
+
+
+def plan_user_update(request: api.UserUpdateRequest, stored: r.User | None, actor: str) -> Change:
+    """`users add` / `users update`: the stored user with only what was asked changed.
+
+    Roles are replaced only with set_roles, keys are added and removed one by one,
+    the operator identity is replaced only by a new one: nothing else is dropped."""
+    name = request.name
+    if stored is None and not request.create:
+        raise api.ApiError(f"user {quote(name)} not found; create it with ringfence users add {name}", "not_found")
+    user = stored or r.User(metadata=r.Metadata(name=name))
+    keys = list(user.spec.ssh_public_keys)
+    problems = []
+    for wanted in request.remove_keys:
+        kept = [line for line in keys if not _same_key(line, wanted)]
+        if len(kept) == len(keys):
+            shown = wanted if wanted.startswith("SHA256:") else line_fingerprint(wanted) or wanted
+            problems.append(f"--remove-key: user {quote(name)} has no key {show(shown)}")
+        keys = kept
+    keys += [line for line in request.add_keys if not any(_same_key(k, line) for k in keys)]
+    spec = msgspec.structs.replace(
+        user.spec, ssh_public_keys=keys,
+        roles=list(request.set_roles) if request.set_roles is not None else user.spec.roles,
+        operator_nkey=request.operator_nkey or user.spec.operator_nkey)
+    updated = msgspec.structs.replace(user, spec=spec)
+    found, updated = check(updated)
+    problems += found
+    if problems:
+        raise api.ApiError(format_problems(problems))
+    verb = "updated" if stored is not None else "created"
+    event = (events.UserUpdated if stored is not None else events.UserCreated)(name=name, roles=list(spec.roles))
+    event.user = actor
+    return Change(names.user_key(name), r.encode(updated), f"user {quote(name)} has been {verb}", event)
