@@ -325,6 +325,8 @@ def _rows(kind: str, items: list[Any]) -> tuple[list[str], list[list[str]]]:
         ]
     if kind == "cluster_auth_preference":
         return ["Locking Mode"], [[x.spec.locking_mode] for x in items]
+    if kind == "session_recording_config":
+        return ["Mode"], [[x.spec.mode] for x in items]
     return ["Client Idle Timeout"], [[x.spec.client_idle_timeout or "none"] for x in items]
 
 

@@ -193,6 +193,11 @@ class NetworkingConfigUpdated(AuditEvent, tag="cluster_networking_config.update"
     client_idle_timeout: str = ""
 
 
+class RecordingConfigUpdated(AuditEvent, tag="session_recording_config.update"):
+    CODE = "RF2004I"
+    mode: str = ""
+
+
 class NetworkRestrictionsUpdated(AuditEvent, tag="network_restrictions.update"):
     CODE = "RF2001I"
     allow: int = 0  # number of CIDRs in each list

@@ -58,6 +58,7 @@ AUDIT_CURSOR_BUCKET = "ringfence_audit_cursor"
 NETWORK_RESTRICTIONS_KEY = "network_restrictions"
 CAP_KEY = "cluster_auth_preference"
 NETWORKING_KEY = "cluster_networking_config"
+RECORDING_CONFIG_KEY = "session_recording_config"
 ROLE_KEY_PREFIX = "role."
 USER_KEY_PREFIX = "user."
 

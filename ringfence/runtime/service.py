@@ -50,7 +50,7 @@ from nats.js import JetStreamContext
 from nats.micro.request import Request
 
 from .. import __version__
-from ..config import Config, ConfigError, load_config
+from ..config import ENV_CONFIG_WARNED, Config, ConfigError, load_config
 from ..contract import names
 from ..contract.api import ApiError, error_reply, ok_reply
 from ..contract.documents import decode_request
@@ -206,12 +206,16 @@ def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Ad
     common_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(short_name, args.log_level)
+    warnings: list[str] = []
     try:
         config = load_config(args.config, data_dir=args.data_dir, nats_url=args.nats_url, nodename=args.nodename,
-                             nats_nkey=args.nats_nkey, nats_replicas=args.nats_replicas)
+                             nats_nkey=args.nats_nkey, nats_replicas=args.nats_replicas, warnings=warnings)
     except ConfigError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         sys.exit(2)
+    if not os.environ.get(ENV_CONFIG_WARNED):  # `ringfence up` printed them once for all its services
+        for line in warnings:
+            log.warning("%s", line)
     try:
         adapter = make_adapter(args)
         _run_to_the_end(_serve(short_name, config, adapter))

@@ -21,6 +21,7 @@ from . import core
 
 log = logging.getLogger(__name__)
 
+STATIC_KEYS = {names.CAP_KEY, names.NETWORKING_KEY, names.RECORDING_CONFIG_KEY}
 # Room for the KV subject and headers next to a value within NATS's max_payload.
 MESSAGE_OVERHEAD = 1024
 
@@ -33,6 +34,7 @@ class Adapter:
             ctx.counters.setdefault(counter, 0)
         self.outbox = Outbox(ctx, names.POLICY_BUCKET, names.POLICY)
         await self.outbox.start()  # events of changes a killed predecessor wrote but did not publish
+        await self._apply_config_file()
         # Writers are exclusive (ctx.write_lock): "created" vs "updated" and the order of audit
         # events match the order in which changes were written.
         await ctx.add_endpoint("create", names.api_subject(names.POLICY_API, "create"), self.create,
@@ -87,7 +89,8 @@ class Adapter:
         wanted_roles = core.referenced_roles(checked)
         existing_roles = {n for n in wanted_roles if await self._read(names.role_key(n), call) is not None}
         max_value = self.ctx.nc.max_payload - MESSAGE_OVERHEAD
-        changes = core.plan_create(checked, existing_keys, existing_roles, call.actor, max_value)
+        static_keys = {k for k in keys & STATIC_KEYS if core.from_config_file(await self._read(k, call))}
+        changes = core.plan_create(checked, existing_keys, existing_roles, call.actor, max_value, static_keys)
         problems = [] if call.body.dry_run else await self._apply(changes)
         return api.CreateResult(messages=core.create_messages(changes) + problems)
 
@@ -102,10 +105,19 @@ class Adapter:
 
     async def delete(self, call: Call[api.DeleteRequest]) -> api.DeleteResult:
         look = core.lookup(call.body.kind, call.body.name)
-        exists = bool(look.key) and await self._read(look.key, call) is not None
-        change = core.plan_delete(look, exists, call.actor)
+        value = await self._read(look.key, call) if look.key else None
+        change = core.plan_delete(look, value is not None, call.actor, static=core.from_config_file(value))
         problems = await self._apply([change])
         return api.DeleteResult(message="\n".join([change.message, *problems]))
+
+    async def _apply_config_file(self) -> None:
+        """The singletons the config file sets (auth_service), written as the original's auth server
+        does at start-up; those it no longer sets go back to defaults."""
+        async with self.ctx.write_lock:
+            desired = core.static_resources(self.ctx.config.auth_service)
+            changes = core.plan_static(desired, {key: await self._read(key) for key in desired})
+            for line in await self._apply(changes) if changes else []:
+                log.warning("%s", line)
 
     async def update_user(self, call: Call[api.UserUpdateRequest]) -> api.CreateResult:
         """`users add` / `users update`: read, change what was asked, write back, under the write lock."""

@@ -56,6 +56,9 @@ def check_metadata(p: Problems, md: r.Metadata) -> None:
         p.add("metadata.description", f"{len(md.description)} characters; at most {r.MAX_MESSAGE_LEN} are allowed")
     if len(md.labels) > r.MAX_LIST_ITEMS:
         p.add("metadata.labels", f"{len(md.labels)} entries; at most {r.MAX_LIST_ITEMS} are allowed")
+    if r.ORIGIN_LABEL in md.labels:
+        p.add(f"metadata.labels.{r.ORIGIN_LABEL}", "is set by the policy service only (for settings from its "
+                                                   "config file); leave it out")
 
 
 def check_duration(p: Problems, text: str, path: str) -> None:
@@ -153,12 +156,18 @@ def check_networking(p: Problems, res: r.ClusterNetworkingConfig) -> r.ClusterNe
     return res
 
 
+def check_recording_config(p: Problems, res: r.SessionRecordingConfig) -> r.SessionRecordingConfig:
+    check_fixed_name(p, res.metadata.name, r.RECORDING_CONFIG_NAME)
+    return res
+
+
 CHECKS: dict[type, Callable[[Problems, Any], Any]] = {
     r.NetworkRestrictions: check_network_restrictions,
     r.Role: check_role,
     r.User: check_user,
     r.ClusterAuthPreference: check_cap,
     r.ClusterNetworkingConfig: check_networking,
+    r.SessionRecordingConfig: check_recording_config,
 }
 
 
