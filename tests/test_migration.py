@@ -106,3 +106,92 @@ def test_ringfence_up_with_a_teleport_yaml(tmp_path, nodename):
     assert text.count("db_service: ignored: Ringfence controls OpenSSH sessions, not databases") == 1, text[-3000:]
     assert text.count("teleport.auth_token, teleport.auth_server: ignored") == 1
     assert "proxy_service" not in text  # enabled: false says nothing to ignore
+
+
+# --- what an import says takes effect on real SSH sessions ------------------------------------------------
+
+EXPORT = Path(__file__).with_name("data") / "tctl_get_all.yaml"
+
+
+def rf(url: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*RINGFENCE, *args, "--nats-url", url], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+
+
+def hold(server, login: str, key: Path) -> subprocess.Popen:
+    """A connection that lasts until the client goes or the session is ended."""
+    return subprocess.Popen([*server.ssh_argv(login, key), "echo up; cat >/dev/null"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.bpf
+def test_an_imported_export_limits_and_locks_real_ssh_sessions(nats_server, services, enforcer, sshd):
+    services("policy", "locks", "audit")
+    node = enforcer()
+    server = sshd(node)
+    url = nats_server.url
+    alice, alice_key = server.add_user("alice")
+    mallory, mallory_key = server.add_user("mallory")
+    # Ringfence knows their keys already; the import keeps them (and adds the original's roles).
+    for user, key in (("alice@example.com", alice_key), ("mallory@example.com", mallory_key)):
+        assert rf(url, "users", "add", user, "--key", f"{key}.pub").returncode == 0
+    dry = rf(url, "import", str(EXPORT), "--dry-run")
+    assert dry.returncode == 0 and "dry run: nothing was changed; 11 of 18 documents would be imported" in dry.stderr
+    assert "contractor" not in rf(url, "get", "roles", "--format", "text").stdout  # nothing changed
+    out = rf(url, "import", str(EXPORT))
+    assert out.returncode == 0, out.stderr
+    assert 'note: document 13 (user "alice@example.com"): kept its Ringfence SSH keys' in out.stdout
+    assert 'role \'contractor\' has been created' in out.stdout
+
+    # contractor (max_connections: 1, from the original's role) limits alice fleet-wide.
+    wait_for(lambda: "user=alice@example.com" in server.ssh(alice, alice_key, "echo user=$RINGFENCE_USER").stdout
+             and "roles contractor" in node.log(), what="alice's imported role at the enforcer")
+    first = hold(server, alice, alice_key)
+    assert first.stdout.readline().strip() == "up"
+    second = server.ssh(alice, alice_key, "echo up")
+    assert second.returncode != 0
+    assert 'too many concurrent ssh connections for user "alice@example.com" (max=1)' in second.stdout + second.stderr
+    first.kill()
+    first.wait()
+    # The original's lock on mallory refuses her logins, with its message.
+    refused = server.ssh(mallory, mallory_key, "echo up")
+    assert refused.returncode != 0 and "up" not in refused.stdout
+    message = 'lock targeting User:"mallory@example.com" is in force: Suspicious activity.'
+    assert message in refused.stdout + refused.stderr
+
+
+# --- a lock on a key's fingerprint ---------------------------------------------------------------------------------
+
+
+def fingerprint(pub: Path) -> str:
+    return subprocess.run(["ssh-keygen", "-lf", str(pub)], capture_output=True, text=True,
+                          check=True).stdout.split()[1]
+
+
+@pytest.mark.bpf
+def test_a_lock_on_a_key_fingerprint_stops_that_key_and_its_certificate_not_the_users_other_key(
+        nats_server, services, enforcer, sshd, tmp_path):
+    services("policy", "locks", "audit")
+    node = enforcer()
+    server = sshd(node)
+    url = nats_server.url
+    login, stolen = server.add_user("dev")
+    spare = tmp_path / "spare"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(spare)], check=True)
+    with open(f"/home/{login}/.ssh/authorized_keys", "a") as keys:
+        keys.write(Path(f"{spare}.pub").read_text())
+    cert = server.certify(stolen, "dave", login)  # a certificate of the stolen key
+    session = hold(server, login, stolen)
+    assert session.stdout.readline().strip() == "up"
+
+    lock = rf(url, "lock", "--device", fingerprint(Path(f"{stolen}.pub")), "--message", "Stolen laptop.")
+    assert lock.returncode == 0, lock.stderr
+    assert session.wait(15) != 0  # the running session of that key ends
+    message = f'lock targeting Device:"{fingerprint(Path(f"{stolen}.pub"))}" is in force: Stolen laptop.'
+    refused = server.ssh(login, stolen, "echo up")
+    assert refused.returncode != 0 and message in refused.stdout + refused.stderr
+    by_cert = server.ssh(login, stolen, "echo up", "-o", f"CertificateFile={cert}")
+    assert by_cert.returncode != 0 and message in by_cert.stdout + by_cert.stderr
+    # The same account with its other key still works.
+    other = server.ssh(login, spare, "echo up")
+    assert other.returncode == 0 and other.stdout.strip() == "up", other.stderr

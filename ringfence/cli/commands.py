@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from . import bootstrap, events, locks, resources, run, session_control, sessions, ssh_hooks, status, up, users
+from . import (
+    bootstrap,
+    events,
+    importer,
+    locks,
+    resources,
+    run,
+    session_control,
+    sessions,
+    ssh_hooks,
+    status,
+    up,
+    users,
+)
 
 _ = session_control  # registers `sessions join` and `sessions kill` with the sessions group
 
@@ -11,6 +24,7 @@ REGISTRY = [
     bootstrap.register,  # bootstrap (the first admin, for stacks not started by up)
     status.register,
     resources.register,  # create, get, rm
+    importer.register,  # import (the original's tctl get all)
     run.register,  # run
     events.register,  # events search|tail
     sessions.register,  # sessions ls (join, kill: see sessions.py), play
