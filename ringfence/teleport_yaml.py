@@ -43,6 +43,7 @@ OTHER_SECTIONS = {
 _JOIN = "Ringfence nodes connect to NATS (nats_url, nats_nkey), not to the original's auth server"
 _STATE = "Ringfence keeps its state in NATS JetStream"
 _SSHD = "sshd serves SSH here: set it in sshd_config"
+_LABELS = "labels select nodes in the original's roles (node_labels); Ringfence's roles do not select nodes"
 _LOG = "services log to stderr; set the level with --log-level or RINGFENCE_LOG_LEVEL"
 _CONN_LIMITS = ("the original's per-address connection limits of its own SSH server: on OpenSSH use "
                 "MaxStartups and PerSourceMaxStartups in sshd_config; concurrent connections per user are "
@@ -85,7 +86,7 @@ IGNORED = {
         "hardware_key": _AUTH, "signature_algorithm_suite": _AUTH,
     },
     "ssh_service": {
-        "listen_addr": _SSHD, "public_addr": _SSHD, "labels": _SSHD, "commands": _SSHD, "pam": _SSHD,
+        "listen_addr": _SSHD, "public_addr": _SSHD, "labels": _LABELS, "commands": _LABELS, "pam": _SSHD,
         "permit_user_env": _SSHD, "port_forwarding": _SSHD, "x11": _SSHD, "ssh_file_copy": _SSHD,
         "disable_create_host_user": _SSHD, "namespace": _SSHD, "aws": _SSHD, "force_listen": _SSHD,
     },

@@ -129,48 +129,7 @@ def test_nats_replicas_defaults_to_1_takes_3_or_5_and_env_and_flag_override(tmp_
 # --- the original's teleport.yaml ------------------------------------------------------------------------
 
 # The seed's node config (000), its lost keys filled in, plus the auth settings a migrating team has.
-TELEPORT_YAML = """\
-version: v3
-teleport:
-  nodename: graviton-node
-  auth_token: exampletoken
-  auth_server: 10.1.1.1:3025
-  data_dir: /var/lib/teleport
-  log:
-    output: stderr
-    severity: INFO
-  connection_limits:
-    max_connections: 1000
-    max_users: 250
-auth_service:
-  enabled: false
-  cluster_name: teleport-quickstart
-  authentication:
-    type: local
-    second_factor: otp
-    locking_mode: strict
-  session_recording: node-sync
-  client_idle_timeout: 15m
-  keep_alive_interval: 5m
-proxy_service:
-  enabled: false
-ssh_service:
-  enabled: true
-  labels:
-    env: prod
-  enhanced_recording:
-    # Must be enabled for Restricted Sessions to work.
-    enabled: true
-    command_buffer_size: 8
-    cgroup_path: /cgroup2
-  restricted_session:
-    enabled: true
-db_service:
-  enabled: "yes"
-  databases: [{name: pg, protocol: postgres, uri: "pg:5432"}]
-windows_desktop_service:
-  enabled: true
-"""
+TELEPORT_YAML = (Path(__file__).parents[1] / "examples" / "migration" / "teleport.yaml").read_text()
 
 
 def teleport_yaml(tmp_path: Path, text: str = TELEPORT_YAML) -> str:

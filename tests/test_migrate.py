@@ -11,7 +11,7 @@ from ringfence import migrate
 from ringfence.contract import resources as r
 from ringfence.contract import strict
 
-EXPORT = Path(__file__).with_name("data") / "tctl_get_all.yaml"
+EXPORT = Path(__file__).parents[1] / "examples" / "migration" / "tctl-get-all.yaml"
 KEY = "SHA256:mXu4uS8Valt9tkpP1RLL+mNxjogzy99UT3rBT6tOykE"
 
 

@@ -110,7 +110,7 @@ def test_ringfence_up_with_a_teleport_yaml(tmp_path, nodename):
 
 # --- what an import says takes effect on real SSH sessions ------------------------------------------------
 
-EXPORT = Path(__file__).with_name("data") / "tctl_get_all.yaml"
+EXPORT = Path(__file__).parents[1] / "examples" / "migration" / "tctl-get-all.yaml"
 
 
 def rf(url: str, *args: str) -> subprocess.CompletedProcess:
