@@ -132,15 +132,15 @@ class ServiceContext:
         async def serve(req: Request) -> None:
             try:
                 operator = await request_auth.authenticate(req)
-                subject_of_check: Any = req
+                served: Any = req  # what the resolver and the handler get
                 if decode is not None:
-                    subject_of_check = Call(operator.actor, decode(req.data or b""))
+                    served = Call(operator.actor, decode(req.data or b""))
                 else:
                     req._ringfence_actor = operator.actor  # type: ignore[attr-defined]
                 async with self.write_lock if exclusive else contextlib.nullcontext():
-                    actions = await resolve_actions(action, subject_of_check)
+                    actions = await resolve_actions(action, served)
                     await request_auth.authorize(operator, actions, req.subject)
-                    result = await handler(subject_of_check)
+                    result = await handler(served)
                 body = result if isinstance(result, bytes) else ok_reply(result)
             except ApiError as exc:
                 await respond_error(req, str(exc), exc.kind)
