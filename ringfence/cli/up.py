@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 
-from ..config import ENV_NATS_URL, Config
+from ..config import ENV_CONFIG_WARNED, ENV_NATS_URL, Config
 from ..contract import names
 from ..contract.streams import StreamSetupError, ensure_streams_ready
 from ..keyfiles import write_secret
@@ -265,7 +265,8 @@ async def _start_embedded(sup: Supervisor, cfg: Config, data_dir: Path, host: st
 
 
 async def run(args: argparse.Namespace) -> int:
-    cfg = config_from(args)
+    warnings: list[str] = []
+    cfg = config_from(args, warnings)
     data_dir = Path(cfg.data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -273,6 +274,9 @@ async def run(args: argparse.Namespace) -> int:
         raise CliError(f"cannot create data dir {data_dir}: {exc.strerror}; use --data-dir") from None
 
     sup = Supervisor()
+    for line in warnings:  # once here, not once per service
+        sup.emit("up", f"warning: {line}")
+    os.environ[ENV_CONFIG_WARNED] = "1"
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, sup.wake.set)

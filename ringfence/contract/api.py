@@ -62,6 +62,18 @@ class DeleteResult(Struct):
     message: str
 
 
+class UserUpdateRequest(Struct, omit_defaults=True):
+    """`users add` (create=True: create the user when missing) and `users update`: change only what is
+    asked, keep everything else (roles, keys, operator identity)."""
+
+    name: str
+    create: bool = False
+    set_roles: list[str] | None = None  # None: keep the roles
+    add_keys: list[str] = field(default_factory=list)  # OpenSSH public key lines
+    remove_keys: list[str] = field(default_factory=list)  # key lines, or their SHA256:... fingerprints
+    operator_nkey: str = ""  # a new operator identity's public key; empty: keep the current one
+
+
 class LockRequest(Struct, omit_defaults=True):
     target: LockTarget
     message: str = ""

@@ -208,6 +208,12 @@ class UserCreated(AuditEvent, tag="user.create"):
     roles: list[str] = field(default_factory=list)
 
 
+class UserUpdated(AuditEvent, tag="user.update"):
+    CODE = "T1003I"
+    name: str = ""
+    roles: list[str] = field(default_factory=list)
+
+
 class UserDeleted(AuditEvent, tag="user.delete"):
     CODE = "T1004I"
     name: str = ""
@@ -221,6 +227,11 @@ class CapUpdated(AuditEvent, tag="cluster_auth_preference.update"):
 class NetworkingConfigUpdated(AuditEvent, tag="cluster_networking_config.update"):
     CODE = "RF2003I"
     client_idle_timeout: str = ""
+
+
+class RecordingConfigUpdated(AuditEvent, tag="session_recording_config.update"):
+    CODE = "RF2004I"
+    mode: str = ""
 
 
 class NetworkRestrictionsUpdated(AuditEvent, tag="network_restrictions.update"):

@@ -58,6 +58,7 @@ AUDIT_CURSOR_BUCKET = "ringfence_audit_cursor"
 NETWORK_RESTRICTIONS_KEY = "network_restrictions"
 CAP_KEY = "cluster_auth_preference"
 NETWORKING_KEY = "cluster_networking_config"
+RECORDING_CONFIG_KEY = "session_recording_config"
 ROLE_KEY_PREFIX = "role."
 USER_KEY_PREFIX = "user."
 
@@ -89,7 +90,7 @@ def user_key(name: str) -> str:
 
 # --- request/reply APIs ------------------------------------------------------------
 API_PREFIX = "ringfence.api"
-POLICY_API = f"{API_PREFIX}.{POLICY}"  # .create .get .delete
+POLICY_API = f"{API_PREFIX}.{POLICY}"  # .create .get .delete .update_user
 LOCKS_API = f"{API_PREFIX}.{LOCKS}"  # .create .get .delete .unlock
 AUDIT_API = f"{API_PREFIX}.{AUDIT}"  # .search .recordings .recording
 ENFORCER_API = f"{API_PREFIX}.{ENFORCER}"  # .<server_id>.kill

@@ -69,7 +69,7 @@ class EnforcerAdapter:
         Path(cfg.data_dir).chmod(0o755)  # session users reach the socket inside it
         self.spool = Spool(data / "spool")
         self.recordings = Spool(data / "recordings-spool")
-        self.directory = Directory(ctx.nc)
+        self.directory = Directory(ctx.nc, ctx.counters)
         self.launcher = RelayLauncher(tree.mount / "ringfence" / f"{cfg.nodename}.relays")
         await self.launcher.start()
         self.sessions = self._session_manager(tree, data)

@@ -72,6 +72,13 @@ def _string(value: bytes) -> bytes:
     return struct.pack(">I", len(value)) + value
 
 
+def plain_key_type(cert_type: str) -> str:
+    """The type of the key a certificate certifies: ssh-ed25519-cert-v01@openssh.com -> ssh-ed25519,
+    sk-ssh-ed25519-cert-v01@openssh.com -> sk-ssh-ed25519@openssh.com (the FIDO types keep their suffix)."""
+    plain = cert_type.replace("-cert-v01@openssh.com", "")
+    return plain + "@openssh.com" if plain.startswith("sk-") else plain
+
+
 def parse_certificate(key: AuthKey) -> Certificate | None:
     """An OpenSSH user certificate's key ID, certified key and CA key; None if it is not one."""
     fields = _CERT_KEY_FIELDS.get(key.key_type)
@@ -86,7 +93,7 @@ def parse_certificate(key: AuthKey) -> Certificate | None:
         key_start = off
         for _ in range(fields):
             _, off = _read_string(data, off)
-        plain = _string(key.key_type.replace("-cert-v01@openssh.com", "").encode()) + data[key_start:off]
+        plain = _string(plain_key_type(key.key_type).encode()) + data[key_start:off]
         off += 8  # serial
         (kind,) = struct.unpack_from(">I", data, off)
         off += 4
@@ -158,7 +165,7 @@ def resolve(auth_info: str, login: str, key_owners: Mapping[tuple[str, str], str
         cert = parse_certificate(key)
         if cert is not None:
             blob = cert.public_blob
-            plain_type = key.key_type.replace("-cert-v01@openssh.com", "")
+            plain_type = plain_key_type(key.key_type)
             facts = {"fingerprint": fingerprint(blob), "is_sk": plain_type.startswith("sk-")}
             if cert.key_id and cert.signature_key in trusted_cas:
                 return SshIdentity(user=cert.key_id, key_id=cert.key_id, source="certificate", **facts)
