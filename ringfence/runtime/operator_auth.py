@@ -129,10 +129,11 @@ class RequestAuth:
         now = self.clock()
         try:
             signed = auth.verify_request(req.headers, req.subject, req.data or b"", now)
+            key = auth.vouching_key(req.headers, signed, now)  # a console request: its grant's key
             user = await self.directory.user(signed.actor)
-            if user is None or user.spec.operator_nkey != signed.nkey:
+            if user is None or user.spec.operator_nkey != key:
                 user = await self.directory.user(signed.actor, fresh=True)
-            auth.check_registered(signed, user.spec.operator_nkey if user else None)
+            auth.check_registered(signed, user.spec.operator_nkey if user else None, key)
             self.nonces.check_and_add(signed, now)
         except auth.AuthError as exc:
             self.counters["requests_unauthenticated"] += 1
@@ -144,7 +145,7 @@ class RequestAuth:
         if denied:  # the mirror may lag a change made a moment ago: ask the bucket itself
             fresh = await self.directory.user(signed.actor, fresh=True)
             roles = await self.directory.roles_of(fresh, fresh=True) if fresh is not None else []
-            if fresh is None or fresh.spec.operator_nkey != signed.nkey:
+            if fresh is None or fresh.spec.operator_nkey != key:
                 roles = []
             denied = auth.first_denied(roles, actions)
         if denied:
