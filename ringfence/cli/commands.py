@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import bootstrap, events, locks, resources, run, session_control, sessions, ssh_hooks, status, up, users
+from . import bootstrap, events, locks, resources, run, session_control, sessions, ssh_hooks, status, up, users, web
 
 _ = session_control  # registers `sessions join` and `sessions kill` with the sessions group
 
@@ -17,4 +17,5 @@ REGISTRY = [
     locks.register,  # lock, unlock
     ssh_hooks.register,  # pam-hook, ssh-session (OpenSSH integration)
     users.register,  # users add|ls|rm
+    web.register,  # web (the console), web login
 ]

@@ -135,11 +135,17 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="copies of every stream and bucket: 1, 3 or 5 (env RINGFENCE_NATS_REPLICAS)")
 
 
-def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Adapter], argv=None) -> None:
+def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Adapter], argv=None, *,
+                add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                manage_streams: bool = True) -> None:
+    """`add_arguments`: the service's own flags; `manage_streams` False: a service that only reads
+    (the web console) neither creates nor reconfigures streams and buckets."""
     parser = argparse.ArgumentParser(
         prog=f"python -m services.{short_name}", description=f"Ringfence {short_name} service"
     )
     common_arguments(parser)
+    if add_arguments:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(short_name, args.log_level)
     try:
@@ -150,7 +156,7 @@ def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Ad
         sys.exit(2)
     try:
         adapter = make_adapter(args)
-        _run_to_the_end(_serve(short_name, config, adapter))
+        _run_to_the_end(_serve(short_name, config, adapter, manage_streams))
     except (StartupError, NatsCredentialError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -197,7 +203,7 @@ class StartupError(Exception):
     """A service cannot start; the message says why and what to do."""
 
 
-async def _serve(short_name: str, config: Config, adapter: Adapter) -> None:
+async def _serve(short_name: str, config: Config, adapter: Adapter, manage_streams: bool = True) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -207,7 +213,7 @@ async def _serve(short_name: str, config: Config, adapter: Adapter) -> None:
     nc = await connect(config.nats_urls, f"ringfence-{short_name}@{config.nodename}",
                        nkey_seed=config.nats_nkey or None)
     js = nc.jetstream()
-    if not await _streams_ready(js, config.nats_replicas, stop):
+    if manage_streams and not await _streams_ready(js, config.nats_replicas, stop):
         await wait_closed(nc, 2)
         return
     ctx = ServiceContext(
