@@ -37,10 +37,12 @@ MAX_YAML_BYTES = 16 * 1024 * 1024  # as `create -f`
 COOKIE = "ringfence_console"
 CSRF_HEADER = "X-CSRF-Token"
 
-# Everything from this origin, nothing inline, nothing framed. 'wasm-unsafe-eval' lets
-# asciinema-player compile its terminal emulator (WebAssembly), not evaluate script.
+# Everything from this origin, no inline script, nothing framed. 'wasm-unsafe-eval' lets
+# asciinema-player compile its terminal emulator (WebAssembly), not evaluate script. Inline
+# styles are allowed: xterm.js and asciinema-player size and colour the terminal with style
+# elements made at run time (styles cannot run script, and pages insert fleet text as text only).
 CONTENT_SECURITY_POLICY = (
-    "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; img-src 'self' data:; "
+    "default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
     "font-src 'self'; connect-src 'self'; worker-src 'self'; base-uri 'none'; form-action 'self'; "
     "frame-ancestors 'none'"
 )

@@ -220,7 +220,8 @@ class HttpServer:
         cannot set headers on a WebSocket), and this console's Origin."""
         session = self.session(request)
         core.check_write(session, request.query.get("csrf"), request.headers.get("Origin"), request.host)
-        ws = web.WebSocketResponse(heartbeat=20.0, headers=core.SECURITY_HEADERS)
+        ws = web.WebSocketResponse(heartbeat=20.0)
+        ws.headers.update(core.SECURITY_HEADERS)
         await ws.prepare(request)
         ended = asyncio.Event()
         self.streams.add(ended)
