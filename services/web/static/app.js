@@ -17,7 +17,7 @@ function h(tag, attrs = {}, ...children) {
     else if (k === "text") el.textContent = v;
     else el.setAttribute(k, v === true ? "" : v);
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
@@ -498,7 +498,8 @@ const ROUTES = [
   [/^#\/users$/, usersPage],
 ];
 
-function route() {
+// A link followed moves the focus to the new page's content; the first load leaves it at the top.
+function route(event) {
   for (const close of cleanup.splice(0)) {
     try { close(); } catch { /* already closed */ }
   }
@@ -511,7 +512,7 @@ function route() {
     const m = hash.match(pattern);
     if (m) {
       page(...m.slice(1).map(decodeURIComponent));
-      main.focus({ preventScroll: true });
+      if (event) main.focus({ preventScroll: true });
       return;
     }
   }
@@ -534,7 +535,7 @@ async function start() {
     location.reload();
   });
   window.addEventListener("hashchange", route);
-  route();
+  route(null);
 }
 
 start();
