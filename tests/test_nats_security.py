@@ -232,7 +232,7 @@ def test_the_web_console_reads_but_writes_nothing_and_answers_only_its_own_api(s
             _try_publish(nc, names.recording_subject(str(uuid.uuid4()))),
             _try_publish(nc, f"$KV.{names.POLICY_BUCKET}.{names.role_key('admin')}"),
             _try_publish(nc, f"$KV.{names.LOCKS_BUCKET}.x"),
-            _try_publish(nc, f"$KV.{names.SESSIONS_BUCKET}.x"))))
+            _try_publish(nc, f"$KV.{names.SESSIONS_BUCKET}.x")), strict=True))
         try:
             await nc.request(f"$JS.API.STREAM.PURGE.KV_{names.POLICY_BUCKET}", b"", timeout=1.0)
             writes["purge"] = "answered"

@@ -191,7 +191,12 @@ def signed_in(open_page, stack, identity: Path | None = None, viewport: dict = D
 
 
 def go(page, stack, route: str) -> None:
-    page.goto(f"{stack.console}/#/{route}")
+    """Show the page afresh (the same address again reloads it)."""
+    url = f"{stack.console}/#/{route}"
+    if page.url == url:
+        page.reload()
+    else:
+        page.goto(url)
     page.wait_for_selector("main .loading", state="detached")
 
 
@@ -214,6 +219,10 @@ def test_a_sign_in_url_works_once_and_every_page_fits_desktop_and_phone(stack, o
     # Without a session the API refuses, with the way to sign in.
     reply = again.request.get(f"{stack.console}/api/locks")
     assert reply.status == 401 and "ringfence web login" in reply.json()["error"]
+
+    # A change without the page's CSRF token is refused, with a session cookie or not.
+    refused = page.request.post(f"{stack.console}/api/locks", data={"target": {"user": "x"}})
+    assert refused.status == 403 and "X-CSRF-Token" in refused.json()["error"]
 
     phone = signed_in(open_page, stack, viewport=PHONE)
     for route, heading in [("events", "Audit events"), ("recordings", "Recordings"),
@@ -367,3 +376,7 @@ def test_an_operator_is_refused_what_their_role_does_not_allow(stack, open_page)
     sync_api.expect(page.locator("main .ok")).to_contain_text("Created a lock")
     sync_api.expect(page.locator("tr", has_text="login=nobody")).to_contain_text("alice")
     assert stack.cli("get", "roles/escalated", check=False).stdout == ""
+    # A new identity for alice replaces her key: the console's grant from the old one stops working.
+    stack.cli("users", "add", "alice", "--roles", "locksmith", "--operator", "--out", str(stack.root / "alice2.nk"))
+    go(page, stack, "locks")
+    assert 'is not the registered operator key of user "alice"' in error_text(page)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import yaml
 from aiohttp import WSMsgType, web
@@ -128,8 +129,12 @@ class HttpServer:
         """The session of a request that changes something, after the CSRF and Origin checks."""
         session = self.session(request)
         core.check_write(session, request.headers.get(core.CSRF_HEADER), request.headers.get("Origin"),
-                         request.host)
+                         self.host_of(request))
         return session
+
+    def host_of(self, request: web.Request) -> str:
+        """The host browsers reach the console by: the public URL's behind a proxy."""
+        return urlsplit(self.public_url).netloc if self.public_url else request.host
 
     async def body(self, request: web.Request) -> dict:
         try:
@@ -174,7 +179,7 @@ class HttpServer:
     async def events_live(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: each new audit event as one `data:` line, until the page goes."""
         session = self.session(request)
-        core.check_origin(request.headers.get("Origin"), request.host)
+        core.check_origin(request.headers.get("Origin"), self.host_of(request))
         types = core.search_request({"type": request.query.get("type", "")}, _now()).event_types
         await self.console.may_tail(session, types)
         response = web.StreamResponse(headers={**core.SECURITY_HEADERS, "Content-Type": "text/event-stream",
@@ -219,7 +224,7 @@ class HttpServer:
         """WebSocket: the session's output as JSON messages; the page's token in ?csrf= (a browser
         cannot set headers on a WebSocket), and this console's Origin."""
         session = self.session(request)
-        core.check_write(session, request.query.get("csrf"), request.headers.get("Origin"), request.host)
+        core.check_write(session, request.query.get("csrf"), request.headers.get("Origin"), self.host_of(request))
         ws = web.WebSocketResponse(heartbeat=20.0)
         ws.headers.update(core.SECURITY_HEADERS)
         await ws.prepare(request)
