@@ -3,6 +3,7 @@
 import argparse
 
 from ringfence.config import parse_listen
+from ringfence.contract import names
 from ringfence.durations import parse_duration
 from ringfence.runtime.service import run_service
 
@@ -39,4 +40,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 if __name__ == "__main__":
-    run_service("web", make_adapter, add_arguments=add_arguments, manage_streams=False)
+    reads = (names.AUDIT_STREAM, f"KV_{names.POLICY_BUCKET}", f"KV_{names.SESSIONS_BUCKET}")
+    run_service("web", make_adapter, add_arguments=add_arguments, reads_only=reads)

@@ -18,7 +18,7 @@ import msgspec
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import DeliverPolicy
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import NotFoundError
 from nats.micro.request import Request
 
 from ringfence.auth import AuthError
@@ -67,7 +67,8 @@ class Console:
         for name in COUNTERS:
             ctx.counters.setdefault(name, 0)
         self.active = KvMirror(ctx.nc, names.SESSIONS_BUCKET, ">", _decode_session)
-        self.tasks.append(asyncio.create_task(self._follow_sessions(), name="sessions"))
+        # The fleet's active sessions, as `ringfence sessions ls` reads them, kept current.
+        self.tasks.append(asyncio.create_task(self.active.run(self.stop_event), name="sessions"))
         await ctx.add_endpoint("offer", names.api_subject(names.WEB_API, "offer"), self._offer, action=_anyone)
         await ctx.add_endpoint("login", self.login_subject, self._login, action=_anyone)
         self.server = HttpServer(self, self.args)
@@ -86,16 +87,6 @@ class Console:
     def login_subject(self) -> str:
         assert self.ctx is not None
         return f"{names.WEB_API}.{self.instance}.login"
-
-    async def _follow_sessions(self) -> None:
-        """The fleet's active sessions, as `ringfence sessions ls` reads them (kept current)."""
-        assert self.active is not None
-        while not self.stop_event.is_set():
-            try:
-                await self.active.run(self.stop_event)
-                return
-            except BucketNotFoundError:  # nothing created it yet: no enforcer has run
-                await asyncio.sleep(2.0)
 
     # --- sign-in (`ringfence web login`) ----------------------------------------------------------------
 
