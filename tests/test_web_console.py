@@ -249,6 +249,10 @@ def test_a_sign_in_url_works_once_and_every_page_fits_desktop_and_phone(stack, o
 
 
 def test_create_find_and_remove_a_lock_audited_as_the_operator(stack, open_page):
+    follower = signed_in(open_page, stack)  # another operator's page, following events live
+    go(follower, stack, "events")
+    follower.get_by_role("button", name="Follow live").click()
+    sync_api.expect(follower.locator("#live")).to_contain_text("Waiting for new events")
     page = signed_in(open_page, stack)
     go(page, stack, "locks")
     target = f"mallory-{uuid.uuid4().hex[:6]}"
@@ -261,6 +265,8 @@ def test_create_find_and_remove_a_lock_audited_as_the_operator(stack, open_page)
     row = page.locator("tr", has_text=f"user={target}")
     sync_api.expect(row).to_contain_text("admin")  # created_by: the operator, not the console
     name = row.locator("td").first.inner_text()
+    live_row = follower.locator("#live tbody tr:not(.detail)", has_text="lock.created").filter(has_text=target)
+    sync_api.expect(live_row).to_contain_text("admin", timeout=10_000)
 
     go(page, stack, "events")
     page.fill("input[name=type]", "lock.created")
@@ -306,7 +312,9 @@ def test_a_recording_plays_its_text_at_the_recorded_time(stack, open_page):
     sync_api.expect(screen).to_contain_text("second-line")
     # Played at 4x from the start: the second line appears, and only once the player is past 2 s.
     page.select_option("select[name=speed]", "4")
-    page.wait_for_function("window.ringfencePlayer !== undefined")
+    page.wait_for_selector('#player[data-speed="4"]')
+    page.evaluate("window.ringfencePlayer.seek(0)")
+    sync_api.expect(screen).not_to_contain_text("second-line")
     page.evaluate("window.ringfencePlayer.play()")
     sync_api.expect(screen).to_contain_text("second-line", timeout=10_000)
     assert page.evaluate("window.ringfencePlayer.getCurrentTime()") >= 1.9
@@ -361,6 +369,8 @@ def test_an_operator_is_refused_what_their_role_does_not_allow(stack, open_page)
 
     go(page, stack, "events")
     assert error_text(page) == 'access denied to perform action "list" on "event"'
+    page.get_by_role("button", name="Follow live").click()  # the live tail asks the same
+    sync_api.expect(page.locator("#live .error")).to_have_text('access denied to perform action "list" on "event"')
     go(page, stack, "network")
     assert error_text(page) == 'access denied to perform action "read" on "network_restrictions"'
     go(page, stack, "users")

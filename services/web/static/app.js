@@ -126,7 +126,7 @@ function eventsPage() {
       h("option", { value: "asc", text: "oldest first" })),
   };
   const results = h("div", { class: "results" });
-  const live = h("div", { class: "results" });
+  const live = h("div", { class: "results", id: "live", "aria-live": "polite" });
   const liveToggle = h("button", { type: "button", "aria-pressed": "false", text: "Follow live" });
   const pages = []; // next keys: pages[i] is the key that starts page i
 
@@ -171,12 +171,13 @@ function eventsPage() {
       body.prepend(...eventRows(JSON.parse(msg.data)));
     };
     source.onerror = () => {
-      // The console refuses with a JSON error before the stream opens; fetch it to show why.
+      // EventSource hides why; the console refuses with a JSON error before a stream opens.
       stopLive();
-      fetch(`/api/events/live?${q}`, { credentials: "same-origin" }).then(async (r) => {
-        const text = r.ok ? "" : await r.text();
+      const probe = new AbortController();
+      fetch(`/api/events/live?${q}`, { credentials: "same-origin", signal: probe.signal }).then(async (r) => {
         let message = "the live tail stopped (the console or its connection went away)";
-        try { message = JSON.parse(text).error || message; } catch { /* a stream: keep the message */ }
+        if (r.ok) probe.abort();
+        else message = (await r.json().catch(() => ({}))).error || message;
         live.replaceChildren(errorBox(message));
       }).catch((err) => live.replaceChildren(errorBox(err.message)));
     };
@@ -234,7 +235,8 @@ function recordingPage(sid) {
     player = window.AsciinemaPlayer.create(`/api/recordings/${encodeURIComponent(sid)}.cast`, stage, {
       speed: Number(speed.value), startAt, fit: "width", controls: true, autoPlay: startAt > 0,
     });
-    window.ringfencePlayer = player; // for keyboard users' devtools and the browser tests
+    stage.dataset.speed = speed.value; // which player is showing, for the browser tests
+    window.ringfencePlayer = player;
   };
   cleanup.push(() => player && player.dispose());
   speed.addEventListener("change", async () => create(player ? await player.getCurrentTime() : 0));
