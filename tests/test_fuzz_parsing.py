@@ -239,7 +239,7 @@ def test_rfc3339_times(text):
 # --- contract/strict.py -------------------------------------------------------------------------
 
 STRICT_TYPES = [r.AnyResource, api.CreateRequest, api.LockRequest, api.SearchRequest, api.OpenSessionRequest,
-                api.SessionUpdate, api.GetRequest]
+                api.GetRequest]
 
 
 @FAST

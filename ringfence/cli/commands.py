@@ -15,7 +15,7 @@ REGISTRY = [
     events.register,  # events search|tail
     sessions.register,  # sessions ls (join, kill: see sessions.py), play
     locks.register,  # lock, unlock
-    ssh_hooks.register,  # pam-hook, ssh-session (OpenSSH integration)
+    ssh_hooks.register,  # hooks: the sshd and PAM lines (OpenSSH integration)
     users.register,  # users add|ls|rm
     web.register,  # web (the console), web login
 ]

@@ -19,7 +19,7 @@ from ringfence.runtime import kv_read
 from ringfence.runtime.audit_publish import publish_encoded, stamp
 from ringfence.runtime.service import ServiceContext, StartupError
 
-from . import kernel, simulated
+from . import kernel, simulated, ssh_identity
 from .cgroups import CgroupTree
 from .directory import Directory
 from .limits import ConnectionLeases, SessionLimits
@@ -30,8 +30,9 @@ from .recorder import Recorder, publish_chunks
 from .recording_bpf import RecordingBPF
 from .recording_events import command_event, disk_event
 from .records import boot_offset, wall_time
+from .relays import RelayLauncher
 from .restricted_bpf import SESSION_RECORDED, SESSION_RESTRICTED, BpfLoadError, NetEvent, RestrictedBPF
-from .session_manager import SessionManager
+from .session_manager import SessionManager, SessionSettings
 from .session_socket import SessionSocket
 from .session_store import SessionStore
 from .spool import Spool
@@ -69,6 +70,8 @@ class EnforcerAdapter:
         self.spool = Spool(data / "spool")
         self.recordings = Spool(data / "recordings-spool")
         self.directory = Directory(ctx.nc)
+        self.launcher = RelayLauncher(tree.mount / "ringfence" / f"{cfg.nodename}.relays")
+        await self.launcher.start()
         self.sessions = self._session_manager(tree, data)
         self.guard = LockGuard(ctx.nc, self.sessions, self.directory, parse_duration(cfg.lock_view_max_staleness),
                                self.emit, ctx.counters)
@@ -77,6 +80,7 @@ class EnforcerAdapter:
         self.limits = SessionLimits(ctx.nc, leases, self.sessions, self.directory, self.emit, ctx.counters)
         self.sessions.checks += [self.guard.check, self.limits.check]  # limits last: it takes a lease
         self.sessions.end_hooks.append(self.limits.on_end)
+        self.sessions.idle_of = self.limits.idle_of
 
         await self._take_back_sessions(bpffs, leases)
         self.sessions.kv = await ctx.js.key_value(names.SESSIONS_BUCKET)
@@ -129,6 +133,7 @@ class EnforcerAdapter:
     def _session_manager(self, tree: CgroupTree, data: Path) -> SessionManager:
         assert self.ctx is not None and self.bpf is not None
         cfg, ctx = self.ctx.config, self.ctx
+        ssh = cfg.ssh_service
         flags = (SESSION_RESTRICTED if cfg.ssh_service.restricted_session.enabled else 0) | (
             SESSION_RECORDED if cfg.ssh_service.enhanced_recording.enabled else 0
         )
@@ -144,6 +149,13 @@ class EnforcerAdapter:
             counters=ctx.counters,
             key_owners=lambda: self.directory.key_owners,
             roles_of=self.directory.roles_of,
+            launcher=self.launcher,
+            journal_dir=_private_dir(data / "relays"),
+            settings=SessionSettings(
+                record=ssh.session_recording, stdin_limit=ssh.record_stdin_bytes,
+                trusted_cas=lambda: _trusted_cas(ssh.trusted_user_ca_keys),
+                require_registered=ssh.require_registered_identity,
+            ),
         )
         manager.start(asyncio.get_running_loop())
         return manager
@@ -312,8 +324,27 @@ class EnforcerAdapter:
             self.recordings.close()
         if self.sessions and self.sessions.watcher:
             self.sessions.watcher.close()
+        if getattr(self, "launcher", None):
+            self.launcher.close()
         if self.bpf:
             self.bpf.close()
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def _trusted_cas(path: str) -> set[bytes]:
+    """The CA keys of ssh_service.trusted_user_ca_keys, read at each login (so edits count at once)."""
+    if not path:
+        return set()
+    try:
+        return ssh_identity.read_trusted_cas(Path(path).read_text())
+    except OSError as exc:
+        log.error("cannot read ssh_service.trusted_user_ca_keys %s (%s): no certificate is trusted", path,
+                  exc.strerror)
+        return set()
 
 
 def _crash_on_failure(task: asyncio.Task) -> None:

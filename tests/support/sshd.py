@@ -7,6 +7,7 @@ started through a symlink with a unique name and gets its own /etc/pam.d file
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,21 @@ from .procs import wait_for
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 VENV_BIN = Path(sys.executable).parent
 RINGFENCE = str(VENV_BIN / "ringfence")
+HOOKS = Path(__file__).resolve().parents[2] / "ringfence" / "hooks"
+PYTHON = os.path.realpath(sys.executable)
+STOCK_PAM = Path("/etc/pam.d/sshd")
+
+
+def stock_pam_with(ours: list[str]) -> str:
+    """Debian's /etc/pam.d/sshd with our line right after common-session (before pam_env)."""
+    [line] = ours
+    out = []
+    for stock in STOCK_PAM.read_text().splitlines():
+        out.append(stock)
+        if stock.strip() == "@include common-session":
+            out.append(line)
+    assert line in out, "the stock PAM file lacks @include common-session"
+    return "\n".join(out) + "\n"
 
 
 def keygen(path: Path, comment: str = "") -> Path:
@@ -63,24 +79,21 @@ class SshServer:
     def start(self) -> SshServer:
         hostkey = keygen(self.dir / "hostkey")
         examples = Path(__file__).resolve().parents[2] / "examples"
-        # The shipped PAM line, last in the session stack as the README says.
-        hook = (examples / "pam.d" / "sshd.append").read_text().replace(
-            "/usr/local/bin/ringfence pam-hook", f"{RINGFENCE} pam-hook --data-dir {self.data_dir}")
-        self.pam_file.write_text(
-            "@include common-auth\n"
-            "account required pam_nologin.so\n"
-            "@include common-account\n"
-            "@include common-session\n" + hook
-        )
+        # Debian's stock /etc/pam.d/sshd with the shipped lines where the README puts them.
+        ours = [line.replace("/opt/ringfence/ringfence/hooks", str(HOOKS)).replace("/usr/bin/python3", PYTHON)
+                .replace("/var/lib/ringfence", str(self.data_dir))
+                for line in (examples / "pam.d" / "sshd.lines").read_text().splitlines()
+                if line and not line.startswith("#")]
+        self.pam_file.write_text(stock_pam_with(ours))
         config = self.dir / "sshd_config"
         example = (examples / "sshd_config.d" / "ringfence.conf").read_text()
         config.write_text(
             f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {hostkey}\nPidFile {self.dir}/sshd.pid\n"
             f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
-            f"TrustedUserCAKeys {self.ca}.pub\nStrictModes no\n"
-            + example.replace("/usr/local/bin/ringfence ssh-session",
-                              f"{RINGFENCE} ssh-session --data-dir {self.data_dir}")
+            f"TrustedUserCAKeys {self.ca}.pub\nStrictModes no\nSubsystem sftp /usr/lib/openssh/sftp-server\n"
             + ("AllowTcpForwarding yes\n" if self.forwarding else "")
+            + example.replace("/opt/ringfence/ringfence/hooks", str(HOOKS)).replace("/usr/bin/python3", PYTHON)
+            .replace("/var/lib/ringfence", str(self.data_dir))
         )
         Path("/run/sshd").mkdir(exist_ok=True)
         link = self.dir / self.service
