@@ -21,7 +21,7 @@ from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 from nats.micro.request import Request
 
-from ringfence.auth import AuthError
+from ringfence.auth import HEADER_NKEY, AuthError
 from ringfence.cli.resources import Source, parse_documents, renumber, route
 from ringfence.contract import api, names, recording
 from ringfence.contract.api import ApiError, ApiReply, SessionInfo
@@ -32,6 +32,7 @@ from ringfence.runtime.service import ServiceContext, request_actor
 
 from . import core, live
 from .core import ConsoleError, ConsoleSession
+from .routes import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +56,12 @@ class Console:
         self.stop_event = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
         self.active: KvMirror[SessionInfo] | None = None
-        self.server = None  # routes.HttpServer
+        self.server: HttpServer | None = None
         self.instance = secrets.token_hex(8)  # offers live in this process: the grant comes back here
 
     # --- service lifecycle --------------------------------------------------------------------------
 
     async def start(self, ctx: ServiceContext) -> None:
-        from .routes import HttpServer  # the HTTP side needs this object; it imports aiohttp
-
         self.ctx = ctx
         for name in COUNTERS:
             ctx.counters.setdefault(name, 0)
@@ -102,7 +101,7 @@ class Console:
         except DecodeError as exc:
             raise ApiError(f"malformed request: {exc}") from None
         actor = request_actor(req)
-        signer = (req.headers or {}).get("Ringfence-Nkey", "")
+        signer = (req.headers or {}).get(HEADER_NKEY, "")
         try:
             token = self.sessions.accept(body.offer, body.grant, signer, actor, time.time())
         except (ConsoleError, AuthError) as exc:
