@@ -244,7 +244,7 @@ function recordingPage(sid) {
   const loadTimeline = () => fill(timeline, async () => {
     const [recs, events] = await Promise.all([
       api(`/api/recordings?limit=1000`),
-      api(`/api/events?${new URLSearchParams({ sid, order: "asc", limit: "1000", since: "8760h" })}`),
+      api(`/api/events?${new URLSearchParams({ sid, order: "asc", limit: "1000" })}`),
     ]);
     const info = recs.recordings.find((r) => r.sid === sid);
     started = info && info.started ? new Date(info.started) : null;
