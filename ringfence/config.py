@@ -281,5 +281,14 @@ def _env_replicas() -> int | None:
     return int(text)
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT of a listener (IPv6 as [::1]:3080); ValueError naming the value otherwise."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f'"{text}" is not HOST:PORT (e.g. 127.0.0.1:3080)')
+    return host, int(port)
+
+
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False)

@@ -16,6 +16,7 @@ from . import (
     status,
     up,
     users,
+    web,
 )
 
 _ = session_control  # registers `sessions join` and `sessions kill` with the sessions group
@@ -33,4 +34,5 @@ REGISTRY = [
     ssh_hooks.register,  # hooks: the sshd and PAM lines (OpenSSH integration)
     users.register,  # users add|update|ls|rm
     doctor.register,  # doctor (sshd and PAM settings that open a hole)
+    web.register,  # web (the console), web login
 ]

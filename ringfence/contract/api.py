@@ -116,6 +116,30 @@ class SearchResult(Struct):
     next_key: str = ""
 
 
+# --- web console sign-in (`ringfence web login` <-> services/web) ----------------------------
+class ConsoleOfferRequest(Struct):
+    pass
+
+
+class ConsoleOffer(Struct):
+    """A console session waiting for its operator's grant (ringfence.auth.sign_grant)."""
+
+    offer: str  # its id
+    session_nkey: str  # the public key the console signs this session's requests with
+    ttl: float  # seconds the grant should last (the console session's lifetime)
+    login_subject: str  # where the grant goes: the instance that made the offer
+
+
+class ConsoleLoginRequest(Struct):
+    offer: str
+    grant: str  # Ringfence-Delegation value, signed by the operator
+
+
+class ConsoleLoginResult(Struct):
+    url: str  # one-time sign-in URL
+    expires_in: float  # seconds it stays usable (once)
+
+
 # --- sessions -----------------------------------------------------------------------------
 SessionKind = Literal["local", "connection", "channel"]
 

@@ -10,6 +10,7 @@ LOCKS = "locks"
 ENFORCER = "enforcer"
 AUDIT = "audit"
 SERVICES = (POLICY, LOCKS, ENFORCER, AUDIT)
+WEB = "web"  # the operator console (services/web); optional, so not among SERVICES
 SERVICE_NAME_PREFIX = "ringfence-"
 
 
@@ -94,6 +95,7 @@ POLICY_API = f"{API_PREFIX}.{POLICY}"  # .create .get .delete .update_user
 LOCKS_API = f"{API_PREFIX}.{LOCKS}"  # .create .get .delete .unlock
 AUDIT_API = f"{API_PREFIX}.{AUDIT}"  # .search .recordings .recording
 ENFORCER_API = f"{API_PREFIX}.{ENFORCER}"  # .<server_id>.kill
+WEB_API = f"{API_PREFIX}.{WEB}"  # .offer, then .<instance>.login on the instance that made the offer
 
 
 def api_subject(api: str, verb: str) -> str:

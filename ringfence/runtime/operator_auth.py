@@ -165,17 +165,18 @@ class RequestAuth:
         now = self.clock()
         try:
             signed = auth.verify_request(req.headers, req.subject, req.data or b"", now)
+            key = auth.vouching_key(req.headers, signed, now)  # a console request: its grant's key
             user = await self.directory.user(signed.actor)
-            if user is None or user.spec.operator_nkey != signed.nkey:
+            if user is None or user.spec.operator_nkey != key:
                 user = await self.directory.user(signed.actor, fresh=True)
-            auth.check_registered(signed, user.spec.operator_nkey if user else None)
+            auth.check_registered(signed, user.spec.operator_nkey if user else None, key)
             self.nonces.check_and_add(signed, now)
         except auth.AuthError as exc:
             self.counters["requests_unauthenticated"] += 1
             log.warning("refused a request on %s: %s", req.subject, exc)
             raise ApiError(str(exc), auth.ACCESS_DENIED_KIND) from None
         assert user is not None
-        return Operator(signed.actor, user, signed.nkey)
+        return Operator(signed.actor, user, key)
 
     async def authorize(self, op: Operator, actions: list[Action], subject: str) -> None:
         """ApiError (kind access_denied) unless `op` is not locked out and its roles allow every action."""

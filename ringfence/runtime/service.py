@@ -199,11 +199,18 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="copies of every stream and bucket: 1, 3 or 5 (env RINGFENCE_NATS_REPLICAS)")
 
 
-def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Adapter], argv=None) -> None:
+def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Adapter], argv=None, *,
+                add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                reads_only: tuple[str, ...] = ()) -> None:
+    """`add_arguments`: the service's own flags. `reads_only`: a service that only reads (the web
+    console) names the streams it reads and waits for them, instead of creating and reconfiguring
+    every stream and bucket."""
     parser = argparse.ArgumentParser(
         prog=f"python -m services.{short_name}", description=f"Ringfence {short_name} service"
     )
     common_arguments(parser)
+    if add_arguments:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(short_name, args.log_level)
     warnings: list[str] = []
@@ -218,7 +225,7 @@ def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Ad
             log.warning("%s", line)
     try:
         adapter = make_adapter(args)
-        _run_to_the_end(_serve(short_name, config, adapter))
+        _run_to_the_end(_serve(short_name, config, adapter, reads_only))
     except (StartupError, NatsCredentialError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -231,6 +238,24 @@ async def _streams_ready(js: JetStreamContext, replicas: int, stop: asyncio.Even
         return await unless_stopped(stop, ensure_streams_ready(js, replicas, timeout=None))
     except StreamSetupError as exc:
         raise StartupError(str(exc)) from None
+
+
+async def _streams_made(js: JetStreamContext, needed: tuple[str, ...], stop: asyncio.Event) -> bool:
+    """For a service that only reads: wait until the services that own them have made the streams
+    it reads. False when asked to stop meanwhile."""
+    waited = 0
+    while not stop.is_set():
+        try:
+            for stream in needed:
+                await js.stream_info(stream)
+            return True
+        except Exception as exc:  # not found yet, or NATS not answering yet
+            if waited % 20 == 0:
+                log.warning("waiting for the streams and buckets the other services create (%s)", exc)
+            waited += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+    return False
 
 
 def _run_to_the_end(main) -> None:
@@ -265,7 +290,7 @@ class StartupError(Exception):
     """A service cannot start; the message says why and what to do."""
 
 
-async def _serve(short_name: str, config: Config, adapter: Adapter) -> None:
+async def _serve(short_name: str, config: Config, adapter: Adapter, reads_only: tuple[str, ...] = ()) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -275,7 +300,8 @@ async def _serve(short_name: str, config: Config, adapter: Adapter) -> None:
     nc = await connect(config.nats_urls, f"ringfence-{short_name}@{config.nodename}",
                        nkey_seed=config.nats_nkey or None)
     js = nc.jetstream()
-    if not await _streams_ready(js, config.nats_replicas, stop):
+    ready = _streams_made(js, reads_only, stop) if reads_only else _streams_ready(js, config.nats_replicas, stop)
+    if not await ready:
         await wait_closed(nc, 2)
         return
     ctx = ServiceContext(
