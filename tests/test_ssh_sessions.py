@@ -150,6 +150,14 @@ def test_sftp_is_a_session(stack, tmp_path):
     starts = wait_for(lambda: [e for e in log_events(stack.data_dir) if e["event"] == "session.start"
                                and e["user"] == login], what="sftp session")
     assert starts[0]["kind"] == "channel" and starts[0]["initial_command"][0].endswith("sftp-server")
+    # Each file operation is an `sftp` event (the original's), read by the root relay from the protocol.
+    sid = starts[0]["sid"]
+    events = events_of(stack.data_dir, sid)
+    uploaded = f"/home/{login}/uploaded"
+    closes = [e for e in events if e["event"] == "sftp" and e["code"] == "TS002I" and e["path"] == uploaded]
+    assert closes and closes[0]["bytes_written"] == len(Path("/etc/hostname").read_bytes()), events
+    assert any(e["event"] == "sftp" and e["code"] == "TS001I" and e["path"] == uploaded for e in events)
+    assert closes[0]["working_directory"] == f"/home/{login}" and closes[0]["user"] == login
 
 
 def free_port() -> int:

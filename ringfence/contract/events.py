@@ -169,7 +169,6 @@ class SFTP(AuditEvent, tag="sftp"):
     bytes_read: int = 0
     bytes_written: int = 0
     bytes_exact: bool = True
-    truncated: bool = False
 
     def __post_init__(self) -> None:
         if not self.code:

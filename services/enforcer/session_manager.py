@@ -35,6 +35,7 @@ from nats.js.kv import KeyValue
 from ringfence.contract import relay as wire
 from ringfence.contract.api import OpenSessionReply, OpenSessionRequest, SessionInfo
 from ringfence.contract.events import (
+    SFTP,
     AuditEvent,
     ClientDisconnect,
     Exec,
@@ -67,6 +68,7 @@ KV_ACTIVITY_INTERVAL = 10.0  # how often last_active reaches the fleet-wide list
 RELAY_CLOSE_WAIT = 5.0  # a session's end waits this long for its relay's last journal lines
 JOURNAL_POLL = 0.5  # journal reads without a wake-up from the relay
 REFUSED_GRACE = 3.0  # a refused SSH connection with no channel is closed after this
+SFTP_FIELDS = frozenset(SFTP.__struct_fields__) - {"sid", "user", "login", "uid", "event"}
 EVENT_UID_NAMESPACE = uuid.UUID("6c1f3a52-33b1-4c6c-9d59-5f3b0e9f6a10")
 
 
@@ -91,10 +93,10 @@ class _Relayed:
     published_activity: float = 0.0
 
 
-def event_uid(sid: str, line: int) -> str:
+def event_uid(sid: str, line: int, part: int = 0) -> str:
     """The same journal line always makes the same event: one read twice (the
     enforcer died between) is dropped as a duplicate downstream."""
-    return str(uuid.uuid5(EVENT_UID_NAMESPACE, f"{sid}/{line}"))
+    return str(uuid.uuid5(EVENT_UID_NAMESPACE, f"{sid}/{line}/{part}" if part else f"{sid}/{line}"))
 
 
 class SessionManager:
@@ -394,6 +396,15 @@ class SessionManager:
         elif isinstance(line, wire.Idle):
             self.counters["idle_terminations"] += 1
             self.emit(ClientDisconnect(uid=uid, user=info.user, login=info.login, sid=info.sid, reason=line.message))
+        elif isinstance(line, wire.Sftp):
+            for i, op in enumerate(line.ops):
+                try:
+                    fields = {k: v for k, v in op.items() if k in SFTP_FIELDS}
+                    self.emit(SFTP(**fields, uid=event_uid(info.sid, line.n, i), user=info.user,
+                                   login=info.login, sid=info.sid, working_directory=_home_of(info.login)))
+                except (TypeError, ValueError) as exc:
+                    self.counters["relay_failures"] += 1
+                    log.error("session %s: an sftp operation the relay reported does not fit: %s", info.sid, exc)
         elif isinstance(line, wire.Exit):
             if info.kind == "channel" and info.command and not info.interactive and not programs.is_sftp(info.command):
                 self.emit(Exec(uid=uid, user=info.user, login=info.login, sid=info.sid,
@@ -567,6 +578,13 @@ def _start_time(pid: int) -> int:
         return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _home_of(login: str) -> str:
+    try:
+        return pwd.getpwnam(login).pw_dir
+    except KeyError:
+        return ""
 
 
 def _uid_of(login: str) -> int:
