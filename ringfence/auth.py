@@ -383,6 +383,20 @@ def first_denied(roles: Iterable[Role], actions: Iterable[tuple[str, str]]) -> t
     return None
 
 
+def may_join(roles: Iterable[Role], session_roles: Iterable[str], mode: str, kind: str = "ssh") -> bool:
+    """May a user with `roles` join, in `mode`, a session whose user has `session_roles`?
+    A join_sessions entry allowing the mode for one of those roles (or "*") grants it; so
+    does a rule allowing every verb on sessions; a rule allowing "read" on sessions grants
+    observer, as it did before join_sessions existed."""
+    roles, wanted = list(roles), set(session_roles)
+    for role in roles:
+        for entry in role.spec.allow.join_sessions:
+            kind_ok = not entry.kinds or "*" in entry.kinds or kind in entry.kinds
+            if mode in entry.modes and kind_ok and ("*" in entry.roles or wanted & set(entry.roles)):
+                return True
+    return is_allowed(roles, "session", "*") or (mode == "observer" and is_allowed(roles, "session", "read"))
+
+
 # --- identity files ------------------------------------------------------------------------------------
 
 IDENTITY_FORMAT = """\

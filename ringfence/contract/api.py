@@ -181,9 +181,40 @@ class SessionInfo(Struct, omit_defaults=True):
     relay: bool = False  # a relay runs the program (journal under the enforcer's relays dir)
 
 
-class JoinRequest(Struct):
+JoinMode = Literal["observer", "peer", "moderator"]
+
+
+class JoinRequest(Struct, forbid_unknown_fields=True):
+    """Join a live session (`ringfence sessions join`). Who joins is the request's verified
+    operator, never a name in here. `box_key`: the joiner's Curve25519 public key
+    (base64): the session's output and a peer's input travel sealed to it (ringfence/joinbox.py),
+    so holding a NATS credential is not enough to read a terminal."""
+
     sid: str
-    user: str  # who joins (session.join / session.leave)
+    box_key: str
+    mode: JoinMode = "observer"
+
+
+class JoinReply(Struct):
+    join_id: str
+    subject: str  # where the sealed output frames arrive
+    box_key: str  # the enforcer's key for this join
+
+
+class JoinInput(Struct, forbid_unknown_fields=True):
+    """A peer's keystrokes, sealed; any request on a join also keeps it alive (JOIN_IDLE)."""
+
+    join_id: str
+    data: str = ""  # base64 of a sealed message
+    leave: bool = False
+
+
+class JoinFrame(Struct, omit_defaults=True):
+    """What a joiner receives (sealed): terminal events [t, code, data], and at the end `end`."""
+
+    events: list[tuple[float, str, str]] = field(default_factory=list)
+    end: bool = False
+    reason: str = ""
 
 
 class KillRequest(Struct, omit_defaults=True):

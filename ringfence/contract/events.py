@@ -111,6 +111,7 @@ class SessionStart(AuditEvent, tag="session.start"):
 
 class SessionJoin(AuditEvent, tag="session.join"):
     CODE = "T2001I"
+    mode: str = "observer"  # observer, peer or moderator (the original's participant modes)
 
 
 class SessionLeave(AuditEvent, tag="session.leave"):

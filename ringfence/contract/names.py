@@ -43,8 +43,12 @@ def recording_subject(sid: str) -> str:
 
 
 # Live session output for `sessions join` (core NATS, not stored).
-def live_subject(sid: str) -> str:
-    return f"ringfence.live.{sid}"
+JOIN_SUBJECT_PREFIX = "ringfence.join"
+
+
+def join_subject(server_id: str, join_id: str) -> str:
+    """Sealed frames of one live join (ringfence/joinbox.py): only its joiner can open them."""
+    return f"{JOIN_SUBJECT_PREFIX}.{server_id}.{join_id}"
 
 
 # --- KV buckets ----------------------------------------------------------------

@@ -56,9 +56,20 @@ class Rule(Struct, forbid_unknown_fields=True):
     verbs: list[str]
 
 
+class JoinSessions(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """The original's join_sessions: whose sessions (by the roles of the session's user;
+    "*" any), of which kinds ("ssh", "*"), in which modes (observer, peer, moderator)."""
+
+    name: str = ""
+    roles: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=lambda: ["*"])
+    modes: list[Literal["observer", "peer", "moderator"]] = field(default_factory=list)
+
+
 class RoleConditions(Struct, forbid_unknown_fields=True, omit_defaults=True):
     rules: list[Rule] = field(default_factory=list)
     logins: list[str] = field(default_factory=list)
+    join_sessions: list[JoinSessions] = field(default_factory=list)
 
 
 class RoleOptions(Struct, forbid_unknown_fields=True, omit_defaults=True):

@@ -63,7 +63,7 @@ SERVICE_PUBLISH = {
     names.POLICY: (names.AUDIT_SUBJECTS,),
     names.LOCKS: (names.AUDIT_SUBJECTS,),
     names.AUDIT: (),
-    names.ENFORCER: (names.AUDIT_SUBJECTS, names.RECORDING_SUBJECTS, "ringfence.live.>"),
+    names.ENFORCER: (names.AUDIT_SUBJECTS, names.RECORDING_SUBJECTS, f"{names.JOIN_SUBJECT_PREFIX}.>"),
 }
 
 
@@ -109,7 +109,9 @@ def _cli_permissions() -> dict:
     ]
     return {
         "publish": {"allow": publish, "deny": [names.AUDIT_SUBJECTS, names.RECORDING_SUBJECTS, "$KV.>"]},
-        "subscribe": {"allow": [INBOXES, "ringfence.live.>"]},
+        # Joined sessions' frames: sealed to the joiner's key (ringfence/joinbox.py), so this
+        # shared credential alone reads no terminal.
+        "subscribe": {"allow": [INBOXES, f"{names.JOIN_SUBJECT_PREFIX}.>"]},
     }
 
 
@@ -125,7 +127,7 @@ WEB_REQUESTS = (
 def _web_permissions() -> dict:
     """The console: signed requests on behalf of signed-in operators, reads of the policy bucket
     (to check `ringfence web login` requests), the sessions bucket and the audit stream (live
-    tail), live session output (join), and its own sign-in API. No writes to any bucket or stream."""
+    tail), sealed frames of the joins it makes, and its own sign-in API. No writes to any bucket or stream."""
     reads = (kv_stream(names.POLICY_BUCKET), kv_stream(names.SESSIONS_BUCKET))
     audit = names.AUDIT_STREAM
     publish = [
@@ -141,7 +143,7 @@ def _web_permissions() -> dict:
     ]
     return {
         "publish": {"allow": publish, "deny": [names.AUDIT_SUBJECTS, names.RECORDING_SUBJECTS, "$KV.>"]},
-        "subscribe": {"allow": [INBOXES, "$SRV.>", f"{names.WEB_API}.>", "ringfence.live.>"]},
+        "subscribe": {"allow": [INBOXES, "$SRV.>", f"{names.WEB_API}.>", f"{names.JOIN_SUBJECT_PREFIX}.>"]},
     }
 
 

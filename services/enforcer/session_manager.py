@@ -142,6 +142,7 @@ class SessionManager:
         self.watching: dict[str, list[str]] = {}  # joiners still watching
         self.checks: list[AdmissionCheck] = []
         self.end_hooks: list[EndHook] = []
+        self.end_of_session: list[Callable[[str], None]] = []  # run before session.end (joins end first)
         self.terminating: set[str] = set()
         self.kv: KeyValue | None = None
         self.watcher: PopulatedWatcher | None = None
@@ -430,7 +431,7 @@ class SessionManager:
         return await relayed.control.send(message)
 
     # --- joining ---------------------------------------------------------------------------
-    def join(self, sid: str, user: str) -> bool:
+    def join(self, sid: str, user: str, mode: str = "observer") -> bool:
         info = self.by_sid.get(sid)
         if info is None:
             return False
@@ -438,7 +439,7 @@ class SessionManager:
         if user not in self.participants[sid]:
             self.participants[sid].append(user)
         self.watching.setdefault(sid, []).append(user)
-        self.emit(SessionJoin(user=user, login=info.login, sid=sid))
+        self.emit(SessionJoin(user=user, login=info.login, sid=sid, mode=mode))
         return True
 
     def leave(self, sid: str, user: str) -> None:
@@ -491,6 +492,8 @@ class SessionManager:
             if relayed.task and not relayed.task.done():
                 relayed.task.cancel()
             relayed.journal.remove()
+        for hook in self.end_of_session:
+            hook(sid)
         for watcher in list(self.watching.get(sid, [])):
             self.leave(sid, watcher)
         self.watching.pop(sid, None)

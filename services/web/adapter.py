@@ -205,8 +205,8 @@ class Console:
     async def join(self, session: ConsoleSession, sid: str, send: live.Send, stopped: asyncio.Event) -> None:
         assert self.ctx is not None
 
-        async def call(subject: str, body: object) -> object:
-            return await self.call(session, subject, body, dict)
+        async def call(subject: str, body: object, result_type: type = dict) -> object:
+            return await self.call(session, subject, body, result_type)
 
         await live.join(self.ctx.nc, call, self.find_session(sid), session.user, send, stopped, self.ctx.counters)
 
