@@ -177,10 +177,11 @@ def _connectable(port: int) -> bool:
 class Terminal:
     """The real ssh client on a pty, driven like a user at a keyboard."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], env: dict | None = None) -> None:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:
-            os.execvp(argv[0], argv)
+            os.chdir(ROOT)
+            os.execvpe(argv[0], argv, env if env is not None else os.environ)
         import fcntl
         import termios
         fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))

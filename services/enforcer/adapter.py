@@ -329,6 +329,8 @@ class EnforcerAdapter:
         self.stop_event.set()
         if self.socket:
             await self.socket.stop()
+        if self.sessions:
+            await self.sessions.close()
         # Tasks finish their round and see stop_event; one stuck on a NATS that is
         # gone too (SIGTERM to everything at once) is cancelled, not waited for.
         if self.tasks:

@@ -554,6 +554,16 @@ class SessionManager:
         log.info("session %s terminated: %s", sid, message)
         return True
 
+    async def close(self) -> None:
+        """The enforcer stops: follow no journal and end no session now (the store keeps them;
+        the next enforcer takes them back and ends those that ended meanwhile)."""
+        tasks = [*self._ending.values(), *(r.task for r in self.relayed.values() if r.task)]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for relayed in self.relayed.values():
+            relayed.control.close()
+
     async def _publish_info(self, info: SessionInfo) -> None:
         if self.kv is None:
             return
