@@ -418,6 +418,12 @@ class SessionManager:
         elif isinstance(line, wire.Closed):
             relayed.closed.set()
 
+    async def refresh(self, info: SessionInfo) -> None:
+        """The session's roles changed: publish it, and give its relay the idle timeout they set."""
+        await self._publish_info(info)
+        timeout, message = self.idle_of(info)
+        await self.tell(info.sid, wire.IdleTimeout(timeout=timeout, message=message))
+
     async def tell(self, sid: str, message: msgspec.Struct) -> bool:
         """Send a session's relay a control message (a notice, a peer's input, a new idle timeout)."""
         relayed = self.relayed.get(sid)
