@@ -28,20 +28,16 @@ def force_command(data_dir: str) -> str:
     return f"ForceCommand {hook_command('ssh_session.py', data_dir)}"
 
 
-def pam_lines(data_dir: str) -> list[str]:
-    """account: admission (a refusal reaches `ssh -N` too); session: after pam_systemd."""
-    hook = hook_command("pam_hook.py", data_dir)
-    return [f"account required pam_exec.so quiet stdout {hook}", f"session required pam_exec.so quiet {hook}"]
+def pam_line(data_dir: str) -> str:
+    return f"session requisite pam_exec.so quiet stdout {hook_command('pam_hook.py', data_dir)}"
 
 
 def show(args: argparse.Namespace) -> int:
     data_dir = config_from(args).data_dir
     print("# sshd: with examples/sshd_config.d/ringfence.conf, in /etc/ssh/sshd_config.d/")
     print(force_command(data_dir))
-    print("# PAM, in /etc/pam.d/sshd: the account line after '@include common-account', the session line")
-    print("# right after '@include common-session' (after pam_systemd, before any pam_env)")
-    for line in pam_lines(data_dir):
-        print(line)
+    print("# PAM, in /etc/pam.d/sshd right after '@include common-session' (after pam_systemd, before any pam_env)")
+    print(pam_line(data_dir))
     return 0
 
 

@@ -62,6 +62,18 @@ class DeleteResult(Struct):
     message: str
 
 
+class UserUpdateRequest(Struct, omit_defaults=True):
+    """`users add` (create=True: create the user when missing) and `users update`: change only what is
+    asked, keep everything else (roles, keys, operator identity)."""
+
+    name: str
+    create: bool = False
+    set_roles: list[str] | None = None  # None: keep the roles
+    add_keys: list[str] = field(default_factory=list)  # OpenSSH public key lines
+    remove_keys: list[str] = field(default_factory=list)  # key lines, or their SHA256:... fingerprints
+    operator_nkey: str = ""  # a new operator identity's public key; empty: keep the current one
+
+
 class LockRequest(Struct, omit_defaults=True):
     target: LockTarget
     message: str = ""
@@ -102,6 +114,30 @@ class SearchRequest(Struct, omit_defaults=True):
 class SearchResult(Struct):
     events: list[msgspec.Raw]
     next_key: str = ""
+
+
+# --- web console sign-in (`ringfence web login` <-> services/web) ----------------------------
+class ConsoleOfferRequest(Struct):
+    pass
+
+
+class ConsoleOffer(Struct):
+    """A console session waiting for its operator's grant (ringfence.auth.sign_grant)."""
+
+    offer: str  # its id
+    session_nkey: str  # the public key the console signs this session's requests with
+    ttl: float  # seconds the grant should last (the console session's lifetime)
+    login_subject: str  # where the grant goes: the instance that made the offer
+
+
+class ConsoleLoginRequest(Struct):
+    offer: str
+    grant: str  # Ringfence-Delegation value, signed by the operator
+
+
+class ConsoleLoginResult(Struct):
+    url: str  # one-time sign-in URL
+    expires_in: float  # seconds it stays usable (once)
 
 
 # --- sessions -----------------------------------------------------------------------------
@@ -145,9 +181,40 @@ class SessionInfo(Struct, omit_defaults=True):
     relay: bool = False  # a relay runs the program (journal under the enforcer's relays dir)
 
 
-class JoinRequest(Struct):
+JoinMode = Literal["observer", "peer", "moderator"]
+
+
+class JoinRequest(Struct, forbid_unknown_fields=True):
+    """Join a live session (`ringfence sessions join`). Who joins is the request's verified
+    operator, never a name in here. `box_key`: the joiner's Curve25519 public key
+    (base64): the session's output and a peer's input travel sealed to it (ringfence/joinbox.py),
+    so holding a NATS credential is not enough to read a terminal."""
+
     sid: str
-    user: str  # who joins (session.join / session.leave)
+    box_key: str
+    mode: JoinMode = "observer"
+
+
+class JoinReply(Struct):
+    join_id: str
+    subject: str  # where the sealed output frames arrive
+    box_key: str  # the enforcer's key for this join
+
+
+class JoinInput(Struct, forbid_unknown_fields=True):
+    """A peer's keystrokes, sealed; any request on a join also keeps it alive (JOIN_IDLE)."""
+
+    join_id: str
+    data: str = ""  # base64 of a sealed message
+    leave: bool = False
+
+
+class JoinFrame(Struct, omit_defaults=True):
+    """What a joiner receives (sealed): terminal events [t, code, data], and at the end `end`."""
+
+    events: list[tuple[float, str, str]] = field(default_factory=list)
+    end: bool = False
+    reason: str = ""
 
 
 class KillRequest(Struct, omit_defaults=True):
@@ -158,9 +225,9 @@ class KillRequest(Struct, omit_defaults=True):
 class OpenSessionRequest(Struct, omit_defaults=True, forbid_unknown_fields=True):
     """A request on the enforcer's Unix socket (ringfence/hooks/wire.py speaks it).
 
-    connection  root only (sshd's PAM hook): `login` and `auth_info` (sshd's
-                SSH_AUTH_INFO_0) in `phase` account, then session; the enforcer
-                takes sshd's process from the peer's parent.
+    connection  root only (sshd's PAM hook, session phase): `login` and
+                `auth_info` (sshd's SSH_AUTH_INFO_0); the enforcer takes sshd's
+                process from the peer's parent.
     channel     from inside an SSH connection (the ForceCommand wrapper, as the
                 user): `command` is what the client asked to run ([] for a shell);
                 stdin, stdout and stderr come as SCM_RIGHTS. Identity and
@@ -172,7 +239,6 @@ class OpenSessionRequest(Struct, omit_defaults=True, forbid_unknown_fields=True)
     """
 
     kind: SessionKind = "local"
-    phase: Literal["account", "session", ""] = ""
     login: str = ""
     user: str = ""
     auth_info: str = ""

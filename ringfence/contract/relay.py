@@ -11,7 +11,7 @@ idle_timeout, input.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 from msgspec import Struct, field
@@ -70,7 +70,7 @@ class Idle(_Line, tag="idle"):
 
 
 class Sftp(_Line, tag="sftp"):
-    ops: list[dict[str, msgspec.Raw]]
+    ops: list[dict[str, Any]]  # ringfence/hooks/sftp_audit.py's operations: fields of events.SFTP
 
 
 class Exit(_Line, tag="exit"):

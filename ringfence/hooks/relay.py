@@ -394,7 +394,6 @@ class Relay:
             return
         self.last_input = time.monotonic()
         self.input_since_report = True
-        self.to_child += data
         if self.interactive:
             try:
                 echoing = bool(termios.tcgetattr(self.master)[3] & termios.ECHO)
@@ -403,13 +402,17 @@ class Relay:
             if echoing:
                 self.rec.add("i", data)
         elif self.auditor is not None:
-            self._audit(self.auditor.feed_request, data)
+            self._audit(self.auditor.feed_request, data)  # before sftp-server sees it (see sftp_audit.py)
+            if "client" in self.auditor.stopped:
+                self._end_session("ringfence: the sftp session sent a request that cannot be audited; it ends")
+                return
         else:
             part = data[: self.stdin_left]
             self.stdin_left -= len(part)
             self.stdin_truncated = self.stdin_truncated or len(part) < len(data)
             if part:
                 self.rec.add("i", part)
+        self.to_child += data
         self._on_to_child(self.child_in)
 
     def _close_child_in(self) -> None:
@@ -611,6 +614,8 @@ class Relay:
             except termios.error:
                 pass
         self.rec.flush(force=True)
+        if self.auditor is not None:
+            self._audit(lambda _: self.auditor.finish(), b"")
         signal_no = os.WTERMSIG(self.status) if self.status is not None and os.WIFSIGNALED(self.status) else 0
         self.journal.write("exit", code=code, signal=signal_no, stdin_truncated=self.stdin_truncated, recs=self.rec.seq)
         self.journal.write("closed")

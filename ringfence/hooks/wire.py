@@ -66,7 +66,8 @@ def send(sock: socket.socket, message: dict, fds: list[int] | tuple[int, ...] = 
     if fds:
         sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
         data = data[sent:]
-    sock.sendall(data)
+    if data:  # (sendall of nothing still sends: EPIPE once the peer has answered and closed)
+        sock.sendall(data)
 
 
 class Lines:

@@ -168,10 +168,6 @@ class ConnectionLeases:
 
 
 # --- the enforcer's side -------------------------------------------------------------------------------
-def _decode_networking(_key: str, raw: bytes) -> ClusterNetworkingConfig:
-    return msgspec.json.decode(raw, type=ClusterNetworkingConfig)
-
-
 class SessionLimits:
     def __init__(self, nc: Client, leases: ConnectionLeases, sessions, directory, emit, counters: dict) -> None:
         self.leases = leases
@@ -180,7 +176,7 @@ class SessionLimits:
         self.emit = emit
         self.counters = counters
         self.networking: KvMirror[ClusterNetworkingConfig] = KvMirror(
-            nc, names.POLICY_BUCKET, names.NETWORKING_KEY, _decode_networking, self._networking_changed)
+            nc, names.POLICY_BUCKET, names.NETWORKING_KEY, ClusterNetworkingConfig, self._networking_changed, counters)
         self.cluster_idle_timeout = ""
         counters.setdefault("idle_terminations", 0)
 

@@ -5,7 +5,7 @@ A relay journals its session's terminal stream (ringfence/hooks/relay.py:
 RecordingChunk with a sequence number derived from the journal (header 0,
 rec n -> n + 1, the end after the last rec), so a line read twice makes the
 same chunk. Chunks go to a durable spool (published to JetStream for the
-audit service to store) and at once to the session's live subject.
+audit service to store) and at once to the session's joiners (joins.py).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 
 
 class Recorder:
-    def __init__(self, spool: Spool, live: Callable[[str, bytes], None]) -> None:
+    def __init__(self, spool: Spool, live: Callable[[RecordingChunk], None]) -> None:
         self.spool = spool
-        self.live = live  # publish on names.live_subject(sid), best effort
+        self.live = live  # to the session's joiners, as it happens
 
     def _ship(self, info: SessionInfo, seq: int, events: list[tuple[float, str, str]],
               header: CastHeader | None = None, end: bool = False) -> None:
@@ -39,9 +39,8 @@ class Recorder:
             sid=info.sid, seq=seq, events=events, header=header, end=end, user=info.user, login=info.login,
             server_id=info.server_id, server_hostname=info.server_hostname, started=info.started,
         )
-        data = recording.encode(chunk)
-        self.spool.append(data)
-        self.live(chunk.sid, data)
+        self.spool.append(recording.encode(chunk))
+        self.live(chunk)
 
     def header(self, info: SessionInfo, width: int, height: int, timestamp: int, term: str) -> None:
         title = f"{info.user}@{info.server_hostname} {info.sid}"

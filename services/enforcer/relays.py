@@ -79,7 +79,8 @@ class RelayLauncher:
         assert self.sock is not None
         data = msgspec.json.encode(spec) + b"\n"
         sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        self.sock.sendall(data[sent:])
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
         reply = msgspec.json.decode(self._line(), type=dict)
         if "pid" not in reply:
             raise RelayError(f"relayd could not start the relay: {reply.get('error')}")
@@ -160,8 +161,13 @@ class RelayControl:
         self.wake = asyncio.Event()
         self.writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
+        self._connecting = asyncio.Lock()
 
     async def connect(self) -> bool:
+        async with self._connecting:
+            return self.writer is not None or await self._connect()
+
+    async def _connect(self) -> bool:
         try:
             reader, writer = await asyncio.open_unix_connection("\0" + self.name.removeprefix("@"))
         except OSError:

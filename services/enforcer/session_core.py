@@ -26,7 +26,12 @@ from . import ssh_identity
 
 
 class Refused(Exception):
-    """The session is not opened; the message is shown to the user."""
+    """The session is not opened; the message is shown to the user. `recorded`: a
+    session.rejected event was already written for it."""
+
+    def __init__(self, message: str, recorded: bool = False) -> None:
+        super().__init__(message)
+        self.recorded = recorded
 
 
 @dataclass(frozen=True)

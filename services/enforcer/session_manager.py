@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import pwd
+import signal
 import socket
 import time
 import uuid
@@ -34,6 +35,7 @@ from nats.js.kv import KeyValue
 from ringfence.contract import relay as wire
 from ringfence.contract.api import OpenSessionReply, OpenSessionRequest, SessionInfo
 from ringfence.contract.events import (
+    SFTP,
     AuditEvent,
     ClientDisconnect,
     Exec,
@@ -65,6 +67,8 @@ CONNECTION_GRACE = 0.03  # channels go first, so sshd can pass their last words 
 KV_ACTIVITY_INTERVAL = 10.0  # how often last_active reaches the fleet-wide listing
 RELAY_CLOSE_WAIT = 5.0  # a session's end waits this long for its relay's last journal lines
 JOURNAL_POLL = 0.5  # journal reads without a wake-up from the relay
+REFUSED_GRACE = 3.0  # a refused SSH connection with no channel is closed after this
+SFTP_FIELDS = frozenset(SFTP.__struct_fields__) - {"sid", "user", "login", "uid", "event"}
 EVENT_UID_NAMESPACE = uuid.UUID("6c1f3a52-33b1-4c6c-9d59-5f3b0e9f6a10")
 
 
@@ -89,10 +93,10 @@ class _Relayed:
     published_activity: float = 0.0
 
 
-def event_uid(sid: str, line: int) -> str:
+def event_uid(sid: str, line: int, part: int = 0) -> str:
     """The same journal line always makes the same event: one read twice (the
     enforcer died between) is dropped as a duplicate downstream."""
-    return str(uuid.uuid5(EVENT_UID_NAMESPACE, f"{sid}/{line}"))
+    return str(uuid.uuid5(EVENT_UID_NAMESPACE, f"{sid}/{line}/{part}" if part else f"{sid}/{line}"))
 
 
 class SessionManager:
@@ -138,6 +142,7 @@ class SessionManager:
         self.watching: dict[str, list[str]] = {}  # joiners still watching
         self.checks: list[AdmissionCheck] = []
         self.end_hooks: list[EndHook] = []
+        self.end_of_session: list[Callable[[str], None]] = []  # run before session.end (joins end first)
         self.terminating: set[str] = set()
         self.kv: KeyValue | None = None
         self.watcher: PopulatedWatcher | None = None
@@ -162,9 +167,6 @@ class SessionManager:
 
     def channels_of(self, conn_sid: str) -> list[SessionInfo]:
         return [s for s in self.by_sid.values() if s.connection == conn_sid]
-
-    def _connection_of_sshd(self, pid: int) -> SessionInfo | None:
-        return next((s for s in self.by_sid.values() if s.kind == "connection" and s.pid == pid), None)
 
     def last_input(self, sid: str) -> float:
         """Monotonic time of the client's last input to this session (or its channels)."""
@@ -203,13 +205,30 @@ class SessionManager:
                    reply: Reply) -> SessionInfo | None:
         """Open the session asked for and answer through `reply`; raises Refused.
         For a program, its relay takes `client` and `fds` over once the session is open."""
-        if req.kind == "connection" and req.phase == "session":
-            known = self._connection_of_sshd(peer.parent)
-            if known is not None and peer.uid == 0:
-                # pam_systemd moved sshd into a cgroup of its own after our account hook: back it goes.
-                self.tree.move(known.cgroup, peer.parent)
-                await reply(OpenSessionReply(ok=True, sid=known.sid, user=known.user))
-                return known
+        try:
+            return await self._open(peer, req, fds, client, reply)
+        except Refused as exc:
+            if req.kind == "connection" and peer.uid == 0 and peer.parent > 1:
+                if not exc.recorded:
+                    self.emit(SessionRejected(user=req.login, login=req.login, reason=str(exc)))
+                self._close_refused(peer.parent)
+            raise
+
+    def _close_refused(self, sshd: int) -> None:
+        """sshd runs no program for a refused login and shows our reason on its channel; a
+        connection without one (ssh -N) would stay up doing nothing: close it after a moment."""
+        started = _start_time(sshd)
+
+        def hang_up() -> None:
+            if started and _start_time(sshd) == started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(sshd, signal.SIGTERM)
+                    log.info("closed refused SSH connection (sshd %d)", sshd)
+
+        asyncio.get_running_loop().call_later(REFUSED_GRACE, hang_up)
+
+    async def _open(self, peer: Peer, req: OpenSessionRequest, fds: list[int], client: socket.socket,
+                    reply: Reply) -> SessionInfo | None:
         plan: Plan = plan_session(peer, req, self.key_owners(), self.roles_of, has_program=bool(fds),
                                   trusted_cas=self.settings.trusted_cas(),
                                   require_registered=self.settings.require_registered)
@@ -223,7 +242,7 @@ class SessionManager:
                 await self._run_end_hooks(info)  # give back what earlier checks took
                 self.emit(SessionRejected(user=info.user, login=info.login, reason=refusal.reason,
                                           max=refusal.max, sid=info.connection))
-                raise Refused(refusal.reason)
+                raise Refused(refusal.reason, recorded=True)
         try:
             info.cgroup_id = self.tree.create(info.cgroup)
             info.relay = program is not None
@@ -378,8 +397,17 @@ class SessionManager:
         elif isinstance(line, wire.Idle):
             self.counters["idle_terminations"] += 1
             self.emit(ClientDisconnect(uid=uid, user=info.user, login=info.login, sid=info.sid, reason=line.message))
+        elif isinstance(line, wire.Sftp):
+            for i, op in enumerate(line.ops):
+                try:
+                    fields = {k: v for k, v in op.items() if k in SFTP_FIELDS}
+                    self.emit(SFTP(**fields, uid=event_uid(info.sid, line.n, i), user=info.user,
+                                   login=info.login, sid=info.sid, working_directory=_home_of(info.login)))
+                except (TypeError, ValueError) as exc:
+                    self.counters["relay_failures"] += 1
+                    log.error("session %s: an sftp operation the relay reported does not fit: %s", info.sid, exc)
         elif isinstance(line, wire.Exit):
-            if info.command and not info.interactive and not programs.is_sftp(info.command):
+            if info.kind == "channel" and info.command and not info.interactive and not programs.is_sftp(info.command):
                 self.emit(Exec(uid=uid, user=info.user, login=info.login, sid=info.sid,
                                command=" ".join(info.command), exitCode=str(line.code)))
             if recorded:
@@ -390,13 +418,26 @@ class SessionManager:
         elif isinstance(line, wire.Closed):
             relayed.closed.set()
 
+    async def refresh(self, info: SessionInfo) -> None:
+        """The session's roles changed: publish it, and give its relay the idle timeout they set."""
+        await self._publish_info(info)
+        timeout, message = self.idle_of(info)
+        await self.tell(info.sid, wire.IdleTimeout(timeout=timeout, message=message))
+
     async def tell(self, sid: str, message: msgspec.Struct) -> bool:
         """Send a session's relay a control message (a notice, a peer's input, a new idle timeout)."""
         relayed = self.relayed.get(sid)
-        return bool(relayed) and await relayed.control.send(message)
+        if relayed is None or relayed.closed.is_set():
+            return False
+        if relayed.control.writer is None:  # a relay that just started may not listen yet
+            for _ in range(20):
+                if await relayed.control.connect():
+                    break
+                await asyncio.sleep(0.025)
+        return await relayed.control.send(message)
 
     # --- joining ---------------------------------------------------------------------------
-    def join(self, sid: str, user: str) -> bool:
+    def join(self, sid: str, user: str, mode: str = "observer") -> bool:
         info = self.by_sid.get(sid)
         if info is None:
             return False
@@ -404,7 +445,7 @@ class SessionManager:
         if user not in self.participants[sid]:
             self.participants[sid].append(user)
         self.watching.setdefault(sid, []).append(user)
-        self.emit(SessionJoin(user=user, login=info.login, sid=sid))
+        self.emit(SessionJoin(user=user, login=info.login, sid=sid, mode=mode))
         return True
 
     def leave(self, sid: str, user: str) -> None:
@@ -457,6 +498,8 @@ class SessionManager:
             if relayed.task and not relayed.task.done():
                 relayed.task.cancel()
             relayed.journal.remove()
+        for hook in self.end_of_session:
+            hook(sid)
         for watcher in list(self.watching.get(sid, [])):
             self.leave(sid, watcher)
         self.watching.pop(sid, None)
@@ -517,6 +560,16 @@ class SessionManager:
         log.info("session %s terminated: %s", sid, message)
         return True
 
+    async def close(self) -> None:
+        """The enforcer stops: follow no journal and end no session now (the store keeps them;
+        the next enforcer takes them back and ends those that ended meanwhile)."""
+        tasks = [*self._ending.values(), *(r.task for r in self.relayed.values() if r.task)]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for relayed in self.relayed.values():
+            relayed.control.close()
+
     async def _publish_info(self, info: SessionInfo) -> None:
         if self.kv is None:
             return
@@ -536,6 +589,21 @@ def _parent_of(pid: int) -> int:
         return int(stat.rpartition(")")[2].split()[1])
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _start_time(pid: int) -> int:
+    """The process's start time (clock ticks since boot): tells a process from a later one with its pid."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _home_of(login: str) -> str:
+    try:
+        return pwd.getpwnam(login).pw_dir
+    except KeyError:
+        return ""
 
 
 def _uid_of(login: str) -> int:

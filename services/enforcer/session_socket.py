@@ -118,6 +118,7 @@ class SessionSocket:
             await self._reply(conn, OpenSessionReply(ok=False, error=f"no request within {REQUEST_TIMEOUT:g}s"))
         except (BadRequest, DecodeError) as exc:
             self.counters["socket_requests_refused"] += 1
+            log.info("bad request from pid %d (uid %d): %s", pid, uid, exc)
             await self._reply(conn, OpenSessionReply(ok=False, error=f"bad request: {exc}"))
         except (ConnectionError, BrokenPipeError):
             pass
@@ -164,7 +165,9 @@ async def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
                 os.close(fd)
             raise BadRequest(f"more than {MAX_FDS} file descriptors")
         if not data:
-            raise ConnectionError("closed before a full request")
+            for fd in fds:
+                os.close(fd)
+            raise BadRequest("the request ended before its newline")
         buf += data
         if len(buf) > MAX_LINE:
             for fd in fds:

@@ -15,7 +15,6 @@ login, unless ssh_service.require_registered_identity refuses the login.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import struct
 from collections.abc import Mapping
@@ -73,6 +72,13 @@ def _string(value: bytes) -> bytes:
     return struct.pack(">I", len(value)) + value
 
 
+def plain_key_type(cert_type: str) -> str:
+    """The type of the key a certificate certifies: ssh-ed25519-cert-v01@openssh.com -> ssh-ed25519,
+    sk-ssh-ed25519-cert-v01@openssh.com -> sk-ssh-ed25519@openssh.com (the FIDO types keep their suffix)."""
+    plain = cert_type.replace("-cert-v01@openssh.com", "")
+    return plain + "@openssh.com" if plain.startswith("sk-") else plain
+
+
 def parse_certificate(key: AuthKey) -> Certificate | None:
     """An OpenSSH user certificate's key ID, certified key and CA key; None if it is not one."""
     fields = _CERT_KEY_FIELDS.get(key.key_type)
@@ -87,7 +93,7 @@ def parse_certificate(key: AuthKey) -> Certificate | None:
         key_start = off
         for _ in range(fields):
             _, off = _read_string(data, off)
-        plain = _string(key.key_type.replace("-cert-v01@openssh.com", "").encode()) + data[key_start:off]
+        plain = _string(plain_key_type(key.key_type).encode()) + data[key_start:off]
         off += 8  # serial
         (kind,) = struct.unpack_from(">I", data, off)
         off += 4
@@ -100,7 +106,7 @@ def parse_certificate(key: AuthKey) -> Certificate | None:
             _, off = _read_string(data, off)  # critical options, extensions, reserved
         signature_key, off = _read_string(data, off)
         return Certificate(key_id.decode(), plain, signature_key)
-    except (binascii.Error, ValueError, struct.error, UnicodeDecodeError):
+    except (ValueError, struct.error, UnicodeDecodeError):  # binascii.Error is a ValueError
         return None
 
 
@@ -129,7 +135,7 @@ def read_trusted_cas(text: str) -> set[bytes]:
         if key:
             try:
                 cas.add(base64.b64decode(key[1], validate=True))
-            except binascii.Error:
+            except ValueError:
                 continue
     return cas
 
@@ -159,7 +165,7 @@ def resolve(auth_info: str, login: str, key_owners: Mapping[tuple[str, str], str
         cert = parse_certificate(key)
         if cert is not None:
             blob = cert.public_blob
-            plain_type = key.key_type.replace("-cert-v01@openssh.com", "")
+            plain_type = plain_key_type(key.key_type)
             facts = {"fingerprint": fingerprint(blob), "is_sk": plain_type.startswith("sk-")}
             if cert.key_id and cert.signature_key in trusted_cas:
                 return SshIdentity(user=cert.key_id, key_id=cert.key_id, source="certificate", **facts)
@@ -169,7 +175,7 @@ def resolve(auth_info: str, login: str, key_owners: Mapping[tuple[str, str], str
             try:
                 facts = {"fingerprint": fingerprint(base64.b64decode(key.blob, validate=True)),
                          "is_sk": key.key_type.startswith("sk-")}
-            except binascii.Error:
+            except ValueError:  # binascii.Error, or text that is not base64 at all
                 facts = {}
         owner = key_owners.get((plain.key_type, plain.blob))
         if owner:

@@ -27,17 +27,14 @@ STOCK_PAM = Path("/etc/pam.d/sshd")
 
 
 def stock_pam_with(ours: list[str]) -> str:
-    """Debian's /etc/pam.d/sshd with our account line after common-account and our
-    session line right after common-session (before pam_env)."""
-    account, session = ours
+    """Debian's /etc/pam.d/sshd with our line right after common-session (before pam_env)."""
+    [line] = ours
     out = []
-    for line in STOCK_PAM.read_text().splitlines():
-        out.append(line)
-        if line.strip() == "@include common-account":
-            out.append(account)
-        elif line.strip() == "@include common-session":
-            out.append(session)
-    assert account in out and session in out, "the stock PAM file lacks @include common-account/common-session"
+    for stock in STOCK_PAM.read_text().splitlines():
+        out.append(stock)
+        if stock.strip() == "@include common-session":
+            out.append(line)
+    assert line in out, "the stock PAM file lacks @include common-session"
     return "\n".join(out) + "\n"
 
 
@@ -47,7 +44,7 @@ def keygen(path: Path, comment: str = "") -> Path:
 
 
 class SshServer:
-    def __init__(self, workdir: Path, data_dir: Path, *, forwarding: bool = True) -> None:
+    def __init__(self, workdir: Path, data_dir: Path, *, forwarding: bool = True, extra_config: str = "") -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o755)
@@ -56,6 +53,7 @@ class SshServer:
         self.service = f"rfsshd{uuid.uuid4().hex[:8]}"
         self.pam_file = Path("/etc/pam.d") / self.service
         self.forwarding = forwarding
+        self.extra_config = extra_config  # sshd lines that win over the example's (first match wins)
         self.proc: subprocess.Popen | None = None
         self.users: list[str] = []
         self.ca = keygen(self.dir / "ca", "ringfence-test-ca")
@@ -93,8 +91,8 @@ class SshServer:
         config.write_text(
             f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {hostkey}\nPidFile {self.dir}/sshd.pid\n"
             f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
-            f"TrustedUserCAKeys {self.ca}.pub\nStrictModes no\n"
-            + ("AllowTcpForwarding yes\n" if self.forwarding else "")
+            f"TrustedUserCAKeys {self.ca}.pub\nStrictModes no\nSubsystem sftp /usr/lib/openssh/sftp-server\n"
+            + ("AllowTcpForwarding yes\n" if self.forwarding else "") + self.extra_config
             + example.replace("/opt/ringfence/ringfence/hooks", str(HOOKS)).replace("/usr/bin/python3", PYTHON)
             .replace("/var/lib/ringfence", str(self.data_dir))
         )
