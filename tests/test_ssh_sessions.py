@@ -364,8 +364,8 @@ def test_motd_and_last_login_as_on_a_plain_sshd_and_none_for_refused_logins(stac
     # A command prints neither (as on a plain sshd), and a refused login shows only why.
     assert motd_line not in stack.server.ssh(login, key, "true").stdout
     assert cli(stack.url, "lock", "--login", login, "--message", "maintenance").returncode == 0
-    refused = wait_for(lambda: (r := stack.server.ssh(login, key, "echo in")).returncode != 0 and r,
+    refused = wait_for(lambda: (r := stack.server.ssh(login, key, "echo ran-$((1+1))")).returncode != 0 and r,
                        what="the lock to refuse the login")
     said = refused.stdout + refused.stderr  # sshd prints PAM's messages on the session's stdout
     assert 'lock targeting Login:"' in said and "maintenance" in said and motd_line not in said
-    assert "in" not in refused.stdout.split()  # and runs nothing
+    assert "ran-2" not in said  # and runs nothing
