@@ -107,6 +107,8 @@ def programs_alone(loop: Path, iterations: int, rounds: int) -> dict[str, float]
     big = restrictions(SIZES[-1])
     bpf.apply(plan_update({}, effective_entries((r.cidr for r in big.spec.allow), (r.cidr for r in big.spec.deny))))
     bpf.set_settings(enforce=True, observe=False)
+    for uid in range(60_000, 60_010):  # some restricted logins, none of them the measuring process
+        bpf.restrict_login(uid)
     bpf.add_session(tree.create("s"), SESSION_RESTRICTED)
     enter = f"echo $$ > {tree.path('s')}/cgroup.procs && "
     times: dict[str, list[float]] = {"bare": [], "outside": [], "inside": []}

@@ -12,7 +12,7 @@
 //   at, a systemd user manager, a leftover) is judged by the same policy and
 //   its records say SUBJECT_OUTSIDE;
 // - anything else returns at once (a settings lookup, a cgroup ancestor and
-//   a uid hash lookup).
+//   a uid bitmap lookup).
 //
 // A socket created elsewhere and passed in over SCM_RIGHTS is therefore judged
 // by the process that connects or sends with it.
@@ -70,6 +70,8 @@ BPF_TABLE_PINNED("array", u32, struct settings, settings, 1, PIN_DIR "/settings"
 RINGFENCE_SESSIONS_MAP();
 // Restricted logins: uid -> 1. Their processes outside sessions obey the policy.
 BPF_TABLE_PINNED("hash", u32, u32, logins, LOGINS_MAX_ENTRIES, PIN_DIR "/logins");
+// The same logins with a uid below LOGIN_BITS_UIDS, one bit each (word uid / 64, bit uid % 64).
+BPF_TABLE_PINNED("array", u32, u64, login_bits, LOGIN_BITS_UIDS / 64, PIN_DIR "/login_bits");
 // lost[0]: network records dropped because the ring buffer was full.
 BPF_TABLE_PINNED("array", u32, u64, lost, 1, PIN_DIR "/lost_network");
 // What the enforcer reported of lost_by (ringfence.h): written by user space only, pinned
@@ -126,6 +128,15 @@ static __always_inline int allowed(u16 family, const u32 *dst) {
     return v && *v == VERDICT_ALLOW;
 }
 
+static __always_inline int restricted_login(const struct settings *st, u32 uid) {
+    if (uid < LOGIN_BITS_UIDS) {
+        u32 word = uid / 64;
+        u64 *bits = login_bits.lookup(&word);
+        return bits && (*bits >> (uid % 64)) & 1;
+    }
+    return st->big_logins && logins.lookup(&uid);
+}
+
 // Who the current task is to this node: 0 (not ours), SUBJECT_SESSION or SUBJECT_OUTSIDE.
 static __always_inline int subject_of(const struct settings *st, u32 *uid) {
     if (st->tree_id && bpf_get_current_ancestor_cgroup_id(st->tree_level) == st->tree_id)
@@ -133,7 +144,7 @@ static __always_inline int subject_of(const struct settings *st, u32 *uid) {
     if (!st->enforce)
         return 0;
     *uid = (u32)bpf_get_current_uid_gid();
-    if (!logins.lookup(uid))
+    if (!restricted_login(st, *uid))
         return 0;
     // Another node's session (several enforcers on one host): that node judges it.
     if (st->ringfence_id && bpf_get_current_ancestor_cgroup_id(st->tree_level - 1) == st->ringfence_id)

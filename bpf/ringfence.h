@@ -38,8 +38,12 @@ struct settings {
     u64 tree_id;  // cgroup id of <cgroup2>/ringfence/<node>: session cgroups are below it
     u64 ringfence_id;  // cgroup id of <cgroup2>/ringfence: every node's tree is below it
     u32 tree_level;  // level of tree_id (the hierarchy's root is level 0)
-    u32 pad;
+    u32 big_logins;  // restricted logins with a uid >= LOGIN_BITS_UIDS (only in the `logins` hash)
 };
+
+// Restricted logins with a uid below this are also bits in the `login_bits`
+// array: an array lookup is what every other process of the host pays.
+#define LOGIN_BITS_UIDS (1 << 20)
 
 // net_event.subject
 #define SUBJECT_SESSION 1  // a process of a session cgroup

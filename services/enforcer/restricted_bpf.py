@@ -33,6 +33,7 @@ PIN_LAYOUT = "v2"  # bump when a pinned map's definition changes
 POLICY_MAX_ENTRIES = 262_144  # per family: 131,072 allow + 131,072 deny
 SESSIONS_MAX_ENTRIES = 65_536
 LOGINS_MAX_ENTRIES = 65_536
+LOGIN_BITS_UIDS = 1 << 20  # restricted logins below this uid are bits in login_bits too
 LOST_BY_MAX_ENTRIES = 65_536
 BPF_F_ALLOW_MULTI = 2
 
@@ -66,7 +67,7 @@ class Settings(ct.Structure):
     """struct settings in bpf/restricted.bpf.c."""
 
     _fields_ = [("enforce", ct.c_uint32), ("observe", ct.c_uint32), ("tree_id", ct.c_uint64),
-                ("ringfence_id", ct.c_uint64), ("tree_level", ct.c_uint32), ("pad", ct.c_uint32)]
+                ("ringfence_id", ct.c_uint64), ("tree_level", ct.c_uint32), ("big_logins", ct.c_uint32)]
 
 
 class LostKeyStruct(ct.Structure):
@@ -119,8 +120,8 @@ class RestrictedBPF:
 
         self._lib = lib
         self._maps = {n: self.bpf[n.encode()]
-                      for n in ("policy4", "policy6", "settings", "sessions", "logins", "lost", "lost_by",
-                                "lost_reported")}
+                      for n in ("policy4", "policy6", "settings", "sessions", "logins", "login_bits", "lost",
+                                "lost_by", "lost_reported")}
         self._reader = RingReader("ringbuf-network")
 
     # --- attaching -----------------------------------------------------------------
@@ -133,6 +134,8 @@ class RestrictedBPF:
         st.ringfence_id = tree_root.parent.stat().st_ino
         st.tree_level = kernel.cgroup_level(mount, tree_root)
         self._maps["settings"][ct.c_uint32(0)] = st
+        for uid in self.restricted_logins():  # what the programs read first, from the set itself
+            self._sync_login(uid, True)
         root_fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for name, _type, attach_type in PROGRAMS:
@@ -228,6 +231,7 @@ class RestrictedBPF:
             raise ValueError("uid 0 (root) cannot be a restricted login: the enforcer and the host run as root")
         table = self._maps["logins"]
         table[table.Key(uid)] = table.Leaf(1)
+        self._sync_login(uid, True)
 
     def release_login(self, uid: int) -> None:
         table = self._maps["logins"]
@@ -235,6 +239,21 @@ class RestrictedBPF:
             del table[table.Key(uid)]
         except KeyError:
             pass
+        self._sync_login(uid, False)
+
+    def _sync_login(self, uid: int, restricted: bool) -> None:
+        """Mirror `logins` into what the programs read first: a bit for a small uid,
+        the count of large ones (the programs look those up in the hash only then)."""
+        if uid < LOGIN_BITS_UIDS:
+            bits = self._maps["login_bits"]
+            key = ct.c_uint32(uid // 64)
+            word = bits[key].value
+            word = word | 1 << uid % 64 if restricted else word & ~(1 << uid % 64)
+            bits[key] = ct.c_uint64(word)
+            return
+        st = self._settings()
+        st.big_logins = sum(1 for k in self._maps["logins"] if k.value >= LOGIN_BITS_UIDS)
+        self._maps["settings"][ct.c_uint32(0)] = st
 
     # --- records and drops -----------------------------------------------------------
     def lost(self) -> dict[str, int]:
