@@ -24,6 +24,7 @@ from ..contract.auditlog import (
     unseal,
     verify_files,
 )
+from ..contract.batches import BatchError, event_type, events_in
 from ..contract.events import EVENT_TYPES, AuditEvent
 from ..durations import parse_duration
 from .client import CliError, call, config_from, open_client
@@ -179,7 +180,8 @@ async def run_search(args: argparse.Namespace) -> int:
 
 async def run_tail(args: argparse.Namespace) -> int:
     types = set(event_types(args.type))
-    subject = names.audit_subject(next(iter(types))) if len(types) == 1 else names.AUDIT_SUBJECTS
+    # Everything: kernel events come in batches (ringfence.audit.batch), whatever their type.
+    subject = names.AUDIT_SUBJECTS
     nc = await open_client(args)
     try:
         js = nc.jetstream()
@@ -193,9 +195,14 @@ async def run_tail(args: argparse.Namespace) -> int:
                            "(`ringfence up`)") from None
         print("following new audit events (Ctrl-C to stop)", file=sys.stderr, flush=True)
         async for msg in sub.messages:
-            if types and msg.subject.removeprefix(names.AUDIT_SUBJECT_PREFIX + ".") not in types:
+            try:
+                lines = events_in(msg.subject, msg.headers, msg.data)
+            except BatchError as exc:
+                print(f"warning: stream message on {msg.subject} skipped: {exc}", file=sys.stderr)
                 continue
-            print_event(msg.data, args.format)
+            for line in lines:
+                if not types or event_type(line) in types:
+                    print_event(line, args.format)
     finally:
         await nc.close()
     return 0

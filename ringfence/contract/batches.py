@@ -25,8 +25,11 @@ events and MAX_BATCH_BYTES bytes (below the stream's max message size).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
+import msgspec
+
+from . import names
 from .streams import MAX_EVENT_BYTES
 
 COUNT_HEADER = "Ringfence-Batch"
@@ -77,3 +80,26 @@ def split_batches(lines: Iterable[bytes], max_events: int = MAX_BATCH_EVENTS,
         size += len(line) + 1
     if batch:
         yield batch
+
+
+def events_in(subject: str, headers: Mapping[str, str] | None, data: bytes) -> list[bytes]:
+    """The encoded events a message of the audit stream carries: itself, or a batch's
+    events (BatchError for a malformed batch). For every reader of the raw stream."""
+    if subject != names.AUDIT_BATCH_SUBJECT:
+        return [data]
+    return decode_batch(data, (headers or {}).get(COUNT_HEADER))
+
+
+class _Tag(msgspec.Struct):
+    event: str = ""
+
+
+_tag = msgspec.json.Decoder(_Tag)
+
+
+def event_type(line: bytes) -> str:
+    """The `event` field of an encoded event ("" when it has none or is not JSON)."""
+    try:
+        return _tag.decode(line).event
+    except msgspec.DecodeError:
+        return ""

@@ -28,7 +28,7 @@ from nats.micro.request import Request
 from ringfence.contract import names
 from ringfence.contract.api import ApiError, SearchRequest, SearchResult, ok_reply
 from ringfence.contract.auditlog import log_dir
-from ringfence.contract.batches import COUNT_HEADER, BatchError, decode_batch
+from ringfence.contract.batches import BatchError, events_in
 from ringfence.contract.strict import DecodeError, decode_json
 from ringfence.runtime.service import ServiceContext, StartupError
 
@@ -259,13 +259,11 @@ def _write_position(path: Path | None, position: int) -> None:
 def _expand(msg: Incoming, headers: dict | None) -> list[Incoming]:
     """A batch message (contract/batches.py) as its events, each as if it came alone.
     Stopgap for the kernel branch until the audit service's own batch consumer lands."""
-    if msg.subject != names.AUDIT_BATCH_SUBJECT:
-        return [msg]
     try:
-        lines = decode_batch(msg.data, (headers or {}).get(COUNT_HEADER))
+        lines = events_in(msg.subject, headers, msg.data)
     except BatchError:
         return [msg]  # written to rejected.log as what it is: not an event
-    return [Incoming(line, msg.subject, msg.stream_seq) for line in lines]
+    return [msg] if lines == [msg.data] else [Incoming(line, msg.subject, msg.stream_seq) for line in lines]
 
 
 def _stream_seq(msg) -> int:

@@ -77,8 +77,9 @@ def as_login_outside(cgroup, user, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(["sh", "-c", script, "sh", *argv], capture_output=True, text=True, timeout=30, cwd=ROOT)
 
 
-def test_a_restricted_login_outside_its_session_is_judged_and_audited(nats_server, node):
-    with hostenv.login() as user, hostenv.foreign_cgroup() as cgroup:
+@pytest.mark.parametrize("uid", [None, 1_234_567_890], ids=["uid", "directory-sized-uid"])
+def test_a_restricted_login_outside_its_session_is_judged_and_audited(nats_server, node, uid):
+    with hostenv.login(uid) as user, hostenv.foreign_cgroup() as cgroup:
         before = as_login_outside(cgroup, user, sys.executable, NETPROBE, f"tcp:{DENIED}:9")
         assert results(before.stdout)[f"tcp:{DENIED}:9"] == "allowed"  # never had a session here: not ours
         node.run("true", login=user.pw_name)  # its first session on this node makes it a restricted login

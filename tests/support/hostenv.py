@@ -15,10 +15,11 @@ from services.enforcer.kernel import find_cgroup2
 
 
 @contextlib.contextmanager
-def login() -> Iterator[pwd.struct_passwd]:
-    """A new ordinary login (shell /bin/sh, no home), deleted afterwards."""
+def login(uid: int | None = None) -> Iterator[pwd.struct_passwd]:
+    """A new ordinary login (shell /bin/sh, no home; `uid` or the next free one), deleted afterwards."""
     name = f"rfk{uuid.uuid4().hex[:8]}"
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True)
+    extra = ["--uid", str(uid)] if uid is not None else []
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", *extra, name], check=True)
     try:
         yield pwd.getpwnam(name)
     finally:

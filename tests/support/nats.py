@@ -180,7 +180,7 @@ def audit_events(url: str, wait: float | None = 1.0) -> list[dict]:
     from nats.errors import TimeoutError as NatsTimeout
 
     from ringfence.contract import names
-    from ringfence.contract.batches import COUNT_HEADER, decode_batch
+    from ringfence.contract.batches import events_in
 
     async def read() -> list[dict]:
         nc = await nats.connect(url)
@@ -198,11 +198,7 @@ def audit_events(url: str, wait: float | None = 1.0) -> list[dict]:
                         raise
                     break
                 messages += 1
-                if msg.subject == names.AUDIT_BATCH_SUBJECT:
-                    count = (msg.headers or {}).get(COUNT_HEADER)
-                    found += [json.loads(line) for line in decode_batch(msg.data, count)]
-                else:
-                    found.append(json.loads(msg.data))
+                found += [json.loads(line) for line in events_in(msg.subject, msg.headers, msg.data)]
             return found
         finally:
             await nc.close()
