@@ -179,7 +179,7 @@ async def run_search(args: argparse.Namespace) -> int:
 
 async def run_tail(args: argparse.Namespace) -> int:
     types = set(event_types(args.type))
-    subject = names.audit_subject(next(iter(types))) if len(types) == 1 else names.AUDIT_SUBJECTS
+    subject = names.audit_type_filter(next(iter(types))) if len(types) == 1 else names.AUDIT_SUBJECTS
     nc = await open_client(args)
     try:
         js = nc.jetstream()

@@ -56,7 +56,7 @@ async def run_join(args: argparse.Namespace) -> int:
             if chunk.end:
                 ended.set()
 
-        sub = await nc.subscribe(names.live_subject(args.sid), cb=on_chunk)
+        sub = await nc.subscribe(names.live_subject(info.server_id, args.sid), cb=on_chunk)
         body = JoinRequest(sid=args.sid, user=participant())
         await call(nc, names.enforcer_subject(info.server_id, "join"), body, dict)
         sys.stderr.write(f"joined session {args.sid} of {info.user} on {info.server_hostname} "

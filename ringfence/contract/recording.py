@@ -1,8 +1,8 @@
 """Session recordings on the wire: asciicast v2 in chunks.
 
 The enforcer publishes the terminal stream of each interactive session on
-names.recording_subject(sid) (JetStream, stream RECORDINGS_STREAM), message
-id "<sid>:<seq>", and the same chunks on names.live_subject(sid) (core NATS)
+names.recording_subject(server_id, sid) (JetStream, stream RECORDINGS_STREAM), message
+id "<sid>:<seq>", and the same chunks on names.live_subject(server_id, sid) (core NATS)
 for `ringfence sessions join`. The audit service stores them as one asciicast
 v2 file per session: the header line, then one `[time, code, data]` line per
 event (https://docs.asciinema.org/manual/asciicast/v2/).

@@ -22,7 +22,8 @@ from ringfence.runtime.service import ServiceContext, StartupError
 from . import kernel, simulated
 from .cgroups import CgroupTree
 from .directory import Directory
-from .limits import ConnectionLeases, SessionLimits
+from .leases import ConnectionLeases
+from .limits import SessionLimits
 from .lock_guard import LockGuard
 from .netevents import NetRecord, to_event
 from .policy_follower import PolicyFollower
@@ -73,7 +74,7 @@ class EnforcerAdapter:
         self.guard = LockGuard(ctx.nc, self.sessions, self.directory, parse_duration(cfg.lock_view_max_staleness),
                                self.emit, ctx.counters)
         leases = ConnectionLeases(await kv_read.open_bucket(ctx.js, names.LEASES_BUCKET), ctx.server_id,
-                                  parse_duration(cfg.ssh_service.connection_lease_ttl))
+                                  parse_duration(cfg.ssh_service.connection_lease_ttl), ctx.js)
         self.limits = SessionLimits(ctx.nc, leases, self.sessions, self.directory, self.emit, ctx.counters)
         self.sessions.checks += [self.guard.check, self.limits.check]  # limits last: it takes a lease
         self.sessions.end_hooks.append(self.limits.on_end)
@@ -203,7 +204,8 @@ class EnforcerAdapter:
 
     def _publish_live(self, sid: str, data: bytes) -> None:
         assert self.ctx is not None
-        task = asyncio.get_running_loop().create_task(self.ctx.nc.publish(names.live_subject(sid), data))
+        subject = names.live_subject(self.ctx.server_id, sid)
+        task = asyncio.get_running_loop().create_task(self.ctx.nc.publish(subject, data))
         task.add_done_callback(_crash_on_failure)
 
     async def _kill(self, req) -> bytes:

@@ -37,7 +37,7 @@ class _Active:
 class Recorder:
     def __init__(self, spool: Spool, live: Callable[[str, bytes], None]) -> None:
         self.spool = spool
-        self.live = live  # publish on names.live_subject(sid), best effort
+        self.live = live  # publish on names.live_subject(server_id, sid), best effort
         self.active: dict[str, _Active] = {}
 
     def begin(self, info: SessionInfo, width: int, height: int, term: str) -> None:
@@ -93,6 +93,7 @@ def _fitting(events: list[tuple[float, str, str]]) -> list[list[tuple[float, str
 class _Envelope(msgspec.Struct):
     sid: str
     seq: int
+    server_id: str
 
 
 _envelope = msgspec.json.Decoder(_Envelope)
@@ -104,6 +105,6 @@ async def publish_chunks(js: JetStreamContext, lines: list[bytes], timeout: floa
     for line in lines:
         env = _envelope.decode(line)
         futures.append(await js.publish_async(
-            names.recording_subject(env.sid), line, headers={MSG_ID_HEADER: f"{env.sid}:{env.seq}"},
+            names.recording_subject(env.server_id, env.sid), line, headers={MSG_ID_HEADER: f"{env.sid}:{env.seq}"},
             wait_stall=timeout))
     await asyncio.wait_for(asyncio.gather(*futures), timeout)
