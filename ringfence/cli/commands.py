@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from . import bootstrap, events, locks, resources, run, session_control, sessions, ssh_hooks, status, up, users
+from . import (
+    bootstrap,
+    events,
+    fleet,
+    locks,
+    node_host,
+    resources,
+    run,
+    session_control,
+    sessions,
+    ssh_hooks,
+    status,
+    up,
+    users,
+)
 
 _ = session_control  # registers `sessions join` and `sessions kill` with the sessions group
 
@@ -17,4 +31,6 @@ REGISTRY = [
     locks.register,  # lock, unlock
     ssh_hooks.register,  # pam-hook, ssh-session (OpenSSH integration)
     users.register,  # users add|ls|rm
+    fleet.register,  # tokens add|ls|rm, nodes ls|rm
+    node_host.register,  # node join|install|uninstall
 ]

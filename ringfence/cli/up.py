@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 
-from ..config import ENV_NATS_URL, Config
+from ..config import ENV_NATS_SYSTEM_NKEY, ENV_NATS_URL, ENV_NODE_AUTH_ISSUER, Config
 from ..contract import names
 from ..contract.streams import StreamSetupError, ensure_streams_ready
 from ..keyfiles import write_secret
@@ -70,6 +70,7 @@ def _child_setup() -> None:
 class Child:
     name: str
     argv: list[str]
+    env: dict[str, str] | None = None  # added to this process's environment
     proc: asyncio.subprocess.Process | None = None
     started: float = 0.0
     restarts: int = 0
@@ -91,6 +92,7 @@ class Supervisor:
     async def start(self, child: Child) -> None:
         child.proc = await asyncio.create_subprocess_exec(
             *child.argv,
+            env={**os.environ, **child.env} if child.env else None,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -332,7 +334,12 @@ async def run(args: argparse.Namespace) -> int:
         common += ["--config", args.config]
     for svc in args.services:
         creds = ["--nats-nkey", credentials[svc]] if svc in credentials else []
-        child = Child(svc, [sys.executable, "-m", f"services.{svc}", *common, *creds])
+        env = None
+        if svc == names.POLICY and nats_security.ISSUER in credentials:
+            # It answers the auth callout for joined nodes and cuts off removed ones.
+            env = {ENV_NODE_AUTH_ISSUER: credentials[nats_security.ISSUER],
+                   ENV_NATS_SYSTEM_NKEY: credentials[nats_security.SYSTEM]}
+        child = Child(svc, [sys.executable, "-m", f"services.{svc}", *common, *creds], env)
         sup.children.append(child)
         await sup.start(child)
     sup.emit("up", f"started {', '.join(args.services)}; `ringfence status` lists them; Ctrl-C stops all")

@@ -49,10 +49,12 @@ def audit_type_filter(event: str) -> str:
     return f"{AUDIT_SUBJECT_PREFIX}.*.{event}"
 
 
-def audit_subject_node(subject: str) -> str:
-    """The node token of an audit subject ("" when it has none)."""
+def audit_subject_parts(subject: str) -> tuple[str, str]:
+    """(node token, event type) of an audit subject; ("", "") when it is not one."""
     parts = subject.split(".", 3)
-    return parts[2] if len(parts) == 4 and f"{parts[0]}.{parts[1]}" == AUDIT_SUBJECT_PREFIX else ""
+    if len(parts) == 4 and f"{parts[0]}.{parts[1]}" == AUDIT_SUBJECT_PREFIX:
+        return parts[2], parts[3]
+    return "", ""
 
 
 # --- session recordings ------------------------------------------------------

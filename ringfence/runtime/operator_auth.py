@@ -33,7 +33,15 @@ log = logging.getLogger(__name__)
 
 Action = tuple[str, str]  # (resource, verb), e.g. ("lock", "create")
 ActionResolver = Callable[[Request], Awaitable[Iterable[Action]]]
-ActionSpec = Action | ActionResolver | None
+
+
+class SelfAuthorized:
+    """An endpoint whose request carries its own proof (a join token checked by the handler):
+    no operator identity is asked for. Use only where the handler refuses everything else."""
+
+
+SELF_AUTHORIZED = SelfAuthorized()
+ActionSpec = Action | ActionResolver | SelfAuthorized | None
 # An endpoint registered without an action: only roles allowing every verb on every resource.
 ADMIN_ONLY: tuple[Action, ...] = ((auth.WILDCARD, auth.WILDCARD),)
 
@@ -123,6 +131,8 @@ class RequestAuth:
 
     async def check(self, req: Request, spec: ActionSpec) -> str:
         """The acting user's name; ApiError (kind access_denied) when the request is refused."""
+        if spec is SELF_AUTHORIZED:
+            return ""
         if not self.required:
             return (req.headers or {}).get(auth.HEADER_ACTOR, "")
         assert self.directory is not None

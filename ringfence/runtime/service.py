@@ -40,6 +40,7 @@ from ..config import Config, ConfigError, load_config
 from ..contract import names
 from ..contract.api import ApiError, error_reply
 from ..contract.streams import StreamSetupError, ensure_streams_ready
+from . import nats_security
 from .logs import setup_logging
 from .nats_conn import NatsCredentialError, connect, wait_closed
 from .operator_auth import ActionSpec, OperatorDirectory, RequestAuth
@@ -204,8 +205,11 @@ async def _serve(short_name: str, config: Config, adapter: Adapter) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    server_id = server_id_for(config.data_dir)
+    # Replies under this node's own inbox prefix: a joined node may receive nothing else.
     nc = await connect(config.nats_urls, f"ringfence-{short_name}@{config.nodename}",
-                       nkey_seed=config.nats_nkey or None)
+                       nkey_seed=config.nats_nkey or None, tls_ca=config.nats_tls_ca or None,
+                       inbox_prefix=nats_security.node_inbox(server_id))
     js = nc.jetstream()
     if not await _streams_ready(js, config.nats_replicas, stop):
         await wait_closed(nc, 2)
@@ -216,7 +220,7 @@ async def _serve(short_name: str, config: Config, adapter: Adapter) -> None:
         nc=nc,
         js=js,
         hostname=socket.gethostname(),
-        server_id=server_id_for(config.data_dir),
+        server_id=server_id,
     )
     directory_stop = asyncio.Event()
     directory_tasks: list[asyncio.Task] = []

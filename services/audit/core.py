@@ -46,7 +46,7 @@ def decode_incoming(data: bytes, subject: str = "") -> AuditEvent:
     # de-duplication of redeliveries: the uid must come from the publisher.
     if not _probe.decode(data).uid:
         raise Rejected("event has no uid")
-    if subject and names.audit_subject_node(subject) != event.server_id:
+    if subject and names.audit_subject_parts(subject)[0] != event.server_id:
         raise Rejected(f'server_id "{event.server_id[:80]}" is not the node of the subject {subject[:200]}')
     return event
 

@@ -1,0 +1,13 @@
+"""`ringfence node join|install|uninstall`: make this host a node of a fleet."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import fleet
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("node", help="make this host a node: join a fleet, install or remove the OpenSSH hooks")
+    group = p.add_subparsers(dest="node_command", metavar="SUBCOMMAND", required=True)
+    fleet.register_node(group, common)
