@@ -60,6 +60,7 @@ def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:
             bucket=names.LEASES_BUCKET, history=1, replicas=replicas, max_value_size=MAX_EVENT_BYTES
         ),
         KeyValueConfig(bucket=names.AUDIT_CURSOR_BUCKET, history=1, replicas=replicas, max_value_size=64),
+        KeyValueConfig(bucket=names.NODE_STATUS_BUCKET, history=1, replicas=replicas, max_value_size=4096),
     ]
 
 

@@ -19,7 +19,7 @@ from ringfence.runtime import kv_read
 from ringfence.runtime.audit_publish import publish_encoded, stamp
 from ringfence.runtime.service import ServiceContext, StartupError
 
-from . import kernel, simulated
+from . import kernel, node_status, simulated
 from .cgroups import CgroupTree
 from .directory import Directory
 from .leases import ConnectionLeases
@@ -185,6 +185,7 @@ class EnforcerAdapter:
             *(asyncio.create_task(t, name="directory") for t in self.directory.tasks(stop)),
             *(asyncio.create_task(t, name="locks") for t in self.guard.tasks(stop)),
             *(asyncio.create_task(t, name="limits") for t in self.limits.tasks(stop)),
+            asyncio.create_task(node_status.report(self.ctx, self.guard.view_age, stop), name="node-status"),
         ]
         for t in self.tasks:
             t.add_done_callback(_crash_on_failure)

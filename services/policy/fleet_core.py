@@ -23,7 +23,7 @@ from .core import Change
 # `nodes rm` disconnects at once; this bounds it where that cannot be done (no system credential).
 NODE_JWT_SECONDS = 3600
 JOIN_JWT_SECONDS = 300  # a token holder's connection: long enough to send the join request
-MIN_TOKEN_TTL = 60
+MIN_TOKEN_TTL = 1
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
