@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 
-from ..config import ENV_NATS_SYSTEM_NKEY, ENV_NATS_URL, ENV_NODE_AUTH_ISSUER, Config
+from ..config import ENV_NATS_SYSTEM_NKEY, ENV_NATS_URL, ENV_NODE_AUTH_ISSUER, Config, parse_listen
 from ..contract import names
 from ..contract.streams import StreamSetupError, ensure_streams_ready
 from ..keyfiles import write_secret
@@ -139,7 +139,10 @@ class Supervisor:
                 await asyncio.wait_for(child.pump, 2.0)
 
 
-def _check_port_free(host: str, port: int, what: str = "") -> None:
+NATS_PORT_FIX = "choose another with --nats-port, or use that NATS with --nats-url"
+
+
+def _check_port_free(host: str, port: int, what: str = "", fix: str = NATS_PORT_FIX) -> None:
     with socket.socket() as probe:
         # As nats-server binds: connections of a NATS that just stopped (TIME_WAIT) do not count.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -147,8 +150,7 @@ def _check_port_free(host: str, port: int, what: str = "") -> None:
             probe.bind((host, port))
         except OSError:
             raise CliError(
-                f"port {port} on {host} is in use{what} (another NATS or `ringfence up`?); "
-                "choose another with --nats-port, or use that NATS with --nats-url"
+                f"port {port} on {host} is in use{what} (another NATS or `ringfence up`?); {fix}"
             ) from None
 
 
@@ -188,6 +190,20 @@ def _service_list(text: str) -> list[str]:
             f"unknown service {', '.join(unknown) or '(none)'}; choose from {','.join(names.SERVICES)}"
         )
     return chosen
+
+
+def _metrics_ports(listen: str | None, services: list[str]) -> dict[str, str]:
+    """--metrics-listen HOST:PORT: the services get PORT, PORT+1, ... in the order they start."""
+    if not listen:
+        return {}
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        raise CliError(f"--metrics-listen {exc}") from None
+    shown = f"[{host}]" if ":" in host else host
+    for n in range(len(services)):
+        _check_port_free(host, port + n, f" (metrics of {services[n]})", "choose another --metrics-listen")
+    return {svc: f"{shown}:{port + n}" for n, svc in enumerate(services)}
 
 
 async def bootstrap(cfg: Config, nats_urls: list[str], seed: str | None, replicas: int = 1) -> Path | None:
@@ -332,8 +348,11 @@ async def run(args: argparse.Namespace) -> int:
         common += ["--nats-replicas", str(replicas)]
     if args.config:
         common += ["--config", args.config]
+    metrics = _metrics_ports(args.metrics_listen, args.services)
     for svc in args.services:
         creds = ["--nats-nkey", credentials[svc]] if svc in credentials else []
+        if svc in metrics:
+            creds += ["--metrics-listen", metrics[svc]]
         env = None
         if svc == names.POLICY and nats_security.ISSUER in credentials:
             # It answers the auth callout for joined nodes and cuts off removed ones.
@@ -343,6 +362,8 @@ async def run(args: argparse.Namespace) -> int:
         sup.children.append(child)
         await sup.start(child)
     sup.emit("up", f"started {', '.join(args.services)}; `ringfence status` lists them; Ctrl-C stops all")
+    for svc, listen in metrics.items():
+        sup.emit("up", f"metrics of {svc}: http://{listen}/metrics")
 
     await sup.wake.wait()
     sup.stopping = True
@@ -370,6 +391,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--cluster", type=int, choices=CLUSTER_SIZES, metavar="N",
                    help="run N (3 or 5) local nats-server nodes as one JetStream cluster, every stream and bucket "
                    "replicated N times (nats_replicas N for the services)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve each service's Prometheus metrics at http://HOST:PORT/metrics, the services taking "
+                   "consecutive ports from PORT in --services order (printed at start); default off")
     p.add_argument(
         "--services",
         type=_service_list,

@@ -24,6 +24,7 @@ async def connect(
     retry_forever: bool = True,
     nkey_seed: str | None = None,
     tls_ca: str | None = None,
+    counters: dict[str, int] | None = None,
     **options,
 ) -> Client:
     """Connect, and keep reconnecting for as long as the process lives.
@@ -33,6 +34,7 @@ async def connect(
     `nkey_seed`: path of an nkey seed file to authenticate with (NatsCredentialError
     when it cannot be read); without it the connection is anonymous. `tls_ca`: the CA
     file the server's certificate must chain to (tls:// URLs; default: the system's CAs).
+    `counters`: where nats_reconnects is counted (a service's ctx.counters).
     """
     if nkey_seed:
         check_seed_file(nkey_seed)
@@ -50,6 +52,8 @@ async def connect(
         log.warning("nats: disconnected from %s", urls)
 
     async def on_reconnect() -> None:
+        if counters is not None:
+            counters["nats_reconnects"] = counters.get("nats_reconnects", 0) + 1
         log.info("nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else urls)
 
     nc = Client()

@@ -175,12 +175,11 @@ class EnforcerAdapter:
 
     def _start_tasks(self, data: Path) -> None:
         assert self.ctx is not None and self.spool is not None and self.recordings is not None
-        js, stop = self.ctx.js, self.stop_event
+        stop = self.stop_event
         self.tasks = [
             asyncio.create_task(self.policy.run(stop), name="policy"),
-            asyncio.create_task(self.spool.run(lambda lines: publish_encoded(js, lines), stop), name="spool"),
-            asyncio.create_task(self.recordings.run(lambda lines: publish_chunks(js, lines), stop),
-                                name="recordings"),
+            asyncio.create_task(self.spool.run(self._publish_events, stop), name="spool"),
+            asyncio.create_task(self.recordings.run(self._publish_recordings, stop), name="recordings"),
             asyncio.create_task(self._report_lost(data / "lost_reported"), name="lost"),
             *(asyncio.create_task(t, name="directory") for t in self.directory.tasks(stop)),
             *(asyncio.create_task(t, name="locks") for t in self.guard.tasks(stop)),
@@ -189,6 +188,23 @@ class EnforcerAdapter:
         ]
         for t in self.tasks:
             t.add_done_callback(_crash_on_failure)
+        self.ctx.gauges.update({
+            "spool_pending_bytes": self.spool.pending_bytes,
+            "spool_age_seconds": self.spool.age,
+            "lock_view_staleness_seconds": self.guard.view_age,
+            "leases_held": lambda: len(self.limits.leases.held),
+            "policy_apply_seconds": lambda: self.policy.apply_seconds if self.policy else 0.0,
+        })
+
+    async def _publish_events(self, lines: list[bytes]) -> None:
+        assert self.ctx is not None
+        await publish_encoded(self.ctx.js, lines)
+        self.ctx.counters["events_published"] = self.ctx.counters.get("events_published", 0) + len(lines)
+
+    async def _publish_recordings(self, lines: list[bytes]) -> None:
+        assert self.ctx is not None
+        await publish_chunks(self.ctx.js, lines)
+        self.ctx.counters["recording_bytes"] = self.ctx.counters.get("recording_bytes", 0) + sum(map(len, lines))
 
     async def _join(self, req) -> bytes:
         assert self.sessions is not None
