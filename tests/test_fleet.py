@@ -29,7 +29,7 @@ from ringfence.contract.api import ApiReply
 from ringfence.contract.events import SessionStart, encode_event
 from ringfence.contract.streams import ensure_streams
 from ringfence.runtime import nats_security
-from tests.support.nats import NatsServer
+from tests.support.nats import NatsServer, free_port
 from tests.support.procs import ROOT, ServiceProcess, wait_for
 
 RINGFENCE = [sys.executable, "-m", "ringfence.cli.main"]
@@ -322,3 +322,67 @@ def test_a_joined_node_runs_its_enforcer_with_its_own_credential_and_reports_sta
         assert "Violation" not in enforcer.output(), enforcer.output()[-3000:]
     finally:
         enforcer.stop()
+
+
+# --- `ringfence up --listen` off loopback: TLS, pinned CA, join ---------------------------------------
+
+
+def test_up_off_loopback_requires_tls_and_a_node_joins_with_the_pinned_ca(tmp_path):
+    data, home = tmp_path / "data", tmp_path / "home"
+    home.mkdir()
+    port, metrics = free_port(), free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RINGFENCE_")}, "HOME": str(home),
+           "RINGFENCE_NODENAME": f"cp{uuid.uuid4().hex[:6]}"}
+    log = tmp_path / "up.log"
+    up = subprocess.Popen([*RINGFENCE, "up", "--data-dir", str(data), "--listen", f"0.0.0.0:{port}",
+                           "--services", "policy,audit", "--metrics-listen", f"127.0.0.1:{metrics}"],
+                          cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*RINGFENCE, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+    url = f"tls://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: "started policy, audit" in log.read_text(), timeout=60, what="up to start the services")
+        wait_for(lambda: cli("tokens", "ls", "--data-dir", str(data), "--nats-url", url).returncode == 0,
+                 timeout=30, what="the policy service to answer")
+        text = log.read_text()
+        assert "with TLS" in text and f"metrics of policy: http://127.0.0.1:{metrics}/metrics" in text
+        assert f"metrics of audit: http://127.0.0.1:{metrics + 1}/metrics" in text
+
+        # No TLS, no entry.
+        with pytest.raises((NatsError, NoServersError, OSError)):
+            asyncio.run(_with(f"nats://127.0.0.1:{port}", str(data / "nats" / "cli.nk"), lambda nc: nc.flush()))
+
+        # Root on the control plane: the admin identity and the CA are found in the data dir.
+        added = cli("tokens", "add", "--type", "node", "--ttl", "10m", "--data-dir", str(data), "--nats-url", url)
+        assert added.returncode == 0, added.stderr
+        token = added.stdout.split("The invite token: ")[1].split()[0]
+        pin = added.stdout.split("--ca-pin=")[1].split()[0]
+
+        wrong = cli("node", "join", "--token", token, "--nats-url", url, "--data-dir", str(tmp_path / "n0"),
+                    "--ca-pin", "sha256:" + "0" * 64)
+        assert wrong.returncode == 1 and "nothing was sent" in wrong.stderr
+
+        joined = cli("node", "join", "--token", token, "--nats-url", url, "--data-dir", str(tmp_path / "n1"),
+                     "--nodename", "remote-1", "--ca-pin", pin)
+        assert joined.returncode == 0, joined.stderr
+        config = yaml.safe_load((tmp_path / "n1" / "node.yaml").read_text())
+        assert Path(config["nats_tls_ca"]).read_bytes() == (data / "tls" / "ca.pem").read_bytes()
+        nodes = cli("nodes", "ls", "--format", "json", "--data-dir", str(data), "--nats-url", url)
+        assert [n["name"] for n in json.loads(nodes.stdout)] == ["remote-1"]
+        wait_for(lambda: {"join_token.create", "node.join"} <= _kinds(data), timeout=30, what="fleet events")
+        [created] = [e for e in _events(data) if e["event"] == "join_token.create"]
+        assert created["user"] == "admin" and token not in json.dumps(created)
+    finally:
+        up.terminate()
+        up.wait(60)
+
+
+def _events(data: Path) -> list[dict]:
+    log = data / "log" / "events.log"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def _kinds(data: Path) -> set[str]:
+    return {e["event"] for e in _events(data)}
