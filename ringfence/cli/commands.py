@@ -7,6 +7,7 @@ from . import (
     events,
     fleet,
     locks,
+    nats_setup,
     node_host,
     resources,
     run,
@@ -33,4 +34,5 @@ REGISTRY = [
     users.register,  # users add|ls|rm
     fleet.register,  # tokens add|ls|rm, nodes ls|rm
     node_host.register,  # node join|install|uninstall
+    nats_setup.register,  # nats-setup (compose)
 ]

@@ -44,6 +44,7 @@ ISSUER = "issuer"  # an account nkey (SA...): signs the user JWTs of joined node
 SYSTEM_ACCOUNT = "SYS"
 APP_ACCOUNT = "$G"  # where streams, buckets and every Ringfence user live
 AUTH_CALLOUT_SUBJECT = "$SYS.REQ.USER.AUTH"
+AUTH_TIMEOUT = 3
 
 INBOXES = "_INBOX.>"
 JS_API = "$JS.API"
@@ -221,7 +222,8 @@ def authorization_block(publics: dict[str, str]) -> str:
     """nats-server.conf: one nkey user per role; with an issuer, every other client is asked about
     (auth callout) and the system user may disconnect clients (JSON is valid NATS config)."""
     users = [{"nkey": publics[role], "permissions": permissions(role)} for role in ROLES if role in publics]
-    authorization: dict = {"users": users}
+    # Seconds a client may take to authenticate; a callout nobody answers refuses it after this.
+    authorization: dict = {"users": users, "timeout": AUTH_TIMEOUT}
     text = ""
     if ISSUER in publics and SYSTEM in publics:
         authorization["auth_callout"] = {"issuer": publics[ISSUER],
