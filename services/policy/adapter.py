@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import msgspec
 from nats.errors import NoRespondersError
 from nats.js.kv import KeyValue
 from nats.micro.request import Request
@@ -18,6 +17,7 @@ from ringfence.runtime.service import ServiceContext, request_actor
 
 from . import core
 from .fleet import Fleet
+from .fleet_core import decode_body
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,12 @@ class Adapter:
         return actions
 
     async def _get_actions(self, req: Request) -> list[tuple[str, str]]:
-        request = _decode(req.data, api.GetRequest)
+        request = decode_body(req.data, api.GetRequest)
         look = core.lookup(request.kind, request.name)
         return [(look.kind, "read" if look.key else "list")]
 
     async def _delete_actions(self, req: Request) -> list[tuple[str, str]]:
-        request = _decode(req.data, api.DeleteRequest)
+        request = decode_body(req.data, api.DeleteRequest)
         return [(core.canonical_kind(request.kind), "delete")]
 
     # --- endpoints ------------------------------------------------------------------
@@ -100,7 +100,7 @@ class Adapter:
         return api.ok_reply(api.CreateResult(messages=core.create_messages(changes) + problems))
 
     async def get(self, req: Request) -> bytes:
-        request = _decode(req.data, api.GetRequest)
+        request = decode_body(req.data, api.GetRequest)
         look = core.lookup(request.kind, request.name)
         if look.key:
             value = await self._read(look.key)
@@ -110,7 +110,7 @@ class Adapter:
         return api.ok_reply(core.get_result(look, values))
 
     async def delete(self, req: Request) -> bytes:
-        request = _decode(req.data, api.DeleteRequest)
+        request = decode_body(req.data, api.DeleteRequest)
         look = core.lookup(request.kind, request.name)
         async with self.write_lock:
             exists = bool(look.key) and await self._read(look.key) is not None
@@ -160,13 +160,6 @@ class Adapter:
         warnings = await publish_change_events(self.ctx, [change.event for change in changes if change.event])
         await self.outbox.published(seq, all_published=not warnings)
         return warnings
-
-
-def _decode(data: bytes, type_: type):
-    try:
-        return msgspec.json.decode(data, type=type_)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:  # bad UTF-8, deep nesting
-        raise api.ApiError(f"malformed request: {exc}") from None
 
 
 def make_adapter(_args) -> Adapter:

@@ -40,13 +40,6 @@ CONNZ_WAIT = 0.3  # seconds to gather every cluster server's answer about a remo
 COUNTERS = ("callout_allowed", "callout_refused", "nodes_joined", "nodes_removed", "connections_kicked")
 
 
-def _decode(data: bytes, type_: type):
-    try:
-        return msgspec.json.decode(data or b"{}", type=type_)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise api.ApiError(f"malformed request: {exc}") from None
-
-
 class Fleet:
     def __init__(self, policy: Adapter) -> None:
         self.policy = policy
@@ -118,7 +111,7 @@ class Fleet:
     # --- endpoints ----------------------------------------------------------------------------
 
     async def tokens_add(self, req: Request) -> bytes:
-        body = _decode(req.data, fleet.TokenAddRequest)
+        body = core.decode_body(req.data, fleet.TokenAddRequest)
         added, change = core.plan_token_add(body, request_actor(req), time.time())
         async with self.policy.write_lock:
             await self.policy._apply([change])
@@ -137,7 +130,7 @@ class Fleet:
         return api.ok_reply(found)
 
     async def tokens_rm(self, req: Request) -> bytes:
-        body = _decode(req.data, fleet.TokenRmRequest)
+        body = core.decode_body(req.data, fleet.TokenRmRequest)
         async with self.policy.write_lock:
             keys = await kv_read.snapshot(self.ctx.js, self.policy.kv, names.JOIN_TOKEN_KEY_PREFIX + ">")
             matches = core.token_hashes_matching(body.token, [k.removeprefix(names.JOIN_TOKEN_KEY_PREFIX)
@@ -150,7 +143,7 @@ class Fleet:
         return api.ok_reply({"message": change.message})
 
     async def join(self, req: Request) -> bytes:
-        body = _decode(req.data, fleet.JoinRequest)
+        body = core.decode_body(req.data, fleet.JoinRequest)
         digest = fleet.token_hash(body.token)
         async with self.policy.write_lock:
             token, revision = await self._token(digest)
@@ -172,7 +165,7 @@ class Fleet:
         return api.ok_reply(core.node_list(await self._nodes(), statuses))
 
     async def nodes_rm(self, req: Request) -> bytes:
-        body = _decode(req.data, fleet.NodeRmRequest)
+        body = core.decode_body(req.data, fleet.NodeRmRequest)
         async with self.policy.write_lock:
             node = next((n for n in await self._nodes() if n.name == body.name), None)
             if node is None:

@@ -31,6 +31,14 @@ def rfc3339(unix: float) -> str:
     return dt.datetime.fromtimestamp(unix, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+def decode_body(data: bytes, type_: type):
+    """A request body (an empty one is {}); ApiError naming the problem when it does not decode."""
+    try:
+        return msgspec.json.decode(data or b"{}", type=type_)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:  # bad UTF-8, deep nesting
+        raise ApiError(f"malformed request: {exc}") from None
+
+
 # --- tokens --------------------------------------------------------------------------------------
 
 
