@@ -93,14 +93,14 @@ def _service_permissions(role: str) -> dict:
         for op in STREAM_MUTATIONS
     ]
     deny += [kv_subjects(b) for b in PROTECTED_BUCKETS if b not in OWNED_BUCKETS[role]]
-    subscribe = [INBOXES, "$SRV.>", f"{names.API_PREFIX}.{role}.>"]
-    if role == names.POLICY:  # it answers the auth callout for joined nodes (services/policy/fleet.py)
-        subscribe.append(AUTH_CALLOUT_SUBJECT)
-    return {
+    found = {
         "publish": {"allow": publish, "deny": deny},
-        "subscribe": {"allow": subscribe},
-        "allow_responses": True,
+        "subscribe": {"allow": [INBOXES, "$SRV.>", f"{names.API_PREFIX}.{role}.>"]},
     }
+    if role == names.POLICY:  # it answers the auth callout for joined nodes (services/policy/fleet.py),
+        found["subscribe"]["allow"].append(AUTH_CALLOUT_SUBJECT)  # replying to the server's $SYS inbox
+        found["allow_responses"] = True
+    return found
 
 
 def _cli_permissions() -> dict:

@@ -27,7 +27,7 @@ from ringfence.contract import api, fleet, names
 from ringfence.runtime import kv_read, nats_jwt
 from ringfence.runtime.nats_conn import connect, wait_closed
 from ringfence.runtime.operator_auth import SELF_AUTHORIZED
-from ringfence.runtime.service import request_actor
+from ringfence.runtime.service import StartupError, request_actor
 
 from . import fleet_core as core
 
@@ -62,8 +62,12 @@ class Fleet:
         ):
             await ctx.add_endpoint(verb, subject, handler, action=action)
         if cfg.node_auth_issuer:
-            self.issuer_seed = Path(cfg.node_auth_issuer).read_text().strip()
-            nats_jwt.keypair(self.issuer_seed)  # a bad file stops start-up here, not at the first join
+            try:  # a bad file stops start-up here, not at the first join
+                self.issuer_seed = Path(cfg.node_auth_issuer).read_text().strip()
+                nats_jwt.keypair(self.issuer_seed)
+            except (OSError, nats_jwt.JwtError) as exc:
+                raise StartupError(f"node_auth_issuer {cfg.node_auth_issuer}: {exc}; it must be the account nkey "
+                                   "seed (SA...) that nats-server.conf's auth_callout names as issuer") from None
             self._subs.append(await ctx.nc.subscribe(
                 "$SYS.REQ.USER.AUTH", queue="ringfence-callout", cb=self._callout))
             log.info("answering the NATS auth callout for joined nodes")
@@ -205,10 +209,15 @@ class Fleet:
             server = (reply.get("server") or {}).get("id", "")
             targets += [(server, c["cid"]) for c in (reply.get("data") or {}).get("connections") or []]
         await sub.unsubscribe()
+        closed = 0
         for server, cid in targets:
-            await nc.request(f"$SYS.REQ.SERVER.{server}.KICK", json.dumps({"cid": cid}).encode(), timeout=2)
-        self.ctx.counters["connections_kicked"] += len(targets)
-        return len(targets)
+            try:
+                await nc.request(f"$SYS.REQ.SERVER.{server}.KICK", json.dumps({"cid": cid}).encode(), timeout=2)
+                closed += 1
+            except Exception as exc:  # the node is refused from now on; this connection ends with its JWT
+                log.error("cannot disconnect %s (connection %d on server %s): %r", user, cid, server, exc)
+        self.ctx.counters["connections_kicked"] += closed
+        return closed
 
     # --- the auth callout -----------------------------------------------------------------------
 
