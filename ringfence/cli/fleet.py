@@ -31,6 +31,7 @@ from ..runtime.nats_conn import is_authorization_error, tls_context
 from ..runtime.service import server_id_for
 from . import tls_pin
 from .client import CliError, call, open_client
+from .sessions import print_table
 
 NODE_SEED = "nats/node.nk"  # in the data dir of a joined node
 NODE_CONFIG = "node.yaml"  # in the data dir: what the node's services start with
@@ -38,12 +39,6 @@ NODE_CONFIG = "node.yaml"  # in the data dir: what the node's services start wit
 
 def _when(unix: float) -> str:
     return dt.datetime.fromtimestamp(unix, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 
 
 # --- tokens --------------------------------------------------------------------------------------
@@ -84,7 +79,7 @@ async def run_tokens_ls(args: argparse.Namespace) -> int:
         return 0
     rows = [("Token ID", "Type", "Expires", "Created by")]
     rows += [(t.token_id, t.type, _when(t.expires), t.created_by) for t in tokens]
-    _table(rows)
+    print_table(rows)
     return 0
 
 
@@ -121,7 +116,7 @@ async def run_nodes_ls(args: argparse.Namespace) -> int:
         rows.append((n.name, n.server_id, s.version if s else "-", f"{_age(now - s.seen)} ago" if s else "never",
                      str(s.policy_revision) if s else "-",
                      _age(s.lock_view_age) if s and s.lock_view_age >= 0 else "-", n.joined or "(static credential)"))
-    _table(rows)
+    print_table(rows)
     return 0
 
 

@@ -28,9 +28,10 @@ def status_of(ctx: ServiceContext, lock_view_age: float) -> NodeStatus:
 
 
 async def report(ctx: ServiceContext, lock_view_age: Callable[[], float], stop: asyncio.Event) -> None:
-    kv = await ctx.js.key_value(names.NODE_STATUS_BUCKET)
+    kv = None
     while not stop.is_set():
         try:
+            kv = kv or await ctx.js.key_value(names.NODE_STATUS_BUCKET)
             await kv.put(names.node_token(ctx.server_id), msgspec.json.encode(status_of(ctx, lock_view_age())))
         except Exception as exc:  # NATS away: the next round tries again; `nodes ls` shows the age
             ctx.counters["status_report_failures"] = ctx.counters.get("status_report_failures", 0) + 1
