@@ -148,7 +148,7 @@ class Fleet:
 
     async def join(self, req: Request) -> bytes:
         body = core.decode_body(req.data, fleet.JoinRequest)
-        digest = fleet.token_hash(body.token)
+        digest = core.token_digest(body.token)
         async with self.policy.write_lock:
             token, revision = await self._token(digest)
             core.check_token(token, time.time())
@@ -241,7 +241,7 @@ class Fleet:
     async def _grant(self, req: core.CalloutRequest) -> core.Grant:
         now = time.time()
         if req.token:
-            digest = fleet.token_hash(req.token)
+            digest = core.token_digest(req.token)
             token, _ = await self._token(digest)
             return core.grant_join(core.check_token(token, now), digest, now)
         if req.client_nkey:

@@ -77,6 +77,16 @@ def plan_token_rm(digest: str, actor: str, reason: str = "deleted") -> Change:
     return Change(names.join_token_key(digest), None, f"join token {fleet.token_id(digest)} has been deleted", event)
 
 
+MAX_TOKEN_LEN = 128  # ours are 48 hex characters; anything much longer is not one
+
+
+def token_digest(text: str) -> str:
+    """The stored form of a presented token; ApiError for text no token of ours can be."""
+    if not 0 < len(text) <= MAX_TOKEN_LEN:
+        raise ApiError(f"the join token is not valid: {len(text)} characters", "access_denied")
+    return fleet.token_hash(text)
+
+
 def check_token(token: fleet.JoinToken | None, now: float) -> fleet.JoinToken:
     if token is None:
         raise ApiError("the join token is not valid: unknown, already used, or removed; "
