@@ -42,6 +42,7 @@ ENV_IDENTITY = "RINGFENCE_IDENTITY"
 USER_DIR = "~/.ringfence"
 ADMIN_IDENTITY = "admin.nk"  # in the data dir: the bootstrap admin `ringfence up` creates
 CLI_NATS_SEED = "nats/cli.nk"  # in the data dir: the cli's NATS credential `ringfence up` creates
+LOCAL_TLS_CA = "tls/ca.pem"  # in the data dir: the CA `ringfence up --listen` generated
 
 
 class CliError(Exception):
@@ -70,6 +71,15 @@ def nats_seed_file(args: argparse.Namespace, cfg: Config) -> str | None:
     if readable(local):
         return str(local)
     return cfg.nats_nkey or None
+
+
+def nats_tls_ca(cfg: Config) -> str | None:
+    """The CA the NATS server's certificate must chain to: the config's, else the one `ringfence up`
+    generated in the data dir (on the server node), else the system's."""
+    if cfg.nats_tls_ca:
+        return cfg.nats_tls_ca
+    local = Path(cfg.data_dir) / LOCAL_TLS_CA
+    return str(local) if readable(local) else None
 
 
 def _identity_candidates(args: argparse.Namespace, cfg: Config) -> list[tuple[Path, bool]]:
@@ -118,7 +128,8 @@ async def open_client(args: argparse.Namespace) -> Client:
     cfg = config_from(args)
     seed = nats_seed_file(args, cfg)
     try:
-        nc = await connect(cfg.nats_urls, "ringfence-cli", retry_forever=False, connect_timeout=2.0, nkey_seed=seed)
+        nc = await connect(cfg.nats_urls, "ringfence-cli", retry_forever=False, connect_timeout=2.0, nkey_seed=seed,
+                           tls_ca=nats_tls_ca(cfg))
     except NatsCredentialError as exc:
         raise CliError(f"{exc}; pass the cli NATS credential with --nats-nkey or {ENV_NATS_NKEY}") from None
     except (NoServersError, OSError, TimeoutError) as exc:

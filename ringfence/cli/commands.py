@@ -6,8 +6,11 @@ from . import (
     bootstrap,
     doctor,
     events,
+    fleet,
     importer,
     locks,
+    nats_setup,
+    node_host,
     resources,
     run,
     session_control,
@@ -35,4 +38,7 @@ REGISTRY = [
     users.register,  # users add|update|ls|rm
     doctor.register,  # doctor (sshd and PAM settings that open a hole)
     web.register,  # web (the console), web login
+    fleet.register,  # tokens add|ls|rm, nodes ls|rm
+    node_host.register,  # node join|install|uninstall
+    nats_setup.register,  # nats-setup (compose)
 ]

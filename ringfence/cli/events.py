@@ -179,7 +179,7 @@ async def run_search(args: argparse.Namespace) -> int:
 
 async def run_tail(args: argparse.Namespace) -> int:
     types = set(event_types(args.type))
-    subject = names.audit_subject(next(iter(types))) if len(types) == 1 else names.AUDIT_SUBJECTS
+    subject = names.audit_type_filter(next(iter(types))) if len(types) == 1 else names.AUDIT_SUBJECTS
     nc = await open_client(args)
     try:
         js = nc.jetstream()
@@ -193,7 +193,7 @@ async def run_tail(args: argparse.Namespace) -> int:
                            "(`ringfence up`)") from None
         print("following new audit events (Ctrl-C to stop)", file=sys.stderr, flush=True)
         async for msg in sub.messages:
-            if types and msg.subject.removeprefix(names.AUDIT_SUBJECT_PREFIX + ".") not in types:
+            if types and names.audit_subject_parts(msg.subject)[1] not in types:
                 continue
             print_event(msg.data, args.format)
     finally:

@@ -60,6 +60,7 @@ def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:
             bucket=names.LEASES_BUCKET, history=1, replicas=replicas, max_value_size=MAX_EVENT_BYTES
         ),
         KeyValueConfig(bucket=names.AUDIT_CURSOR_BUCKET, history=1, replicas=replicas, max_value_size=64),
+        KeyValueConfig(bucket=names.NODE_STATUS_BUCKET, history=1, replicas=replicas, max_value_size=4096),
     ]
 
 
@@ -106,7 +107,9 @@ async def _ensure(js: JetStreamContext, replicas: int) -> None:
         else:
             had = info.config.num_replicas or 1
             cfg.num_replicas = max(had, replicas)
-            await js.update_stream(cfg)
+            # Only when something differs: a joined node's credential may read streams, not change them.
+            if _differs(info.config, cfg):
+                await js.update_stream(cfg)
             if cfg.num_replicas > had:
                 log.info("stream %s: replicas raised from %d to %d", cfg.name, had, cfg.num_replicas)
     for kv in bucket_configs(replicas):
@@ -148,6 +151,25 @@ async def ensure_streams_ready(js: JetStreamContext, replicas: int = 1, *, timeo
                             "JetStream never will be: start it with --jetstream", replicas,
                             "s" if replicas > 1 else "", _describe(exc))
             await asyncio.sleep(retry_every)
+
+
+_COMPARED = ("subjects", "retention", "storage", "max_age", "max_msg_size", "duplicate_window", "num_replicas",
+             "discard")
+
+
+def _differs(current: StreamConfig, wanted: StreamConfig) -> bool:
+    """A setting we ask for that the stream does not have (settings we leave open are not compared)."""
+    for name in _COMPARED:
+        want = getattr(wanted, name)
+        if want is None:
+            continue
+        have = getattr(current, name)
+        if isinstance(want, float) or isinstance(have, float):
+            if have is None or abs(float(have) - float(want)) > 1e-3:
+                return True
+        elif (sorted(have or []) if name == "subjects" else have) != (sorted(want) if name == "subjects" else want):
+            return True
+    return False
 
 
 def _transient(exc: APIError) -> bool:

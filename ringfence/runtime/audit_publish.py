@@ -29,7 +29,7 @@ async def publish_event(js: JetStreamContext, event: AuditEvent, timeout: float 
     """Publish and wait for JetStream's ack. The event uid is the message id, so a
     retry after a lost ack is dropped by the stream's duplicate window."""
     await js.publish(
-        names.audit_subject(event.event_type()),
+        names.audit_subject(event.server_id, event.event_type()),
         encode_event(event),
         timeout=timeout,
         headers={MSG_ID_HEADER: event.uid},
@@ -85,6 +85,7 @@ async def publish_change_events(ctx: ServiceContext, events: list[AuditEvent]) -
 class _Envelope(msgspec.Struct):
     event: str
     uid: str
+    server_id: str
 
 
 _envelope = msgspec.json.Decoder(_Envelope)
@@ -99,7 +100,8 @@ async def publish_encoded(js: JetStreamContext, lines: list[bytes], timeout: flo
         env = _envelope.decode(line)
         futures.append(
             await js.publish_async(
-                names.audit_subject(env.event), line, headers={MSG_ID_HEADER: env.uid}, wait_stall=timeout
+                names.audit_subject(env.server_id, env.event), line, headers={MSG_ID_HEADER: env.uid},
+                wait_stall=timeout,
             )
         )
     await asyncio.wait_for(asyncio.gather(*futures), timeout)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import shutil
+import ssl
 import sys
 from pathlib import Path
 
@@ -22,6 +23,8 @@ async def connect(
     connect_timeout: float = 2.0,
     retry_forever: bool = True,
     nkey_seed: str | None = None,
+    tls_ca: str | None = None,
+    counters: dict[str, int] | None = None,
     **options,
 ) -> Client:
     """Connect, and keep reconnecting for as long as the process lives.
@@ -29,11 +32,15 @@ async def connect(
     With `retry_forever`, a server that is not up yet is waited for (services
     may start before NATS); the CLI passes False to fail fast with a clear error.
     `nkey_seed`: path of an nkey seed file to authenticate with (NatsCredentialError
-    when it cannot be read); without it the connection is anonymous.
+    when it cannot be read); without it the connection is anonymous. `tls_ca`: the CA
+    file the server's certificate must chain to (tls:// URLs; default: the system's CAs).
+    `counters`: where nats_reconnects is counted (a service's ctx.counters).
     """
     if nkey_seed:
         check_seed_file(nkey_seed)
         options["nkeys_seed"] = nkey_seed
+    if tls_ca or any(u.startswith("tls://") for u in urls):
+        options["tls"] = tls_context(tls_ca)
 
     async def on_error(exc: Exception) -> None:
         if retry_forever:  # the CLI reports its single failure itself
@@ -45,6 +52,8 @@ async def connect(
         log.warning("nats: disconnected from %s", urls)
 
     async def on_reconnect() -> None:
+        if counters is not None:
+            counters["nats_reconnects"] = counters.get("nats_reconnects", 0) + 1
         log.info("nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else urls)
 
     nc = Client()
@@ -74,6 +83,14 @@ async def connect(
             if attempt == 1 or attempt % 20 == 0:
                 log.warning("nats: cannot connect to %s yet (%s); retrying", ",".join(urls), exc)
             await asyncio.sleep(min(2.0, 0.2 * attempt))
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """Verifies the server's certificate and name (hostname or IP in the URL)."""
+    try:
+        return ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise NatsCredentialError(f"cannot use {ca_file} as the NATS CA certificate: {exc}") from None
 
 
 class NatsCredentialError(Exception):
