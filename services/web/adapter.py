@@ -192,7 +192,8 @@ class Console:
 
     def find_session(self, sid: str) -> SessionInfo:
         assert self.active is not None
-        info = self.active.values.get(core.check_sid(sid))
+        sid = core.check_sid(sid)  # keys name the node too (names.session_key)
+        info = next((i for i in self.active.values.values() if i.sid == sid), None)
         if info is None:
             raise ConsoleError(f'no active session "{sid}" (it ended, or is not known yet)', 404)
         return info
