@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -48,6 +49,12 @@ def test_a_shell_inside_ssh_T_is_recorded(hostile):
         return r.stdout if r.returncode == 0 and "secret-42" in r.stdout else None
 
     wait_for(played, timeout=30, what="the recording of the ssh -T shell")
+    # The cast file is asciicast v2 as asciinema itself reads it.
+    cast = hostile.tmp / "shell.cast"
+    cast.write_text(cli(hostile.url, "play", sid, "--format", "cast").stdout)
+    shown = subprocess.run([sys.executable, "-m", "asciinema", "cat", str(cast)], capture_output=True, text=True,
+                           timeout=30)
+    assert shown.returncode == 0 and "secret-42" in shown.stdout, shown.stderr
 
 
 def test_ssh_N_tunnels_idle_out_unless_the_client_sends(hostile):
