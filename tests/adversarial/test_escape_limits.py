@@ -123,3 +123,20 @@ def test_one_idle_channel_does_not_end_its_active_sibling(hostile):
     finally:
         subprocess.run(["ssh", "-o", f"ControlPath={control}", "-O", "exit", "x"], capture_output=True)
         master.kill()
+
+
+def test_the_user_cannot_signal_or_trace_the_relay(hostile):
+    """On main the recorder was the user's own process: `kill` or ptrace stopped the recording.
+    The relay that runs the session's program is root's and outside the session."""
+    login, key = hostile.server.add_user()
+    # $PPID is the shell's parent: the relay.
+    probe = ("python3 -c \"import ctypes, sys; libc = ctypes.CDLL(None, use_errno=True); "
+             "r = libc.ptrace(16, int(sys.argv[1]), 0, 0); print('ptrace', r, ctypes.get_errno())\" $PPID; "
+             "kill -9 $PPID; echo kill=$?; echo still-recorded-$((6*7))")
+    result = hostile.server.ssh(login, key, probe)
+    assert "ptrace -1 1" in result.stdout  # PTRACE_ATTACH: EPERM
+    assert "kill=1" in result.stdout and "still-recorded-42" in result.stdout, (result.stdout, result.stderr)
+    sid = wait_for(lambda: [e["sid"] for e in log_events(hostile.data_dir) if e["event"] == "exec"
+                            and e["login"] == login], what="the exec event")[0]
+    wait_for(lambda: "still-recorded-42" in cli(hostile.url, "play", sid, "--speed", "1000").stdout,
+             what="the recording to have it all")
