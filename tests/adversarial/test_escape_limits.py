@@ -10,6 +10,7 @@ input only; a connection with no channel idles out on its forwards' input.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -140,3 +141,22 @@ def test_the_user_cannot_signal_or_trace_the_relay(hostile):
                             and e["login"] == login], what="the exec event")[0]
     wait_for(lambda: "still-recorded-42" in cli(hostile.url, "play", sid, "--speed", "1000").stdout,
              what="the recording to have it all")
+
+
+def test_a_process_left_by_bashrc_cannot_use_the_terminal_behind_the_relays_back(hostile):
+    """~/.bashrc runs before the wrapper with sshd's terminal: a process it leaves behind could
+    write to (and read from) it unrecorded. The relay takes the terminal over: the device becomes
+    root's and every other open file of it is hung up."""
+    login, key = hostile.server.add_user()
+    from tests.adversarial.conftest import as_user
+    as_user(login, ".bashrc", "(sleep 3; echo UNRECORDED-$((1+1)) >&2; echo wrote=$? > /tmp/" + login + ".bg) &\n")
+    term = Terminal(hostile.server.ssh_argv(login, key, "-tt"))
+    term.read_until("$ ")
+    wait_for(lambda: os.path.exists(f"/tmp/{login}.bg"), timeout=15, what="the background writer")
+    term.type("echo done-$((3+4))\n")
+    shown = term.read_until("done-7")
+    term.type("exit\n")
+    term.close()
+    assert "UNRECORDED-2" not in shown
+    assert open(f"/tmp/{login}.bg").read().strip() != "wrote=0"
+    os.unlink(f"/tmp/{login}.bg")
