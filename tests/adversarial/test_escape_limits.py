@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -158,5 +159,5 @@ def test_a_process_left_by_bashrc_cannot_use_the_terminal_behind_the_relays_back
     term.type("exit\n")
     term.close()
     assert "UNRECORDED-2" not in shown
-    assert open(f"/tmp/{login}.bg").read().strip() != "wrote=0"
+    assert Path(f"/tmp/{login}.bg").read_text().strip() != "wrote=0"
     os.unlink(f"/tmp/{login}.bg")
