@@ -80,7 +80,7 @@ class EnforcerAdapter:
         self.directory = Directory(ctx.nc, ctx.counters)
         self.recording_config: KvMirror[SessionRecordingConfig] = KvMirror(
             ctx.nc, names.POLICY_BUCKET, names.RECORDING_CONFIG_KEY, SessionRecordingConfig, counters=ctx.counters)
-        self.launcher = RelayLauncher(tree.mount / "ringfence" / f"{cfg.nodename}.relays")
+        self.launcher = RelayLauncher(tree.mount / "ringfence" / f"{cfg.nodename}.relays", data / "relays.log")
         await self.launcher.start()
         self.sessions = self._session_manager(tree, data)
         self.guard = LockGuard(ctx.nc, self.sessions, self.directory, parse_duration(cfg.lock_view_max_staleness),
