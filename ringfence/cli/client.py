@@ -2,6 +2,8 @@
 
 Two credentials, found in this order:
 
+- NATS (where): --nats-url, RINGFENCE_NATS_URL, the URL `ringfence up` recorded in
+  <data_dir>/nats_url (root-readable: a server node finds its own stack), the config.
 - NATS (who may connect): --nats-nkey, RINGFENCE_NATS_NKEY, <data_dir>/nats/cli.nk
   when readable (a server node running `ringfence up`), the config's nats_nkey;
   else anonymous.
@@ -27,7 +29,7 @@ from nats.errors import NoRespondersError, NoServersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from .. import auth
-from ..config import ENV_NATS_NKEY, Config, load_config
+from ..config import ENV_NATS_NKEY, ENV_NATS_URL, Config, load_config
 from ..contract.api import ApiReply
 from ..keyfiles import read_identity, readable
 from ..runtime.nats_conn import NatsCredentialError, connect, is_authorization_error
@@ -42,6 +44,7 @@ ENV_IDENTITY = "RINGFENCE_IDENTITY"
 USER_DIR = "~/.ringfence"
 ADMIN_IDENTITY = "admin.nk"  # in the data dir: the bootstrap admin `ringfence up` creates
 CLI_NATS_SEED = "nats/cli.nk"  # in the data dir: the cli's NATS credential `ringfence up` creates
+NATS_URL_FILE = "nats_url"  # in the data dir: the NATS URL(s) of the stack `ringfence up` runs
 
 
 class CliError(Exception):
@@ -52,12 +55,30 @@ class CliError(Exception):
         self.exit_code = exit_code
 
 
-def config_from(args: argparse.Namespace) -> Config:
-    return load_config(
-        getattr(args, "config", None),
-        data_dir=getattr(args, "data_dir", None),
-        nats_url=getattr(args, "nats_url", None),
-    )
+def config_from(args: argparse.Namespace, recorded_url: bool = True) -> Config:
+    """The configuration; without --nats-url or RINGFENCE_NATS_URL, the NATS URL that
+    `ringfence up` recorded in the data dir (when `recorded_url` and it is readable)."""
+    def load(nats_url: str | None) -> Config:
+        return load_config(getattr(args, "config", None), data_dir=getattr(args, "data_dir", None),
+                           nats_url=nats_url)
+
+    explicit = getattr(args, "nats_url", None)
+    cfg = load(explicit)
+    if explicit or os.environ.get(ENV_NATS_URL) or not recorded_url:
+        return cfg
+    recorded = recorded_nats_url(cfg.data_dir)
+    return load(recorded) if recorded else cfg
+
+
+def recorded_nats_url(data_dir: str) -> str | None:
+    """The URL(s) in <data_dir>/nats_url, or None when there is none this user can read."""
+    path = Path(data_dir) / NATS_URL_FILE
+    if not readable(path):
+        return None
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def nats_seed_file(args: argparse.Namespace, cfg: Config) -> str | None:

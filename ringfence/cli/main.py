@@ -12,6 +12,37 @@ from ..config import ConfigError
 from . import commands
 from .client import CliError
 
+# Options every command takes (and --format, where a command has it). They may come before the
+# command as well as after it: `ringfence --identity F lock ...` is `ringfence lock --identity F ...`.
+GLOBAL_OPTIONS = ("--config", "--nats-url", "--data-dir", "--nats-nkey", "--identity", "--format")
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices
+    return {}
+
+
+def hoist_global_options(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Move global options written before the command to just after it (after a group's
+    subcommand too, e.g. `users add`), where the command's parser reads them."""
+    leading: list[str] = []
+    i = 0
+    while i < len(argv) and argv[i].split("=", 1)[0] in GLOBAL_OPTIONS:
+        take = 1 if "=" in argv[i] else 2
+        leading += argv[i : i + take]
+        i += take
+    if not leading:
+        return argv
+    rest = argv[i:]
+    depth, current = 0, parser
+    while depth < len(rest) and rest[depth] in (choices := _subcommands(current)):
+        current = choices[rest[depth]]
+        depth += 1
+    depth = max(depth, min(1, len(rest)))  # an unknown command is reported as such, not as its option
+    return rest[:depth] + leading + rest[depth:]
+
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -29,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ringfence",
         description="Session controls for OpenSSH fleets: egress restrictions, locks, limits, audit.",
+        epilog="Connection options (--config, --data-dir, --nats-url, --nats-nkey, --identity) and --format "
+        "may be given before or after the command. `ringfence COMMAND -h` lists a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"ringfence {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -39,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(hoist_global_options(sys.argv[1:] if argv is None else argv, parser))
     try:
         result = args.func(args)
         if inspect.iscoroutine(result):

@@ -45,7 +45,7 @@ from ..runtime.nats_conn import (
     write_server_config,
 )
 from .bootstrap import BootstrapError, bootstrap_admin
-from .client import CliError, config_from
+from .client import NATS_URL_FILE, CliError, config_from
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +264,21 @@ async def _start_embedded(sup: Supervisor, cfg: Config, data_dir: Path, host: st
     return EmbeddedNats(children, [f"nats://{host}:{p}" for p in clients], credentials)
 
 
+def record_nats_url(data_dir: Path, urls: list[str]) -> Path:
+    """Write the stack's NATS URL(s) to <data_dir>/nats_url (0600, replaced atomically):
+    the CLI on this node uses them when neither --nats-url nor RINGFENCE_NATS_URL is given."""
+    path = data_dir / NATS_URL_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(",".join(urls) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 async def run(args: argparse.Namespace) -> int:
-    cfg = config_from(args)
+    cfg = config_from(args, recorded_url=False)  # up decides the URL; the recorded one is its output
     data_dir = Path(cfg.data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -320,6 +333,7 @@ async def run(args: argparse.Namespace) -> int:
         else:
             await stop_nats()
             raise CliError(message) from None
+    record_nats_url(data_dir, nats_urls)
     if admin:
         sup.emit("up", f"bootstrap admin identity: {admin}")
         sup.emit("up", "  (role admin: every verb on every resource; root on this node signs with it by default, "

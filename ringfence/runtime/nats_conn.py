@@ -15,6 +15,12 @@ from nats.errors import NoServersError
 log = logging.getLogger(__name__)
 
 
+# A drain that takes longer (a subscription whose messages nobody reads) is given up by
+# nats-py itself, reported through error_cb, and the connection closed: cancelling a drain
+# from outside instead leaves an unretrieved _GatheringFuture traceback in the log.
+DRAIN_TIMEOUT = 1.0
+
+
 async def connect(
     urls: list[str],
     name: str,
@@ -34,6 +40,7 @@ async def connect(
     if nkey_seed:
         check_seed_file(nkey_seed)
         options["nkeys_seed"] = nkey_seed
+    options.setdefault("drain_timeout", DRAIN_TIMEOUT)
 
     async def on_error(exc: Exception) -> None:
         if retry_forever:  # the CLI reports its single failure itself
@@ -159,8 +166,10 @@ def nats_server_binary() -> str:
 
 
 async def wait_closed(nc: Client, timeout: float = 5.0) -> None:
+    """Drain and close. The drain gives up by itself after the connection's drain_timeout;
+    `timeout` is the backstop for a server that stops answering the final flush."""
     try:
-        await asyncio.wait_for(nc.drain(), timeout)
+        await asyncio.wait_for(nc.drain(), max(timeout, nc.options.get("drain_timeout", 0) + 1))
     except Exception:  # already closed, or the server is gone: nothing left to flush
         if not nc.is_closed:
             await nc.close()

@@ -50,6 +50,7 @@ class SessionSocket:
         self.counters = counters
         counters.setdefault("updates_rejected", 0)
         self.server: asyncio.base_events.Server | None = None
+        self._inode = 0
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,10 +58,16 @@ class SessionSocket:
         self.server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=MAX_LINE)
         # Any local account may ask; what it gets depends on who it is (SO_PEERCRED).
         os.chmod(self.path, 0o666)
+        self._inode = self.path.stat().st_ino
 
     async def stop(self) -> None:
         if self.server:
             self.server.close()
+            # Gone with us, so a client is told "no enforcer socket" rather than "connection
+            # refused"; unless another enforcer has put its own socket there since.
+            with contextlib.suppress(FileNotFoundError):
+                if self.path.stat().st_ino == self._inode:
+                    self.path.unlink()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), 2)
 
