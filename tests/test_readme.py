@@ -6,8 +6,9 @@ starting with `$ ` is a command (a line ending with `\\` continues it), run by b
 repository root with `ringfence` on PATH and only RINGFENCE_DATA_DIR set, as an operator on the
 stack's node, in a terminal. The lines up to the next command are its expected output (what
 the terminal shows); blank lines at its end do not count, and a run of spaces matches any run of
-spaces. A read (`ringfence events search|get|sessions ls|status`) that differs is tried again
-for a few seconds: audit events reach the index a moment after the command that caused them.
+spaces. A read (`ringfence events search|get|sessions ls|sessions play|status`) that differs is
+tried again for a few seconds: audit events and recordings are stored a moment after the command
+that caused them returned.
 
 Placeholders in expected output (the README shows them as they are):
 
@@ -56,7 +57,7 @@ SKIP = re.compile(r"^<!--\s*doctest:\s*skip\b\s*(.*?)\s*-->$")
 COMMAND_TIMEOUT = 60
 # A read whose output differs is run again for up to SETTLE seconds: an audit event reaches
 # the search index a moment after the command that caused it returned, as it does for a user.
-READ_ONLY = re.compile(r"^ringfence (events search|get|sessions ls|status)\b")
+READ_ONLY = re.compile(r"^(\.venv/bin/)?ringfence (events search|get|sessions ls|sessions play|status)\b")
 SETTLE = 5.0
 
 PLACEHOLDERS = {
