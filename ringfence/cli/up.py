@@ -125,8 +125,10 @@ class Supervisor:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
+        asked = time.monotonic()
         try:
             await asyncio.wait_for(proc.wait(), STOP_GRACE_SECONDS)
+            self.emit("up", f"{child.name} stopped in {time.monotonic() - asked:.2f}s (exit code {proc.returncode})")
         except TimeoutError:
             self.emit("up", f"{child.name} did not stop within {STOP_GRACE_SECONDS:.0f}s; killing it")
             with contextlib.suppress(ProcessLookupError):

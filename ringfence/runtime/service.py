@@ -250,7 +250,6 @@ async def _serve(short_name: str, config: Config, adapter: Adapter) -> None:
         await stop.wait()
         log.info("%s service stopping", short_name)
     finally:
-        stopping_at = loop.time()
         try:
             await asyncio.wait_for(adapter.stop(), STOP_TIMEOUT)
         except TimeoutError:
@@ -263,4 +262,3 @@ async def _serve(short_name: str, config: Config, adapter: Adapter) -> None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ctx._micro.stop(), 2)
             await wait_closed(nc, 2)
-            log.info("%s service stopped in %.2fs", short_name, loop.time() - stopping_at)
