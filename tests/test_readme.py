@@ -43,7 +43,6 @@ import termios
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -216,8 +215,9 @@ def test_matcher(expected, actual, ok):
 
 
 def test_a_bound_name_carries_into_later_commands():
-    bound = match(['lock "<uuid:lock>"'], ['lock "dc7cee9d-fe5e-4534-a90d-db770f0234a1"'], {})
-    assert substitute("ringfence rm locks/<uuid:lock>", bound) == "ringfence rm locks/dc7cee9d-fe5e-4534-a90d-db770f0234a1"
+    uid = "dc7cee9d-fe5e-4534-a90d-db770f0234a1"
+    bound = match(['lock "<uuid:lock>"'], [f'lock "{uid}"'], {})
+    assert substitute("ringfence rm locks/<uuid:lock>", bound) == f"ringfence rm locks/{uid}"
     assert match(['gone "<uuid:lock>"'], ['gone "00000000-0000-4000-8000-000000000000"'], bound) is None
 
 

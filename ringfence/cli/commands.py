@@ -1,20 +1,40 @@
-"""Every subcommand registers itself here; main.py builds the parser from this list."""
+"""Every subcommand, and the module that registers it; main.py builds the parser from this.
+
+Only the module of the command being run is imported (an operator's `ringfence status`, or
+sshd's `pam-hook` at every login, does not pay for importing all the others); `ringfence -h`
+and a command that is not here import them all. A module's `register(sub, common)` adds its
+parsers; list each command it adds here, in the order `ringfence -h` shows them.
+"""
 
 from __future__ import annotations
 
-from . import bootstrap, events, locks, resources, run, session_control, sessions, ssh_hooks, status, up, users
+import argparse
+import importlib
 
-_ = session_control  # registers `sessions join` and `sessions kill` with the sessions group
+COMMANDS: dict[str, tuple[str, ...]] = {
+    "up": ("up",),
+    "bootstrap": ("bootstrap",),  # the first admin, for stacks not started by up
+    "status": ("status",),
+    "create": ("resources",),
+    "get": ("resources",),
+    "rm": ("resources",),
+    "run": ("run",),
+    "events": ("events",),  # events search|tail|verify
+    "sessions": ("sessions", "session_control"),  # ls and play; join and kill (session_control.py)
+    "play": ("sessions",),  # = sessions play
+    "lock": ("locks",),
+    "unlock": ("locks",),
+    "pam-hook": ("ssh_hooks",),  # OpenSSH integration
+    "ssh-session": ("ssh_hooks",),
+    "users": ("users",),  # users add|ls|rm
+}
 
-REGISTRY = [
-    up.register,
-    bootstrap.register,  # bootstrap (the first admin, for stacks not started by up)
-    status.register,
-    resources.register,  # create, get, rm
-    run.register,  # run
-    events.register,  # events search|tail
-    sessions.register,  # sessions ls (join, kill: see sessions.py), play
-    locks.register,  # lock, unlock
-    ssh_hooks.register,  # pam-hook, ssh-session (OpenSSH integration)
-    users.register,  # users add|ls|rm
-]
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser, command: str | None) -> None:
+    """Register `command` (its module's commands), or every command when it is None or unknown."""
+    wanted = COMMANDS.get(command or "")
+    modules = wanted or tuple(dict.fromkeys(m for ms in COMMANDS.values() for m in ms))
+    loaded = [importlib.import_module(f"{__package__}.{name}") for name in modules]
+    for module in loaded:
+        if hasattr(module, "register"):  # session_control adds itself to `sessions` on import
+            module.register(sub, common)

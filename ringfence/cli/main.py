@@ -24,18 +24,21 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
     return {}
 
 
+def leading_options(argv: list[str]) -> int:
+    """How many of argv's first arguments are global options (with their values)."""
+    i = 0
+    while i < len(argv) and argv[i].split("=", 1)[0] in GLOBAL_OPTIONS:
+        i += 1 if "=" in argv[i] else 2
+    return min(i, len(argv))
+
+
 def hoist_global_options(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     """Move global options written before the command to just after it (after a group's
     subcommand too, e.g. `users add`), where the command's parser reads them."""
-    leading: list[str] = []
-    i = 0
-    while i < len(argv) and argv[i].split("=", 1)[0] in GLOBAL_OPTIONS:
-        take = 1 if "=" in argv[i] else 2
-        leading += argv[i : i + take]
-        i += take
-    if not leading:
+    n = leading_options(argv)
+    if not n:
         return argv
-    rest = argv[i:]
+    leading, rest = argv[:n], argv[n:]
     depth, current = 0, parser
     while depth < len(rest) and rest[depth] in (choices := _subcommands(current)):
         current = choices[rest[depth]]
@@ -44,7 +47,8 @@ def hoist_global_options(argv: list[str], parser: argparse.ArgumentParser) -> li
     return rest[:depth] + leading + rest[depth:]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for `command` alone (see commands.py), or for every command."""
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("connection")
     group.add_argument("--config", help="YAML config file (default: /etc/ringfence.yaml when present)")
@@ -65,14 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ringfence {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for register in commands.REGISTRY:
-        register(sub, common)
+    commands.register(sub, common, command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(hoist_global_options(sys.argv[1:] if argv is None else argv, parser))
+    argv = sys.argv[1:] if argv is None else argv
+    n = leading_options(argv)
+    parser = build_parser(argv[n] if n < len(argv) else None)
+    args = parser.parse_args(hoist_global_options(argv, parser))
     try:
         result = args.func(args)
         if inspect.iscoroutine(result):
