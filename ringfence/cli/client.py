@@ -37,7 +37,7 @@ from ..runtime.nats_conn import NatsCredentialError, connect, is_authorization_e
 T = TypeVar("T")
 
 # A request may wait out the election of a new stream leader after a NATS cluster node
-# died (4-9 s, runtime/kv_batch.py LEADER_WAIT) before it writes, and again before its
+# died (4-9 s, runtime/retrying.py LEADER_WAIT) before it writes, and again before its
 # audit event is stored; elections run at once, so one is the usual wait.
 REQUEST_TIMEOUT = 25.0
 ENV_IDENTITY = "RINGFENCE_IDENTITY"
