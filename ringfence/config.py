@@ -27,7 +27,6 @@ import socket
 from pathlib import Path
 
 import msgspec
-import yaml
 from msgspec import Struct, field
 
 from .contract.strict import DecodeError, convert
@@ -152,6 +151,8 @@ def _validate(cfg: Config, source: str) -> None:
 
 
 def parse_config(text: str, source: str) -> Config:
+    import yaml  # here: most runs have no config file, and the CLI starts faster without it
+
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -220,4 +221,6 @@ def _env_replicas() -> int | None:
 
 
 def dump_config(cfg: Config) -> str:
+    import yaml
+
     return yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False)

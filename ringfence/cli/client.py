@@ -20,7 +20,7 @@ import os
 import time
 import weakref
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client
@@ -28,11 +28,12 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError, NoServersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from .. import auth
 from ..config import ENV_NATS_NKEY, ENV_NATS_URL, Config, load_config
-from ..contract.api import ApiReply
-from ..keyfiles import read_identity, readable
+from ..keyfiles import readable
 from ..runtime.nats_conn import NatsCredentialError, connect, is_authorization_error
+
+if TYPE_CHECKING:
+    from .. import auth
 
 T = TypeVar("T")
 
@@ -102,6 +103,9 @@ def _identity_candidates(args: argparse.Namespace, cfg: Config) -> list[tuple[Pa
 
 def find_identity(args: argparse.Namespace, cfg: Config) -> auth.Identity | None:
     """The operator identity to sign with; None when there is none to use."""
+    # Imported here: signing (nacl) is not needed by commands that send no control request.
+    from .. import auth
+    from ..keyfiles import read_identity
     for path, required in _identity_candidates(args, cfg):
         if not required and not readable(path):
             continue
@@ -128,6 +132,8 @@ class _Signer:
             self.loaded = True
         if self.identity is None:
             return None
+        from .. import auth
+
         return auth.sign_request(self.identity, subject, payload, time.time())
 
 
@@ -173,6 +179,8 @@ async def call(nc: Client, subject: str, body: Any, result_type: type[T], timeou
         ) from None
     except NatsTimeout:
         raise CliError(f"no reply on {subject} within {timeout:.0f}s; check `ringfence status`") from None
+    from ..contract.api import ApiReply
+
     reply = msgspec.json.decode(msg.data, type=ApiReply)
     if not reply.ok:
         raise CliError(reply.error)

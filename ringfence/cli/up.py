@@ -335,7 +335,8 @@ async def run(args: argparse.Namespace) -> int:
         else:
             await stop_nats()
             raise CliError(message) from None
-    record_nats_url(data_dir, nats_urls)
+    recorded = record_nats_url(data_dir, nats_urls)
+    sup.emit("up", f"NATS URL recorded in {recorded}: the CLI on this node uses it without --nats-url")
     if admin:
         sup.emit("up", f"bootstrap admin identity: {admin}")
         sup.emit("up", "  (role admin: every verb on every resource; root on this node signs with it by default, "
