@@ -339,7 +339,7 @@ def nothing_found(kind: str) -> str:
 
 
 def print_text(kind: str, docs: list[Any]) -> None:
-    if not docs:
+    if kind == "network_restrictions" and not docs:  # other kinds: the table's header, no rows
         print(nothing_found(kind))
         return
     try:
