@@ -79,7 +79,7 @@ async def connect(
                 raise
             attempt += 1
             if attempt == 1 or attempt % 20 == 0:
-                log.warning("nats: cannot connect to %s yet (%s); retrying", ",".join(urls), exc)
+                log.warning("nats: cannot connect to %s yet (%r); retrying", ",".join(urls), exc)
             await asyncio.sleep(min(2.0, 0.2 * attempt))
 
 

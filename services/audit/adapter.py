@@ -126,7 +126,7 @@ class Adapter:
                 try:
                     await self._subscribe()
                 except Exception as sub_exc:
-                    log.warning("audit: re-binding consumer %s failed (%s)", names.AUDIT_DURABLE, sub_exc)
+                    log.warning("audit: re-binding consumer %s failed (%r)", names.AUDIT_DURABLE, sub_exc)
                 continue
             try:
                 await self._handle(msgs)

@@ -129,7 +129,7 @@ class RecordingConsumer:
                 try:
                     await self._subscribe()
                 except Exception as sub_exc:
-                    log.warning("recordings: re-binding consumer %s failed (%s)", names.RECORDINGS_DURABLE, sub_exc)
+                    log.warning("recordings: re-binding consumer %s failed (%r)", names.RECORDINGS_DURABLE, sub_exc)
                 continue
             batch = [ChunkIn(m.data, m.subject, _stream_seq(m), m) for m in msgs]
             await self._run(lambda b=batch: self.store.write_batch(b), msgs)
