@@ -95,6 +95,7 @@ def parse_readme(text: str) -> list[Block]:
             i += 1
             continue
         start = i + 1
+        indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]  # a block inside a list item
         before = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
         marker = SKIP.match(before)
         skip = None
@@ -105,12 +106,12 @@ def parse_readme(text: str) -> list[Block]:
         i += 1
         commands: list[Command] = []
         while i < len(lines) and lines[i].strip() != "```":
-            line = lines[i]
+            line = lines[i].removeprefix(indent)
             if line.startswith("$ "):
                 cmd = Command(i + 1, line[2:])
-                while cmd.text.endswith("\\") and i + 1 < len(lines):
+                while cmd.text.endswith("\\") and i + 1 < len(lines):  # bash reads the continuation as is
                     i += 1
-                    cmd.text = cmd.text[:-1] + "\n" + lines[i]
+                    cmd.text += "\n" + lines[i].removeprefix(indent)
                 commands.append(cmd)
             elif commands:
                 commands[-1].expected.append(line)
@@ -225,9 +226,11 @@ def test_parse_commands_output_and_skips():
     text = "\n".join([
         "```console", "$ one \\", "  --flag", "out 1", "", "$ two", "```",
         "<!-- doctest: skip (needs ssh) -->", "```console", "$ ssh x", "```",
+        "- a list item:", "  ```console", "  $ three", "  out 3", "  ```",
     ])
-    first, second = parse_readme(text)
-    assert [(c.text, _trim(c.expected)) for c in first.commands] == [("one \n  --flag", ["out 1"]), ("two", [])]
+    first, second, third = parse_readme(text)
+    assert [(c.text, c.expected) for c in third.commands] == [("three", ["out 3"])]
+    assert [(c.text, _trim(c.expected)) for c in first.commands] == [("one \\\n  --flag", ["out 1"]), ("two", [])]
     assert first.skip is None and second.skip == "needs ssh"
     with pytest.raises(AssertionError, match="needs its reason"):
         parse_readme("<!-- doctest: skip -->\n```console\n$ x\n```")
