@@ -4,12 +4,14 @@ port, with a node name of its own; the CLI finds it through the data dir alone."
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
+from ringfence.contract.names import SERVICES
 from services.enforcer.uninstall import uninstall
 
 from .nats import free_port
@@ -19,11 +21,11 @@ RINGFENCE = [sys.executable, "-m", "ringfence.cli.main"]
 
 
 class UpStack:
-    def __init__(self, workdir: Path, *extra: str) -> None:
+    def __init__(self, workdir: Path, *extra: str, port: int | None = None) -> None:
         self.workdir = workdir
         self.data_dir = workdir / "data"
         self.home = workdir / "home"  # ~/.ringfence of the operator
-        self.port = free_port()
+        self.port = port or free_port()
         self.nodename = f"up{uuid.uuid4().hex[:8]}"
         self.extra = list(extra)
         self.log_path = workdir / "up.log"
@@ -44,8 +46,12 @@ class UpStack:
             cwd=ROOT, env={**self.env, "RINGFENCE_NODENAME": self.nodename},
             stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115 - owned by the process
         )
-        wait_for(lambda: self._check_alive() and self.cli("status", "--wait", "0.5").returncode == 0,
-                 timeout=timeout, what="`ringfence status` to list all four services")
+        # Discovery lists a service as soon as it registers, before its adapter has started (the
+        # enforcer's socket may not exist yet): its "ready" line says it has.
+        wait_for(lambda: self._check_alive() and set(re.findall(r"(\w+) service ready", self.log())) >= set(SERVICES),
+                 timeout=timeout, what="every service to log that it is ready")
+        wait_for(lambda: self.cli("status").returncode == 0, timeout=timeout,
+                 what="`ringfence status` to list all four services")
         return self
 
     def _check_alive(self) -> bool:
