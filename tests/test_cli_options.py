@@ -7,7 +7,8 @@ import stat
 import pytest
 
 from ringfence.cli.client import NATS_URL_FILE, config_from
-from ringfence.cli.main import build_parser, hoist_global_options
+from ringfence.cli.commands import COMMANDS
+from ringfence.cli.main import _subcommands, build_parser, hoist_global_options
 from ringfence.cli.up import record_nats_url
 
 
@@ -69,3 +70,11 @@ def test_the_cli_uses_the_url_up_recorded_unless_told_otherwise(tmp_path, clean_
     up_args = build_parser("up").parse_args(["up", "--data-dir", str(tmp_path)])
     record_nats_url(tmp_path, ["nats://127.0.0.1:4300"])
     assert config_from(up_args, recorded_url=False).nats_url == "nats://127.0.0.1:4222"  # up decides afresh
+
+
+def test_every_command_is_listed_with_its_module():
+    """commands.COMMANDS names each command's module (only that one is imported to run it)."""
+    every = set(_subcommands(build_parser()))
+    assert every == set(COMMANDS)
+    for command, modules in COMMANDS.items():  # each command's own parser has it
+        assert command in _subcommands(build_parser(command)), (command, modules)

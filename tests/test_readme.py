@@ -105,6 +105,8 @@ def parse_readme(text: str) -> list[Block]:
                 raise AssertionError(f"README.md:{i}: a doctest skip needs its reason: {before}")
         i += 1
         commands: list[Command] = []
+        while skip and i < len(lines) and lines[i].strip() != "```":  # not run, so not read
+            i += 1
         while i < len(lines) and lines[i].strip() != "```":
             line = lines[i].removeprefix(indent)
             if line.startswith("$ "):

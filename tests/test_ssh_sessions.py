@@ -73,11 +73,21 @@ def test_denied_connect_inside_ssh_is_eperm_and_audited_with_the_session(stack):
     assert start["event"] == "session.start" and start["kind"] == "channel"
     assert re.fullmatch(r"127\.0\.0\.1:\d+", start["addr.remote"])
     assert start["addr.local"] == f"127.0.0.1:{stack.server.port}"
-    conn = [e for e in log_events(stack.data_dir) if e["event"] == "session.start" and e["sid"] == start["connection"]]
-    assert conn and conn[0]["kind"] == "connection" and conn[0]["user"] == login
+    # One login, one session: the connection writes no start/end of its own.
+    mine = [e["event"] for e in log_events(stack.data_dir) if e["login"] == login]
+    assert mine.count("session.start") == 1 and mine.count("session.end") == 1, mine
+    [exec_event] = [e for e in events if e["event"] == "exec"]
+    assert exec_event["code"] == "T3002I" and exec_event["exitCode"] == "0"
+    assert exec_event["command"].startswith("echo sid=$RINGFENCE_SESSION_ID")
 
 
-def test_identity_from_certificate_key_id_then_registered_key_then_login(stack, tmp_path):
+def test_identity_from_certificate_key_id_then_registered_key_then_login(nats_server, data_dir, services, enforcer,
+                                                                         sshd, tmp_path):
+    services("policy", "audit")
+    trusted = tmp_path / "trusted_user_ca_keys"
+    node = enforcer(config=f"ssh_service:\n  trusted_user_ca_keys: {trusted}\n")
+    stack = SimpleNamespace(url=nats_server.url, server=sshd(node))
+    trusted.write_text(Path(f"{stack.server.ca}.pub").read_text())
     login, key = stack.server.add_user()
     show = "echo user=$RINGFENCE_USER"
     assert "user=" + login in stack.server.ssh(login, key, show).stdout  # no cert, no registered key: the login
@@ -138,8 +148,16 @@ def test_sftp_is_a_session(stack, tmp_path):
     assert result.returncode == 0, result.stderr
     assert Path(f"/home/{login}/uploaded").exists()
     starts = wait_for(lambda: [e for e in log_events(stack.data_dir) if e["event"] == "session.start"
-                               and e["user"] == login and e["initial_command"] == ["sftp"]], what="sftp session")
-    assert starts[0]["kind"] == "channel"
+                               and e["user"] == login], what="sftp session")
+    assert starts[0]["kind"] == "channel" and starts[0]["initial_command"][0].endswith("sftp-server")
+    # Each file operation is an `sftp` event (the original's), read by the root relay from the protocol.
+    sid = starts[0]["sid"]
+    events = events_of(stack.data_dir, sid)
+    uploaded = f"/home/{login}/uploaded"
+    closes = [e for e in events if e["event"] == "sftp" and e["code"] == "TS002I" and e["path"] == uploaded]
+    assert closes and closes[0]["bytes_written"] == len(Path("/etc/hostname").read_bytes()), events
+    assert any(e["event"] == "sftp" and e["code"] == "TS001I" and e["path"] == uploaded for e in events)
+    assert closes[0]["working_directory"] == f"/home/{login}" and closes[0]["user"] == login
 
 
 def free_port() -> int:

@@ -56,19 +56,18 @@ class CliError(Exception):
         self.exit_code = exit_code
 
 
-def config_from(args: argparse.Namespace, recorded_url: bool = True) -> Config:
+def config_from(args: argparse.Namespace, warnings: list[str] | None = None, recorded_url: bool = True) -> Config:
     """The configuration; without --nats-url or RINGFENCE_NATS_URL, the NATS URL that
     `ringfence up` recorded in the data dir (when `recorded_url` and it is readable)."""
-    def load(nats_url: str | None) -> Config:
+    def load(nats_url: str | None, warnings: list[str] | None) -> Config:
         return load_config(getattr(args, "config", None), data_dir=getattr(args, "data_dir", None),
-                           nats_url=nats_url)
+                           nats_url=nats_url, warnings=warnings)
 
     explicit = getattr(args, "nats_url", None)
-    cfg = load(explicit)
-    if explicit or os.environ.get(ENV_NATS_URL) or not recorded_url:
-        return cfg
-    recorded = recorded_nats_url(cfg.data_dir)
-    return load(recorded) if recorded else cfg
+    recorded = None
+    if recorded_url and not explicit and not os.environ.get(ENV_NATS_URL):
+        recorded = recorded_nats_url(load(None, None).data_dir)  # the data dir may come from the config
+    return load(explicit or recorded, warnings)
 
 
 def recorded_nats_url(data_dir: str) -> str | None:

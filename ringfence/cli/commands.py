@@ -1,9 +1,9 @@
 """Every subcommand, and the module that registers it; main.py builds the parser from this.
 
-Only the module of the command being run is imported (an operator's `ringfence status`, or
-sshd's `pam-hook` at every login, does not pay for importing all the others); `ringfence -h`
-and a command that is not here import them all. A module's `register(sub, common)` adds its
-parsers; list each command it adds here, in the order `ringfence -h` shows them.
+Only the module of the command being run is imported (an operator's `ringfence status`
+does not pay for importing all the others); `ringfence -h` and a command that is not here
+import them all. A module's `register(sub, common)` adds its parsers; list each command it
+adds here, in the order `ringfence -h` shows them (tests/test_cli_options.py checks).
 """
 
 from __future__ import annotations
@@ -18,15 +18,17 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "create": ("resources",),
     "get": ("resources",),
     "rm": ("resources",),
+    "import": ("importer",),  # the original's tctl get all
     "run": ("run",),
     "events": ("events",),  # events search|tail|verify
     "sessions": ("sessions", "session_control"),  # ls and play; join and kill (session_control.py)
     "play": ("sessions",),  # = sessions play
     "lock": ("locks",),
     "unlock": ("locks",),
-    "pam-hook": ("ssh_hooks",),  # OpenSSH integration
-    "ssh-session": ("ssh_hooks",),
-    "users": ("users",),  # users add|ls|rm
+    "hooks": ("ssh_hooks",),  # the sshd and PAM lines (OpenSSH integration)
+    "users": ("users",),  # users add|update|ls|rm
+    "doctor": ("doctor",),  # sshd and PAM settings that open a hole
+    "web": ("web",),  # the console; web login
 }
 
 

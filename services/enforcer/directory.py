@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import msgspec
 from nats.aio.client import Client
 
 from ringfence.contract import names
@@ -14,19 +13,12 @@ from ringfence.runtime.kv_mirror import KvMirror
 from .ssh_identity import normalize_public_key
 
 
-def _decode_user(_key: str, raw: bytes) -> User:
-    return msgspec.json.decode(raw, type=User)
-
-
-def _decode_role(_key: str, raw: bytes) -> Role:
-    return msgspec.json.decode(raw, type=Role)
-
-
 class Directory:
-    def __init__(self, nc: Client) -> None:
-        self.users: KvMirror[User] = KvMirror(nc, names.POLICY_BUCKET, names.USER_KEY_PREFIX + ">", _decode_user,
-                                              self._reindex)
-        self.roles: KvMirror[Role] = KvMirror(nc, names.POLICY_BUCKET, names.ROLE_KEY_PREFIX + ">", _decode_role)
+    def __init__(self, nc: Client, counters: dict | None = None) -> None:
+        self.users: KvMirror[User] = KvMirror(nc, names.POLICY_BUCKET, names.USER_KEY_PREFIX + ">", User,
+                                              self._reindex, counters)
+        self.roles: KvMirror[Role] = KvMirror(nc, names.POLICY_BUCKET, names.ROLE_KEY_PREFIX + ">", Role,
+                                              counters=counters)
         self.key_owners: dict[tuple[str, str], str] = {}
         self._by_name: dict[str, User] = {}
 

@@ -42,7 +42,7 @@ class UpStack:
     def start(self, timeout: float = 60) -> UpStack:
         self.home.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [*RINGFENCE, "up", "--nats-port", str(self.port), *self.extra],
+            [*RINGFENCE, "up", "--nats-port", str(self.port), "--web-listen", "127.0.0.1:0", *self.extra],
             cwd=ROOT, env={**self.env, "RINGFENCE_NODENAME": self.nodename},
             stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115 - owned by the process
         )
