@@ -13,9 +13,9 @@ from ringfence.doctor.sshd_match import config_includes, match_blocks, match_fin
 from ringfence.doctor.sshd_settings import CaFile, ca_findings, parse_public_keys, parse_sshd_t, sshd_findings
 
 INSTALL = Install(python="/opt/rf/.venv/bin/python3", package="/opt/rf/ringfence")
-WRAPPER = "/opt/rf/.venv/bin/python3 -I -S /opt/rf/ringfence/hooks/ssh_session.py"
-HOOK = "/opt/rf/.venv/bin/python3 -I -S /opt/rf/ringfence/hooks/pam_hook.py"
-OUR_LINE = f"session required pam_exec.so quiet stdout {HOOK}"
+WRAPPER = "/opt/rf/.venv/bin/python3 -I -S /opt/rf/ringfence/hooks/ssh_session.py --data-dir /var/lib/ringfence"
+HOOK = "/opt/rf/.venv/bin/python3 -I -S /opt/rf/ringfence/hooks/pam_hook.py --data-dir /var/lib/ringfence"
+OUR_LINE = f"session requisite pam_exec.so quiet stdout {HOOK}"
 
 # `sshd -T` of a host set up as the README says.
 GOOD_SSHD = {
@@ -77,7 +77,9 @@ def test_a_host_set_up_as_the_readme_says_has_no_holes():
          "sftp runs inside sshd"),
         ({"forcecommand": "/opt/rf/ringfence/hooks/ssh_session.py.orig"},
          [("HOLE", "ForceCommand", "/opt/rf/ringfence/hooks/ssh_session.py.orig")], "runs instead"),
-        ({"forcecommand": "/usr/local/bin/ringfence ssh-session --data-dir /srv/rf"}, [], ""),
+        # The CLI wrapper of old (the whole CLI, as the user, owning the terminal) is gone.
+        ({"forcecommand": "/usr/local/bin/ringfence ssh-session --data-dir /srv/rf"},
+         [("HOLE", "ForceCommand", "/usr/local/bin/ringfence ssh-session --data-dir /srv/rf")], ""),
         ({"forcecommand": f"{WRAPPER} --socket /run/rf/enforcer.sock"}, [], ""),
         ({"usepam": None, "exposeauthinfo": None}, [("HOLE", "UsePAM", "no"), ("HOLE", "ExposeAuthInfo", "no")],
          ""),  # an sshd too old to print them does not have them
@@ -251,7 +253,7 @@ def pam(sshd: str, **files: str) -> list[Finding]:
          [("HOLE", "session line after ringfence's", "session optional pam_systemd.so")]),
         (SSHD_FIXED + OUR_LINE + "\n-session optional pam_systemd.so\n", {},
          [("HOLE", "session line after ringfence's", "session optional pam_systemd.so")]),
-        (SSHD_FIXED + OUR_LINE.replace("required", "optional"), {},
+        (SSHD_FIXED + OUR_LINE.replace("requisite", "optional"), {},
          [("HOLE", "ringfence line control", "optional")]),
         (SSHD_FIXED + OUR_LINE.replace("required", "requisite"), {}, []),
         (SSHD_FIXED + OUR_LINE.replace(" stdout", ""), {}, [("WARN", "pam_exec options", "quiet")]),
@@ -303,7 +305,8 @@ def test_pam_findings_say_where_the_line_is_and_how_to_fix_it():
     assert "~/.pam_environment" in hole.why and "LD_PRELOAD" in hole.why
     assert hole.fix == "remove user_readenv=1 from that line" and hole.fix_in == "/etc/pam.d/sshd"
     (missing,) = [f for f in pam(SSHD_FIXED) if f.status != OK]
-    assert missing.fix == f"append `{INSTALL.pam_line}` at the end of /etc/pam.d/sshd"
+    assert missing.fix == (f"add `{INSTALL.pam_line}` right after `@include common-session` (after pam_systemd, "
+                           "before any pam_env) in /etc/pam.d/sshd")
     assert INSTALL.pam_line == OUR_LINE
 
 

@@ -110,3 +110,28 @@ def test_a_file_of_the_root_hook_that_another_user_can_change_is_a_hole(tmp_path
     assert [(f["setting"], f["value"], f["why"]) for f in json.loads(found.stdout)["findings"]
             if f["status"] == "HOLE"] == [
         ("PAM hook (runs as root)", str(planted), "owned by uid 65534: whoever can change it runs code in the hook")]
+
+
+def test_debians_stock_files_with_the_shipped_examples_have_no_hole(tmp_path):
+    """What the README tells an operator to do passes doctor: Debian's stock sshd_config and
+    /etc/pam.d/sshd with the example drop-in and our PAM line where the README puts it."""
+    from tests.support.sshd import stock_pam_with
+
+    examples = PACKAGE.parent / "examples"
+    hooks = subprocess.run([RINGFENCE, "hooks", "--data-dir", "/var/lib/ringfence"], capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    force = next(line for line in hooks if line.startswith("ForceCommand"))
+    pam_line = next(line for line in hooks if line.startswith("session"))
+    (tmp_path / "sshd_config.d").mkdir()
+    drop_in = re.sub(r"^ForceCommand .*$", force, (examples / "sshd_config.d" / "ringfence.conf").read_text(),
+                     flags=re.M)
+    (tmp_path / "sshd_config.d" / "ringfence.conf").write_text(drop_in + "PermitRootLogin no\n")
+    stock = Path("/etc/ssh/sshd_config").read_text()
+    config = tmp_path / "sshd_config"
+    config.write_text(re.sub(r"^Include /etc/ssh/sshd_config.d/\*\.conf$",
+                             f"Include {tmp_path}/sshd_config.d/*.conf", stock, flags=re.M))
+    pam = tmp_path / "pam-sshd"
+    pam.write_text(stock_pam_with([pam_line]))
+    result = subprocess.run([RINGFENCE, "doctor", "--sshd-config", str(config), "--pam-file", str(pam)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "HOLE" not in result.stdout, result.stdout + result.stderr

@@ -177,10 +177,11 @@ def _connectable(port: int) -> bool:
 class Terminal:
     """The real ssh client on a pty, driven like a user at a keyboard."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], env: dict | None = None) -> None:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:
-            os.execvp(argv[0], argv)
+            os.chdir(ROOT)
+            os.execvpe(argv[0], argv, env if env is not None else os.environ)
         import fcntl
         import termios
         fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
@@ -310,3 +311,32 @@ def test_sessions_ls_shows_the_fleet_and_kill_ends_a_session(stack):
     wait_for(lambda: not listed(), what="the session to leave `sessions ls`")
     missing = cli(stack.url, "sessions", "kill", sid)
     assert missing.returncode == 1 and "no active session" in missing.stderr
+
+
+def test_losing_the_enforcer_mid_session_keeps_the_session_and_its_recording(stack):
+    """The relay, not the enforcer, owns the session's I/O and journals it to disk: killing the
+    enforcer (SIGKILL) changes nothing for the user, and the restarted enforcer picks up the
+    journal where it stopped, so the recording and the audit trail have it all, once."""
+    login, key = stack.server.add_user()
+    term = Terminal(stack.server.ssh_argv(login, key, "-tt"))
+    term.read_until("$ ")
+    term.type('echo "S""ID=$RINGFENCE_SESSION_ID"\n')
+    sid = term.wait_match(r"SID=([0-9a-f-]{36})").group(1)
+    stack.node.kill()
+    term.type("echo while-$((1+1))-down\n")
+    term.read_until("while-2-down")
+    stack.node.restart()
+    term.type("echo back-$((2+1))-up\n")
+    term.read_until("back-3-up")
+    term.type("exit\n")
+    assert term.close() == 0
+    events = events_of(stack.data_dir, sid)
+    assert [e["event"] for e in events].count("session.start") == 1
+    assert [e["event"] for e in events].count("session.end") == 1
+
+    def played():
+        r = cli(stack.url, "play", sid, "--speed", "1000")
+        return r.stdout if r.returncode == 0 and "back-3-up" in r.stdout else None
+
+    output = wait_for(played, timeout=30, what="the recording to be playable")
+    assert output.index("while-2-down") < output.index("back-3-up")

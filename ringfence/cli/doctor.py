@@ -21,13 +21,13 @@ import pwd
 import re
 import shutil
 import subprocess
-import sys
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from ..config import DEFAULT_CONFIG_PATH, ENV_CONFIG, ConfigError, load_config
+from ..config import DEFAULT_CONFIG_PATH, DEFAULT_DATA_DIR, ENV_CONFIG, ConfigError, load_config
 from ..doctor import hook_files, pam_stack, sshd_match, sshd_settings
 from ..doctor.findings import FORCE_COMMAND, HOLE, OK, SSHD_DROP_IN, WARN, Finding, Install
+from . import ssh_hooks
 from .client import CliError
 
 SSHD_CONFIG = "/etc/ssh/sshd_config"
@@ -146,8 +146,8 @@ def gather(args: argparse.Namespace) -> list[Finding]:
     except re.error as exc:
         raise CliError(f'--force-command "{args.force_command}": not a regular expression: {exc}',
                        exit_code=2) from None
-    install = Install(python=sys.executable, package=str(PACKAGE), sshd_fix_in=sshd_fix_file(configs),
-                             pam_file=pam_file, force_command=force)
+    install = Install(python=ssh_hooks.interpreter(), package=str(PACKAGE), sshd_fix_in=sshd_fix_file(configs),
+                      pam_file=pam_file, force_command=force, data_dir=args.data_dir or DEFAULT_DATA_DIR)
 
     base_settings = sshd_settings.parse_sshd_t(sshd_t(sshd, args.sshd_config))
     findings = sshd_settings.sshd_findings(base_settings, install)
@@ -209,7 +209,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--pam-file", metavar="FILE", help="check this PAM file instead of /etc/pam.d/<sshd's name>")
     p.add_argument("--force-command", metavar="REGEX",
                    help="what an acceptable ForceCommand looks like (default: the wrapper, "
-                        ".../ringfence/hooks/ssh_session.py, or `ringfence ssh-session`)")
+                        "`.../python3 -I -S .../ringfence/hooks/ssh_session.py`, as `ringfence hooks` prints it)")
+    p.add_argument("--data-dir", help="the enforcer's data dir, for the fixes' hook lines "
+                                      f"(default: {DEFAULT_DATA_DIR})")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--verbose", "-v", action="store_true", help="also print the checks that passed")
     p.set_defaults(func=run)

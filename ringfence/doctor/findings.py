@@ -7,17 +7,13 @@ from dataclasses import dataclass
 
 HOLE, WARN, OK = "HOLE", "WARN", "ok"
 
-# The sshd ForceCommand Ringfence expects: the isolated wrapper script
-# (`.../python3 -I -S .../ringfence/hooks/ssh_session.py`) or the CLI's `ringfence ssh-session`.
-FORCE_COMMAND = re.compile(
-    r"\S*ringfence/hooks/ssh_session\.py(\s+--socket\s+\S+)?$"
-    r"|^\S*\bringfence\s+ssh-session(\s|$)"
-)
+# The sshd ForceCommand Ringfence expects: the isolated wrapper script (what
+# `ringfence hooks` prints: `.../python3 -I -S .../ringfence/hooks/ssh_session.py --data-dir D`).
+_WHERE = r"(\s+--(socket|data-dir)\s+/\S+)*$"
+FORCE_COMMAND = re.compile(r"^/\S*/python(3(\.\d+)?)? -I -S /\S*/ringfence/hooks/ssh_session\.py" + _WHERE)
 # Ringfence's PAM session line runs this command (after pam_exec's options): the hook
 # script, isolated from the PAM environment (-I: no PYTHON* variables, no user site; -S: no site).
-PAM_HOOK_COMMAND = re.compile(
-    r"^/\S*/python(3(\.\d+)?)? -I -S /\S*/ringfence/hooks/pam_hook\.py( --socket /\S+)?$"
-)
+PAM_HOOK_COMMAND = re.compile(r"^/\S*/python(3(\.\d+)?)? -I -S /\S*/ringfence/hooks/pam_hook\.py" + _WHERE)
 # The older form: the whole CLI, run as root with the PAM environment.
 OLD_PAM_HOOK_COMMAND = re.compile(r"^/\S*\bringfence\s+pam-hook(\s|$)")
 SSHD_DROP_IN = "/etc/ssh/sshd_config.d/ringfence.conf"
@@ -54,11 +50,13 @@ class Install:
     sshd_fix_in: str = SSHD_DROP_IN
     pam_file: str = "/etc/pam.d/sshd"
     force_command: re.Pattern = FORCE_COMMAND
+    data_dir: str = "/var/lib/ringfence"
 
     @property
     def force_command_line(self) -> str:
-        return f"{self.python} -I -S {self.package}/hooks/ssh_session.py"
+        return f"{self.python} -I -S {self.package}/hooks/ssh_session.py --data-dir {self.data_dir}"
 
     @property
     def pam_line(self) -> str:
-        return f"session required pam_exec.so quiet stdout {self.python} -I -S {self.package}/hooks/pam_hook.py"
+        return (f"session requisite pam_exec.so quiet stdout {self.python} -I -S {self.package}/hooks/pam_hook.py "
+                f"--data-dir {self.data_dir}")

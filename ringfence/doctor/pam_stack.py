@@ -186,7 +186,8 @@ def pam_findings(lines: Sequence[PamLine], problems: Sequence[str], install: Ins
                                 "sshd never asks the enforcer to place the connection in a session: logins are "
                                 "not restricted, locks and connection limits are not checked at login, and port "
                                 "forwarding (-L, -D) is not restricted",
-                                f"append `{install.pam_line}` at the end of {install.pam_file}"))
+                                f"add `{install.pam_line}` right after `@include common-session` (after pam_systemd, "
+                                f"before any pam_env) in {install.pam_file}"))
         ours_index = len(session)  # where it goes: the checks below judge the stack against it
     else:
         ours_index = ours_at[0]

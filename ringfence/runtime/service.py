@@ -115,6 +115,17 @@ class ServiceContext:
     # service's own housekeeping) hold it from the permission check to the last write.
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _micro: micro.Service | None = None
+    _stop: asyncio.Event | None = None
+    failure: str = ""  # set by fail(): the service stops and exits non-zero
+
+    def fail(self, reason: str) -> None:
+        """Stop the service because part of it died (a supervisor restarts it): a service that
+        carried on without, say, its lock view would enforce stale decisions."""
+        if not self.failure:
+            log.critical("%s service failing: %s", self.name, reason)
+            self.failure = reason
+        if self._stop is not None:
+            self._stop.set()
 
     async def add_endpoint(self, name: str, subject: str, handler: Callable[[Any], Awaitable[Any]], *,
                            request: RequestType | None = None, action: ActionSpec = None,
@@ -226,7 +237,7 @@ def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Ad
     try:
         adapter = make_adapter(args)
         _run_to_the_end(_serve(short_name, config, adapter, reads_only))
-    except (StartupError, NatsCredentialError) as exc:
+    except (StartupError, NatsCredentialError, ServiceFailed) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         sys.exit(1)
 
@@ -290,6 +301,10 @@ class StartupError(Exception):
     """A service cannot start; the message says why and what to do."""
 
 
+class ServiceFailed(Exception):
+    """A part of a running service died (ServiceContext.fail); the service exits non-zero."""
+
+
 async def _serve(short_name: str, config: Config, adapter: Adapter, reads_only: tuple[str, ...] = ()) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -311,6 +326,7 @@ async def _serve(short_name: str, config: Config, adapter: Adapter, reads_only: 
         js=js,
         hostname=socket.gethostname(),
         server_id=server_id_for(config.data_dir),
+        _stop=stop,
     )
     directory_stop = asyncio.Event()
     directory_tasks: list[asyncio.Task] = []
@@ -356,3 +372,5 @@ async def _serve(short_name: str, config: Config, adapter: Adapter, reads_only: 
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ctx._micro.stop(), 2)
             await wait_closed(nc, 2)
+    if ctx.failure:
+        raise ServiceFailed(ctx.failure)

@@ -81,10 +81,12 @@ class EnforcerAdapter:
         leases = ConnectionLeases(await kv_read.open_bucket(ctx.js, names.LEASES_BUCKET), ctx.server_id,
                                   parse_duration(cfg.ssh_service.connection_lease_ttl))
         self.limits = SessionLimits(ctx.nc, leases, self.sessions, self.directory, self.emit, ctx.counters)
-        self.sessions.checks += [self.guard.check, self.limits.check]  # limits last: it takes a lease
+        # Limits take a lease (which may wait for one): a lock that arrived meanwhile still counts.
+        self.sessions.checks += [self.guard.check, self.limits.check, self.guard.check]
         self.sessions.end_hooks.append(self.limits.on_end)
         self.sessions.idle_of = self.limits.idle_of
         self.joins = Joins(ctx.nc, ctx.server_id, self.sessions, ctx.counters)
+        self.directory.on_change.append(self._roles_changed)
         self.sessions.end_of_session.append(self.joins.session_ended)
 
         await self._take_back_sessions(bpffs, leases)
@@ -93,6 +95,7 @@ class EnforcerAdapter:
         self.policy = PolicyFollower(self.bpf, ctx.nc, cfg.ssh_service.restricted_session.enabled,
                                      cfg.ssh_service.enhanced_recording.enabled, ctx.counters)
         self._start_tasks(data)
+        await self._loaded()
         self.socket = SessionSocket(socket_path(cfg.data_dir), self.sessions, ctx.counters)
         await self.socket.start()
         log.info("session socket at %s", self.socket.path)
@@ -106,6 +109,41 @@ class EnforcerAdapter:
         if simulated.enabled():
             await ctx.add_endpoint("simulate", names.enforcer_subject(ctx.server_id, "simulate"), self._simulate,
                                    action=("session", "update"))
+
+    async def _loaded(self) -> None:
+        """Fail closed: the socket admits no session before the policy is in the maps and the
+        locks, users, roles and cluster settings are known (until then PAM refuses logins)."""
+        assert self.policy is not None
+        pending = {
+            "network restrictions": self.policy.ready, "locks": self.guard.view.ready,
+            "cluster auth preference": self.guard.cap.ready, "users": self.directory.users.ready,
+            "roles": self.directory.roles.ready, "cluster networking config": self.limits.networking.ready,
+        }
+        while waiting := [name for name, ready in pending.items() if not ready.is_set()]:
+            if self.stop_event.is_set():
+                return
+            waits = [asyncio.ensure_future(pending[name].wait()) for name in waiting]
+            done, rest = await asyncio.wait(waits, timeout=10)
+            for w in rest:
+                w.cancel()
+            if not done:
+                log.warning("not admitting sessions yet: still loading %s", ", ".join(waiting))
+
+    def _roles_changed(self) -> None:
+        """Users or roles changed: running sessions take their users' roles now (locks by role,
+        limits and idle timeouts follow)."""
+        if self.sessions is None:
+            return
+        changed = False
+        for info in list(self.sessions.by_sid.values()):
+            roles = self.directory.roles_of(info.user)
+            if roles != info.roles:
+                info.roles = roles
+                self.sessions.store.save(info)
+                changed = True
+                asyncio.get_running_loop().create_task(self.sessions.refresh(info))
+        if changed:
+            asyncio.get_running_loop().create_task(self.guard.sweep())
 
     async def _simulate(self, req) -> bytes:
         """Benchmarks: make the simulated kernel write `events` denied-connect records."""
@@ -209,7 +247,7 @@ class EnforcerAdapter:
             asyncio.create_task(self.joins.expire_loop(stop), name="joins"),
         ]
         for t in self.tasks:
-            t.add_done_callback(_crash_on_failure)
+            t.add_done_callback(self._task_ended)
 
     def _running(self, sid: str) -> SessionInfo:
         info = self.sessions.by_sid.get(sid) if self.sessions else None
@@ -249,6 +287,16 @@ class EnforcerAdapter:
             raise ApiError(access_denied("delete", "session"), "access_denied")
         await self.sessions.terminate(info.sid, call.body.message or "session terminated by an operator")
         return {"sid": info.sid}
+
+    def _task_ended(self, task: asyncio.Task) -> None:
+        """A watcher (policy, locks, users, spool...) that ends before the enforcer stops takes it
+        down: carrying on without it would enforce what it no longer knows."""
+        if self.stop_event.is_set() or task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.critical("enforcer task %s failed", task.get_name(), exc_info=exc)
+        self.ctx.fail(f"its {task.get_name()} task ended" + (f": {exc!r}" if exc else ""))
 
     def _reader_cycles(self) -> int:
         """Rounds completed by every kernel-record reader (the slowest one counts)."""
@@ -331,6 +379,8 @@ class EnforcerAdapter:
         self.stop_event.set()
         if self.socket:
             await self.socket.stop()
+        if self.sessions:
+            await self.sessions.close()
         # Tasks finish their round and see stop_event; one stuck on a NATS that is
         # gone too (SIGTERM to everything at once) is cancelled, not waited for.
         if self.tasks:
@@ -369,11 +419,6 @@ def _trusted_cas(path: str) -> set[bytes]:
         log.error("cannot read ssh_service.trusted_user_ca_keys %s (%s): no certificate is trusted", path,
                   exc.strerror)
         return set()
-
-
-def _crash_on_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception():
-        log.critical("enforcer task %s failed", task.get_name(), exc_info=task.exception())
 
 
 def make_adapter(_args) -> EnforcerAdapter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from nats.aio.client import Client
 
@@ -18,9 +19,14 @@ class Directory:
         self.users: KvMirror[User] = KvMirror(nc, names.POLICY_BUCKET, names.USER_KEY_PREFIX + ">", User,
                                               self._reindex, counters)
         self.roles: KvMirror[Role] = KvMirror(nc, names.POLICY_BUCKET, names.ROLE_KEY_PREFIX + ">", Role,
-                                              counters=counters)
+                                              self._notify, counters)
+        self.on_change: list[Callable[[], None]] = []  # users or roles changed
         self.key_owners: dict[tuple[str, str], str] = {}
         self._by_name: dict[str, User] = {}
+
+    def _notify(self) -> None:
+        for callback in self.on_change:
+            callback()
 
     def _reindex(self) -> None:
         owners, by_name = {}, {}
@@ -31,6 +37,7 @@ class Directory:
                 if key:
                     owners[key] = user.metadata.name
         self.key_owners, self._by_name = owners, by_name
+        self._notify()
 
     def roles_of(self, user: str) -> list[str]:
         found = self._by_name.get(user)

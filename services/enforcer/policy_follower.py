@@ -43,6 +43,7 @@ class PolicyFollower:
         self._pending = asyncio.Event()
         self._lock = asyncio.Lock()
         self.changed = asyncio.Event()  # set after every applied change (tests, benchmarks)
+        self.ready = asyncio.Event()  # the stored policy (or its absence) is in the maps
         counters["policy_entries"] = len(self.current)
         counters.setdefault("policy_updates", 0)
 
@@ -69,6 +70,7 @@ class PolicyFollower:
                      n, (time.perf_counter() - started) * 1000)
             self.changed.set()
             self.changed = asyncio.Event()
+            self.ready.set()
 
     def _apply_sync(self, resource: NetworkRestrictions | None) -> int:
         if resource is None or not self.enabled:

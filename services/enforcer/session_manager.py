@@ -418,6 +418,12 @@ class SessionManager:
         elif isinstance(line, wire.Closed):
             relayed.closed.set()
 
+    async def refresh(self, info: SessionInfo) -> None:
+        """The session's roles changed: publish it, and give its relay the idle timeout they set."""
+        await self._publish_info(info)
+        timeout, message = self.idle_of(info)
+        await self.tell(info.sid, wire.IdleTimeout(timeout=timeout, message=message))
+
     async def tell(self, sid: str, message: msgspec.Struct) -> bool:
         """Send a session's relay a control message (a notice, a peer's input, a new idle timeout)."""
         relayed = self.relayed.get(sid)
@@ -553,6 +559,16 @@ class SessionManager:
         self.tree.kill(info.cgroup)
         log.info("session %s terminated: %s", sid, message)
         return True
+
+    async def close(self) -> None:
+        """The enforcer stops: follow no journal and end no session now (the store keeps them;
+        the next enforcer takes them back and ends those that ended meanwhile)."""
+        tasks = [*self._ending.values(), *(r.task for r in self.relayed.values() if r.task)]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for relayed in self.relayed.values():
+            relayed.control.close()
 
     async def _publish_info(self, info: SessionInfo) -> None:
         if self.kv is None:
