@@ -101,11 +101,17 @@ class Supervisor:
         child.started = time.monotonic()
         child.pump = asyncio.create_task(self._pump(child, child.proc))
 
-    async def _pump(self, child: Child, proc: asyncio.subprocess.Process) -> None:
+    async def _copy_output(self, child: Child, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         async for raw in proc.stdout:
             self.emit(child.name, raw.decode(errors="replace").rstrip("\n"))
-        code = await proc.wait()
+
+    async def _pump(self, child: Child, proc: asyncio.subprocess.Process) -> None:
+        output = asyncio.create_task(self._copy_output(child, proc))
+        code = await exit_code(proc)
+        # Its last lines; a process it started and left running may keep the pipe open for ever.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(output), 1.0)
         if self.stopping:
             return
         ran = time.monotonic() - child.started
@@ -128,16 +134,27 @@ class Supervisor:
             os.killpg(proc.pid, signal.SIGTERM)
         asked = time.monotonic()
         try:
-            await asyncio.wait_for(proc.wait(), STOP_GRACE_SECONDS)
+            await asyncio.wait_for(exit_code(proc), STOP_GRACE_SECONDS)
             self.emit("up", f"{child.name} stopped in {time.monotonic() - asked:.2f}s (exit code {proc.returncode})")
         except TimeoutError:
             self.emit("up", f"{child.name} did not stop within {STOP_GRACE_SECONDS:.0f}s; killing it")
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
+            await exit_code(proc)
         if child.pump:
-            with contextlib.suppress(asyncio.CancelledError):
+            # The rest of its output; a process it left behind may hold the pipe open for ever.
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(child.pump, 2.0)
+        # Our end of its pipe, now: left to the garbage collector it is closed after the loop is.
+        proc._transport.close()  # type: ignore[attr-defined]
+
+
+async def exit_code(proc: asyncio.subprocess.Process) -> int:
+    """The child's exit code once it has exited. Not proc.wait(): that also waits until nobody
+    holds its output pipe, and a process it started (a session relay of the enforcer) may."""
+    while proc.returncode is None:
+        await asyncio.sleep(0.02)
+    return proc.returncode
 
 
 def _check_port_free(host: str, port: int, what: str = "", fix: str = "") -> None:
