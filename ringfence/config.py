@@ -32,7 +32,6 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Literal
 
 import msgspec
 from msgspec import Struct, field
@@ -85,10 +84,6 @@ class SSHService(Struct, forbid_unknown_fields=True):
     restricted_session: RestrictedSession = field(default_factory=RestrictedSession)
     # How long a connection lease (max_connections) of a node that died keeps counting.
     connection_lease_ttl: str = "30s"
-    # Session recordings, as the original's session_recording: "node" (recorded on this
-    # node, uploaded as the session runs), "node-sync" (a session whose recording cannot
-    # be written ends, with a message) or "off".
-    session_recording: Literal["node", "node-sync", "off"] = "node"
     # Bytes of a remote command's stdin kept in its recording (the rest is counted).
     record_stdin_bytes: int = 65536
     # Certificates name the Ringfence user (their key ID) only when signed by a CA

@@ -340,3 +340,32 @@ def test_losing_the_enforcer_mid_session_keeps_the_session_and_its_recording(sta
 
     output = wait_for(played, timeout=30, what="the recording to be playable")
     assert output.index("while-2-down") < output.index("back-3-up")
+
+
+def test_motd_and_last_login_as_on_a_plain_sshd_and_none_for_refused_logins(stack, services):
+    services("locks")
+    login, key = stack.server.add_user()
+    motd_line = next((line for line in Path("/etc/motd").read_text().splitlines() if line.strip()), "")
+    first = Terminal(stack.server.ssh_argv(login, key, "-tt"))
+    shown = first.read_until("$ ")
+    assert motd_line in shown and "Last login" not in shown  # never logged in before
+    first.type("exit\n")
+    first.close()
+    second = Terminal(stack.server.ssh_argv(login, key, "-tt"))
+    shown = second.read_until("$ ")
+    assert re.search(r"Last login: \w{3} \w{3} +\d+ [\d:]+ \d{4} from 127\.0\.0\.1", shown), shown
+    assert shown.index(motd_line) < shown.index("Last login")
+    second.type("touch ~/.hushlogin; exit\n")
+    second.close()
+    quiet = Terminal(stack.server.ssh_argv(login, key, "-tt"))
+    assert "Last login" not in quiet.read_until("$ ") and motd_line not in quiet.output.decode()
+    quiet.type("exit\n")
+    quiet.close()
+    # A command prints neither (as on a plain sshd), and a refused login shows only why.
+    assert motd_line not in stack.server.ssh(login, key, "true").stdout
+    assert cli(stack.url, "lock", "--login", login, "--message", "maintenance").returncode == 0
+    refused = wait_for(lambda: (r := stack.server.ssh(login, key, "echo ran-$((1+1))")).returncode != 0 and r,
+                       what="the lock to refuse the login")
+    said = refused.stdout + refused.stderr  # sshd prints PAM's messages on the session's stdout
+    assert 'lock targeting Login:"' in said and "maintenance" in said and motd_line not in said
+    assert "ran-2" not in said  # and runs nothing

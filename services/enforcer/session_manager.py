@@ -47,7 +47,7 @@ from ringfence.contract.events import (
     now_rfc3339,
 )
 
-from . import programs, sockaddr
+from . import login_banner, programs, sockaddr
 from .cgroups import CgroupTree, PopulatedWatcher
 from .recorder import Recorder
 from .relays import RelayControl, RelayError, RelayJournal, RelayLauncher
@@ -76,7 +76,7 @@ EVENT_UID_NAMESPACE = uuid.UUID("6c1f3a52-33b1-4c6c-9d59-5f3b0e9f6a10")
 class SessionSettings:
     """This node's configuration for what sessions run (from ringfence/config.py)."""
 
-    record: wire.RecordMode = "node"
+    record: Callable[[], wire.RecordMode] = lambda: "node"  # the session_recording_config resource
     stdin_limit: int = 65536
     trusted_cas: Callable[[], set[bytes]] = frozenset
     require_registered: bool = False
@@ -285,8 +285,10 @@ class SessionManager:
             info.addr_remote, info.addr_local = sockaddr.connection_addresses(plan.pid)
             info.key_id, info.key_fingerprint, info.key_is_sk = ident.key_id, ident.fingerprint, ident.is_sk
             info.identity_source = ident.source
+            info.last_login = login_banner.last_login(info.uid)  # before sshd records this one
         elif parent is not None:  # a channel: the connection's facts, nothing from the request
-            for name in ("addr_remote", "addr_local", "key_id", "key_fingerprint", "key_is_sk", "identity_source"):
+            for name in ("addr_remote", "addr_local", "key_id", "key_fingerprint", "key_is_sk", "identity_source",
+                         "last_login"):
                 setattr(info, name, getattr(parent, name))
         return info
 
@@ -297,6 +299,7 @@ class SessionManager:
         except KeyError:
             raise Refused(f"no such login {plan.login!r} on this host") from None
         info.interactive = os.isatty(fds[0])
+        info.recording = self.settings.record()  # fixed for the session's life
         info.term = req.env.get("TERM", "")[:64]
         try:
             if plan.kind == "channel":
@@ -311,17 +314,19 @@ class SessionManager:
         if account.pw_uid != peer.uid:  # root runs it for another login
             env.update(HOME=account.pw_dir, USER=account.pw_name, LOGNAME=account.pw_name,
                        SHELL=account.pw_shell or "/bin/sh")
+        shell_login = plan.kind == "channel" and not req.command and info.interactive
         return {"account": account, "path": path, "argv": argv, "env": env, "sftp": sftp,
-                "take_terminal": plan.kind == "channel", "requester": peer.pid}
+                "take_terminal": plan.kind == "channel", "requester": peer.pid,
+                "banner": login_banner.banner(account.pw_dir, info.last_login) if shell_login else ""}
 
     async def _start_relay(self, info: SessionInfo, program: dict, fds: list[int], client: socket.socket) -> None:
         timeout, message = self.idle_of(info)
         spec = programs.relay_spec(
             info, account=program["account"], path=program["path"], argv=program["argv"], env=program["env"],
             interactive=info.interactive, take_terminal=program["take_terminal"], sftp=program["sftp"],
-            record=self.settings.record, stdin_limit=self.settings.stdin_limit, idle_timeout=timeout,
+            record=info.recording, stdin_limit=self.settings.stdin_limit, idle_timeout=timeout,
             idle_message=message, cgroup=self.tree.path(info.cgroup), journal_dir=self.journal_dir,
-            requester=program["requester"],
+            requester=program["requester"], banner=program["banner"],
         )
         self._follow(info)
         try:
@@ -376,8 +381,7 @@ class SessionManager:
 
     def _on_journal(self, info: SessionInfo, relayed: _Relayed, line: wire.JournalLine) -> None:
         uid = event_uid(info.sid, line.n)
-        recorded = self.settings.record != "off" and not programs.is_sftp(info.command if info.kind == "channel"
-                                                                          else [])
+        recorded = info.recorded and not programs.is_sftp(info.command if info.kind == "channel" else [])
         if isinstance(line, wire.Started):
             info.pid = line.pid
             if recorded:
