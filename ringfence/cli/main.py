@@ -9,8 +9,10 @@ import sys
 
 from .. import __version__
 from ..config import ConfigError
-from . import commands
+from . import commands, startup  # startup: before .client imports nats-py
 from .client import CliError
+
+_ = startup
 
 # Options every command takes (and --format, where a command has it). They may come before the
 # command as well as after it: `ringfence --identity F lock ...` is `ringfence lock --identity F ...`.
