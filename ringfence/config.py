@@ -38,7 +38,6 @@ import socket
 from pathlib import Path
 
 import msgspec
-import yaml
 from msgspec import Struct, field
 
 from . import teleport_yaml
@@ -225,6 +224,8 @@ def _validate(cfg: Config, source: str) -> None:
 def parse_config(text: str, source: str, warnings: list[str] | None = None) -> Config:
     """The config in `text`; a teleport.yaml is translated first, and what it ignores is
     appended to `warnings` (one line each)."""
+    import yaml  # here: most runs have no config file, and the CLI starts faster without it
+
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -316,4 +317,6 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def dump_config(cfg: Config) -> str:
+    import yaml
+
     return yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False)

@@ -55,7 +55,7 @@ from ..runtime.nats_conn import (
 )
 from ..runtime.tls_certs import ServerTls, ensure_server_tls, tls_block
 from .bootstrap import BootstrapError, bootstrap_admin
-from .client import CliError, config_from
+from .client import NATS_URL_FILE, CliError, config_from
 from .tls_pin import pin_of
 from .web import listen_address
 
@@ -114,11 +114,17 @@ class Supervisor:
         child.started = time.monotonic()
         child.pump = asyncio.create_task(self._pump(child, child.proc))
 
-    async def _pump(self, child: Child, proc: asyncio.subprocess.Process) -> None:
+    async def _copy_output(self, child: Child, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         async for raw in proc.stdout:
             self.emit(child.name, raw.decode(errors="replace").rstrip("\n"))
-        code = await proc.wait()
+
+    async def _pump(self, child: Child, proc: asyncio.subprocess.Process) -> None:
+        output = asyncio.create_task(self._copy_output(child, proc))
+        code = await exit_code(proc)
+        # Its last lines; a process it started and left running may keep the pipe open for ever.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(output), 1.0)
         if self.stopping:
             return
         ran = time.monotonic() - child.started
@@ -139,16 +145,29 @@ class Supervisor:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
+        asked = time.monotonic()
         try:
-            await asyncio.wait_for(proc.wait(), STOP_GRACE_SECONDS)
+            await asyncio.wait_for(exit_code(proc), STOP_GRACE_SECONDS)
+            self.emit("up", f"{child.name} stopped in {time.monotonic() - asked:.2f}s (exit code {proc.returncode})")
         except TimeoutError:
             self.emit("up", f"{child.name} did not stop within {STOP_GRACE_SECONDS:.0f}s; killing it")
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
+            await exit_code(proc)
         if child.pump:
-            with contextlib.suppress(asyncio.CancelledError):
+            # The rest of its output; a process it left behind may hold the pipe open for ever.
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(child.pump, 2.0)
+        # Our end of its pipe, now: left to the garbage collector it is closed after the loop is.
+        proc._transport.close()  # type: ignore[attr-defined]
+
+
+async def exit_code(proc: asyncio.subprocess.Process) -> int:
+    """The child's exit code once it has exited. Not proc.wait(): that also waits until nobody
+    holds its output pipe, and a process it started (a session relay of the enforcer) may."""
+    while proc.returncode is None:
+        await asyncio.sleep(0.02)
+    return proc.returncode
 
 
 NATS_PORT_FIX = "choose another with --nats-port, or use that NATS with --nats-url"
@@ -338,9 +357,22 @@ async def _start_embedded(sup: Supervisor, cfg: Config, data_dir: Path, host: st
     return EmbeddedNats(children, [f"{scheme}://{shown}:{p}" for p in clients], credentials, tls)
 
 
+def record_nats_url(data_dir: Path, urls: list[str]) -> Path:
+    """Write the stack's NATS URL(s) to <data_dir>/nats_url (0600, replaced atomically):
+    the CLI on this node uses them when neither --nats-url nor RINGFENCE_NATS_URL is given."""
+    path = data_dir / NATS_URL_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(",".join(urls) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 async def run(args: argparse.Namespace) -> int:
     warnings: list[str] = []
-    cfg = config_from(args, warnings)
+    cfg = config_from(args, warnings, recorded_url=False)  # up decides the URL; the recorded one is its output
     data_dir = Path(cfg.data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -410,6 +442,8 @@ async def run(args: argparse.Namespace) -> int:
         else:
             await stop_nats()
             raise CliError(message) from None
+    recorded = record_nats_url(data_dir, nats_urls)
+    sup.emit("up", f"NATS URL recorded in {recorded}: the CLI on this node uses it without --nats-url")
     if admin:
         sup.emit("up", f"bootstrap admin identity: {admin}")
         sup.emit("up", "  (role admin: every verb on every resource; root on this node signs with it by default, "

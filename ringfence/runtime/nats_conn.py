@@ -16,6 +16,12 @@ from nats.errors import NoServersError
 log = logging.getLogger(__name__)
 
 
+# A drain that takes longer (a subscription whose messages nobody reads) is given up by
+# nats-py itself, reported through error_cb, and the connection closed: cancelling a drain
+# from outside instead leaves an unretrieved _GatheringFuture traceback in the log.
+DRAIN_TIMEOUT = 1.0
+
+
 async def connect(
     urls: list[str],
     name: str,
@@ -41,6 +47,7 @@ async def connect(
         options["nkeys_seed"] = nkey_seed
     if tls_ca or any(u.startswith("tls://") for u in urls):
         options["tls"] = tls_context(tls_ca)
+    options.setdefault("drain_timeout", DRAIN_TIMEOUT)
 
     async def on_error(exc: Exception) -> None:
         if retry_forever:  # the CLI reports its single failure itself
@@ -81,7 +88,7 @@ async def connect(
                 raise
             attempt += 1
             if attempt == 1 or attempt % 20 == 0:
-                log.warning("nats: cannot connect to %s yet (%s); retrying", ",".join(urls), exc)
+                log.warning("nats: cannot connect to %s yet (%r); retrying", ",".join(urls), exc)
             await asyncio.sleep(min(2.0, 0.2 * attempt))
 
 
@@ -176,8 +183,10 @@ def nats_server_binary() -> str:
 
 
 async def wait_closed(nc: Client, timeout: float = 5.0) -> None:
+    """Drain and close. The drain gives up by itself after the connection's drain_timeout;
+    `timeout` is the backstop for a server that stops answering the final flush."""
     try:
-        await asyncio.wait_for(nc.drain(), timeout)
+        await asyncio.wait_for(nc.drain(), max(timeout, nc.options.get("drain_timeout", 0) + 1))
     except Exception:  # already closed, or the server is gone: nothing left to flush
         if not nc.is_closed:
             await nc.close()

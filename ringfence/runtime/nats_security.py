@@ -144,9 +144,10 @@ WEB_REQUESTS = (
 
 def _web_permissions() -> dict:
     """The console: signed requests on behalf of signed-in operators, reads of the policy bucket
-    (to check `ringfence web login` requests), the sessions bucket and the audit stream (live
-    tail), sealed frames of the joins it makes, and its own sign-in API. No writes to any bucket or stream."""
-    reads = (kv_stream(names.POLICY_BUCKET), kv_stream(names.SESSIONS_BUCKET))
+    (to check `ringfence web login` requests), the locks bucket (a locked operator's requests are
+    refused, as by every service), the sessions bucket and the audit stream (live tail), sealed
+    frames of the joins it makes, and its own sign-in API. No writes to any bucket or stream."""
+    reads = (kv_stream(names.POLICY_BUCKET), kv_stream(names.LOCKS_BUCKET), kv_stream(names.SESSIONS_BUCKET))
     audit = names.AUDIT_STREAM
     publish = [
         *WEB_REQUESTS,

@@ -234,7 +234,9 @@ class EnforcerAdapter:
             store=SessionStore(data / "sessions"),
             emit=self.emit,
             recorder=Recorder(self.recordings, lambda chunk: self.joins.on_chunk(chunk)),
-            node={"cluster_name": cfg.cluster_name, "server_id": ctx.server_id, "server_hostname": ctx.hostname},
+            # The configured node name, as the original reports its nodename (the NODE column of
+            # `sessions ls`, the sessions' events); it defaults to the host name.
+            node={"cluster_name": cfg.cluster_name, "server_id": ctx.server_id, "server_hostname": cfg.nodename},
             flags=flags,
             reader_cycles=self._reader_cycles,
             counters=ctx.counters,
