@@ -9,31 +9,54 @@ line with user_readenv (a user's ~/.pam_environment must not reach our hook's en
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
-# The OpenSSH hook: one constant for its path and the arguments PAM and sshd give it.
-HOOK_PATH = "/usr/local/lib/ringfence/ringfence-hook"
-PAM_LINE = f"session required pam_exec.so quiet stdout {HOOK_PATH} pam"
+# The OpenSSH hooks (ringfence/hooks/): run by the base interpreter, isolated (-I -S), from the
+# installed package (root-owned); `ringfence hooks` prints these lines, `doctor` checks them.
+HOOKS_DIR = Path(__file__).resolve().parent / "hooks"
+PAM_HOOK = "pam_hook.py"
 PAM_ANCHOR = "@include common-session"
 SUPPORTED = ("debian", "ubuntu")
-ELSEWHERE = ("on other systems set it up by hand: the sshd drop-in from examples/sshd_config.d/ into the "
-             "directory sshd_config Includes, the line\n  " + PAM_LINE + "\nin sshd's PAM stack after the module "
-             "that moves sessions into their own cgroup (pam_systemd) and before any pam_env with user_readenv, "
-             "the hook at " + HOOK_PATH + ", and a service running `python -m services.enforcer --config "
-             "<data_dir>/node.yaml` as root")
+
+
+def hook_command(python: str, name: str, data_dir: str, hooks_dir: Path = HOOKS_DIR) -> str:
+    return f"{python} -I -S {hooks_dir / name} --data-dir {data_dir}"
+
+
+def pam_line(python: str, data_dir: str) -> str:
+    """`requisite`: a refusal stops the stack, so sshd runs nothing and shows the reason."""
+    return f"session requisite pam_exec.so quiet stdout {hook_command(python, PAM_HOOK, data_dir)}"
+
+
+def force_command(python: str, data_dir: str) -> str:
+    return f"ForceCommand {hook_command(python, 'ssh_session.py', data_dir)}"
+
+
+def drop_in(example: str, python: str, data_dir: str) -> str:
+    """The example sshd drop-in with this installation's ForceCommand."""
+    return re.sub(r"^ForceCommand .*$", force_command(python, data_dir), example, flags=re.M)
+
+
+def elsewhere(python: str, data_dir: str) -> str:
+    return ("on other systems set it up by hand: the sshd drop-in from examples/sshd_config.d/ into the "
+            f"directory sshd_config Includes, with `{force_command(python, data_dir)}`, the line\n  "
+            f"{pam_line(python, data_dir)}\nin sshd's PAM stack after the module that moves sessions into their "
+            "own cgroup (pam_systemd) and before any pam_env with user_readenv, and a service running "
+            "`python -m services.enforcer --config <data_dir>/node.yaml` as root")
 
 
 class SetupError(Exception):
     """The host cannot be set up as asked; nothing was changed. The message says why and what to do."""
 
 
-def os_family(os_release: str) -> str:
+def os_family(os_release: str, python: str = "/usr/bin/python3", data_dir: str = "/var/lib/ringfence") -> str:
     """"debian" or "ubuntu" from /etc/os-release (ID, else ID_LIKE); SetupError otherwise."""
     fields = dict(re.findall(r'^([A-Z_]+)="?([^"\n]*)"?$', os_release, re.M))
     for candidate in (fields.get("ID", ""), *fields.get("ID_LIKE", "").split()):
         if candidate in SUPPORTED:
             return candidate
     name = fields.get("PRETTY_NAME") or "unknown"
-    raise SetupError(f"`ringfence node install` knows Debian and Ubuntu; this is {name}; {ELSEWHERE}")
+    raise SetupError(f"`ringfence node install` knows Debian and Ubuntu; this is {name}; {elsewhere(python, data_dir)}")
 
 
 def _is_user_readenv_env(line: str) -> bool:
@@ -41,39 +64,40 @@ def _is_user_readenv_env(line: str) -> bool:
     return any(w.endswith("pam_env.so") for w in words) and any(w.startswith("user_readenv=1") for w in words)
 
 
-def add_pam_line(text: str, path: str = "/etc/pam.d/sshd") -> str:
-    """`text` with PAM_LINE right after `@include common-session`; unchanged when it is there already."""
+def _ours(line: str) -> bool:
+    words = line.split("#", 1)[0].split()
+    return "pam_exec.so" in words and any(w.endswith(f"/hooks/{PAM_HOOK}") for w in words)
+
+
+def _anchor(lines: list[str]) -> int | None:
+    return next((i for i, existing in enumerate(lines) if existing.split("#", 1)[0].split() == PAM_ANCHOR.split()),
+                None)
+
+
+def add_pam_line(text: str, line: str, path: str = "/etc/pam.d/sshd") -> str:
+    """`text` with `line` right after `@include common-session`; unchanged when it is there already."""
     lines = text.splitlines(keepends=True)
-    if any(line.strip() == PAM_LINE for line in lines):
+    if any(existing.strip() == line for existing in lines):
         return text
-    anchor = next((i for i, line in enumerate(lines) if line.split("#", 1)[0].split() == PAM_ANCHOR.split()), None)
+    anchor = _anchor(lines)
     if anchor is None:
-        raise SetupError(f"{path} has no `{PAM_ANCHOR}` line to put the Ringfence line after; add it by hand: "
-                         f"{ELSEWHERE}")
-    early = [i for i, line in enumerate(lines[:anchor]) if _is_user_readenv_env(line)]
+        raise SetupError(f"{path} has no `{PAM_ANCHOR}` line to put the Ringfence line after; add it by hand "
+                         f"right after the module that moves sessions into their own cgroup: {line}")
+    early = [i for i, existing in enumerate(lines[:anchor]) if _is_user_readenv_env(existing)]
     if early:
         raise SetupError(f"{path} line {early[0] + 1} reads the user's ~/.pam_environment (pam_env user_readenv=1) "
                          f"before `{PAM_ANCHOR}`; the Ringfence hook must run before it: move that line below "
                          f"`{PAM_ANCHOR}` or add the hook by hand")
-    newline = "" if lines[anchor].endswith("\n") else "\n"
-    return "".join([*lines[: anchor + 1], newline, PAM_LINE + "\n", *lines[anchor + 1 :]])
+    kept = [existing for existing in lines if not _ours(existing)]  # an older form of ours goes
+    anchor = _anchor(kept)
+    assert anchor is not None
+    newline = "" if kept[anchor].endswith("\n") else "\n"
+    return "".join([*kept[: anchor + 1], newline, line + "\n", *kept[anchor + 1 :]])
 
 
 def remove_pam_line(text: str) -> str:
-    return "".join(line for line in text.splitlines(keepends=True) if line.strip() != PAM_LINE)
-
-
-def hook_script(python: str) -> str:
-    """The hook: the venv's Python, isolated (-I: no PYTHONPATH, no user site, no PYTHON* variables)."""
-    return f"""#!/bin/sh
-# Installed by `ringfence node install`: the OpenSSH hooks of Ringfence. Runs isolated from the
-# environment of the user logging in; where the enforcer is comes from root-owned configuration.
-case "$1" in
-    pam) shift; exec {python} -I -m ringfence.cli.main pam-hook "$@" ;;
-    session) shift; exec {python} -I -m ringfence.cli.main ssh-session "$@" ;;
-    *) echo "usage: $0 pam|session" >&2; exit 2 ;;
-esac
-"""
+    """`text` without any Ringfence hook line."""
+    return "".join(line for line in text.splitlines(keepends=True) if not _ours(line))
 
 
 def unit(description: str, exec_start: str) -> str:

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from ringfence import node_setup
-from ringfence.node_setup import PAM_LINE, SetupError, add_pam_line, os_family, remove_pam_line
+from ringfence.cli.ssh_hooks import force_command, interpreter, pam_line
+from ringfence.node_setup import SetupError, add_pam_line, os_family, remove_pam_line
 from tests.support.procs import ROOT
+
+PAM_LINE = pam_line("/var/lib/ringfence")
 
 STOCK_PAM = """# PAM configuration for the Secure Shell service
 @include common-auth
@@ -31,13 +34,17 @@ session    required     pam_env.so user_readenv=1 envfile=/etc/default/locale
 
 
 def test_the_pam_line_goes_right_after_common_session_and_before_user_readenv():
-    lines = add_pam_line(STOCK_PAM).splitlines()
+    added = add_pam_line(STOCK_PAM, PAM_LINE)
+    lines = added.splitlines()
     at = lines.index(PAM_LINE)
     assert lines[at - 1] == "@include common-session"
     assert at < next(i for i, line in enumerate(lines) if "user_readenv=1" in line)
-    assert add_pam_line(add_pam_line(STOCK_PAM)) == add_pam_line(STOCK_PAM)  # once only
-    assert remove_pam_line(add_pam_line(STOCK_PAM)) == STOCK_PAM
-    assert add_pam_line("@include common-session").endswith("@include common-session\n" + PAM_LINE + "\n")
+    assert add_pam_line(added, PAM_LINE) == added  # once only
+    assert remove_pam_line(added) == STOCK_PAM
+    assert add_pam_line("@include common-session", PAM_LINE).endswith("@include common-session\n" + PAM_LINE + "\n")
+    # An older line of ours (another interpreter or data dir) is replaced, not kept beside the new one.
+    moved = add_pam_line(added, pam_line("/srv/rf"))
+    assert moved.count("pam_hook.py") == 1 and "--data-dir /srv/rf" in moved
 
 
 @pytest.mark.parametrize(("text", "reason"), [
@@ -46,7 +53,7 @@ def test_the_pam_line_goes_right_after_common_session_and_before_user_readenv():
 ])
 def test_a_stack_where_the_hook_cannot_go_safely_is_refused(text, reason):
     with pytest.raises(SetupError, match=reason):
-        add_pam_line(text)
+        add_pam_line(text, PAM_LINE)
 
 
 @pytest.mark.parametrize(("release", "family"), [
@@ -61,8 +68,8 @@ def test_debian_and_ubuntu_and_their_derivatives_are_known(release, family):
 def test_other_systems_are_told_what_to_set_up_by_hand():
     with pytest.raises(SetupError) as exc:
         os_family('ID=fedora\nPRETTY_NAME="Fedora Linux 40"\n')
-    assert "Fedora Linux 40" in str(exc.value) and PAM_LINE in str(exc.value)
-    assert node_setup.HOOK_PATH in str(exc.value)
+    assert "Fedora Linux 40" in str(exc.value) and "pam_hook.py" in str(exc.value)
+    assert "ssh_session.py" in str(exc.value)
 
 
 # --- on a scratch copy of /etc -----------------------------------------------------------------------
@@ -106,11 +113,9 @@ def test_install_then_uninstall_leaves_the_copy_byte_identical(scratch):
     assert first.returncode == 0, first.stderr
     pam = (root / "etc/pam.d/sshd").read_text().splitlines()
     assert pam[pam.index(PAM_LINE) - 1].split() == ["@include", "common-session"]
-    assert (root / "etc/ssh/sshd_config.d/ringfence.conf").read_bytes() == \
-        (ROOT / "examples/sshd_config.d/ringfence.conf").read_bytes()
-    hook = root / node_setup.HOOK_PATH.lstrip("/")
-    assert hook.stat().st_mode & 0o777 == 0o755 and hook.stat().st_uid == 0
-    assert f"{sys.executable} -I -m ringfence.cli.main pam-hook" in hook.read_text()
+    drop_in = (root / "etc/ssh/sshd_config.d/ringfence.conf").read_text()
+    assert force_command("/var/lib/ringfence") in drop_in.splitlines()  # the isolated wrapper
+    assert f"{interpreter()} -I -S " in PAM_LINE and (node_setup.HOOKS_DIR / "pam_hook.py").stat().st_uid == 0
     unit = (root / "etc/systemd/system/ringfence-enforcer.service").read_text()
     assert f"-m services.enforcer --config {config}" in unit
     assert (root / "etc/pam.d/sshd").stat().st_mode == pristine["etc/pam.d/sshd"][1]  # mode kept

@@ -3,9 +3,10 @@ it back exactly as it was.
 
 install writes (ringfence/node_setup.py decides the content):
 - the sshd drop-in, read from the repository's examples/sshd_config.d/ringfence.conf;
-- the PAM line in /etc/pam.d/sshd, right after `@include common-session`;
-- the hook at node_setup.HOOK_PATH (root-owned, runs the venv's Python isolated);
-- /usr/local/bin/ringfence (the drop-in's ForceCommand) when it is missing;
+  with this installation's ForceCommand (the isolated wrapper, ringfence/hooks/ssh_session.py);
+- the PAM line in /etc/pam.d/sshd, right after `@include common-session` (the isolated hook,
+  ringfence/hooks/pam_hook.py, run from the installed, root-owned package);
+- /usr/local/bin/ringfence when it is missing;
 - a systemd unit: the enforcer (`--config` from `node join`), or with --server `ringfence up`.
 Every file it replaces is copied first under <root>/var/lib/ringfence/node-install/backup, and
 a manifest records what it created, so uninstall restores each file byte for byte and removes
@@ -27,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import node_setup
+from ..config import DEFAULT_DATA_DIR, load_config
 from ..node_setup import SetupError
+from . import ssh_hooks
 from .client import CliError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,7 +64,9 @@ def _read(path: Path, what: str) -> str:
 
 
 def plan(root: Path, args: argparse.Namespace) -> list[Wanted]:
-    node_setup.os_family(_read(_under(root, "/etc/os-release"), "the OS description"))
+    python = ssh_hooks.interpreter()
+    data_dir = load_config(args.config).data_dir if args.config else DEFAULT_DATA_DIR
+    node_setup.os_family(_read(_under(root, "/etc/os-release"), "the OS description"), python, data_dir)
     sshd_config = _read(_under(root, "/etc/ssh/sshd_config"), "the sshd configuration (apt-get install openssh-server)")
     if "sshd_config.d/" not in sshd_config:
         raise SetupError("/etc/ssh/sshd_config does not Include /etc/ssh/sshd_config.d/*.conf; add that line at its "
@@ -70,22 +75,22 @@ def plan(root: Path, args: argparse.Namespace) -> list[Wanted]:
     if not args.server and not args.config:
         raise SetupError("--config: the node configuration `ringfence node join` wrote (<data_dir>/node.yaml); "
                          "or --server for the control plane")
-    python = sys.executable
+    venv_python = sys.executable
     if args.server:
-        start = f"{python} -I -m ringfence.cli.main up" + (f" --config {args.config}" if args.config else "")
+        start = f"{venv_python} -I -m ringfence.cli.main up" + (f" --config {args.config}" if args.config else "")
         description = "Ringfence control plane: NATS and every service"
     else:
-        start = f"{python} -I -m services.enforcer --config {Path(args.config).resolve()}"
+        start = f"{venv_python} -I -m services.enforcer --config {Path(args.config).resolve()}"
         description = "Ringfence enforcer: session controls for OpenSSH"
     wanted = [
-        Wanted("/etc/ssh/sshd_config.d/ringfence.conf", DROP_IN.read_bytes()),
-        Wanted("/etc/pam.d/sshd", node_setup.add_pam_line(pam).encode()),
-        Wanted(node_setup.HOOK_PATH, node_setup.hook_script(python).encode(), 0o755),
+        Wanted("/etc/ssh/sshd_config.d/ringfence.conf",
+               node_setup.drop_in(DROP_IN.read_text(), python, data_dir).encode()),
+        Wanted("/etc/pam.d/sshd", node_setup.add_pam_line(pam, node_setup.pam_line(python, data_dir)).encode()),
         Wanted(f"/etc/systemd/system/{UNITS[args.server]}", node_setup.unit(description, start).encode()),
     ]
     link = _under(root, CLI_LINK)
     if not link.exists() and not link.is_symlink():
-        wanted.append(Wanted(CLI_LINK, link=str(Path(python).with_name("ringfence"))))
+        wanted.append(Wanted(CLI_LINK, link=str(Path(venv_python).with_name("ringfence"))))
     return wanted
 
 
