@@ -116,7 +116,7 @@ class SessionLimits:
             try:
                 await self.leases.release(info.sid)
             except Exception as exc:  # it expires after the lease TTL anyway
-                log.warning("cannot release the connection lease of %s now (%s)", info.sid, exc)
+                log.warning("cannot release the connection lease of %s now (%r)", info.sid, exc)
 
     async def renew_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -126,7 +126,7 @@ class SessionLimits:
                 try:
                     await self.leases.renew()
                 except Exception as exc:
-                    log.warning("renewing connection leases failed (%s); retrying", exc)
+                    log.warning("renewing connection leases failed (%r); retrying", exc)
 
     def idle_of(self, info: SessionInfo) -> tuple[float, str]:
         """The session's idle timeout and the message that ends it (the relay enforces it per channel)."""
@@ -153,7 +153,7 @@ class SessionLimits:
                 ages = await asyncio.to_thread(forwards.input_ages, set(overdue),
                                                {i.addr_local for i, _ in overdue.values()})
             except OSError as exc:
-                log.warning("cannot read the forwards' activity (%s); idle connections wait", exc)
+                log.warning("cannot read the forwards' activity (%r); idle connections wait", exc)
                 continue
             for cgroup_id, (info, timeout) in overdue.items():
                 if cgroup_id in ages and ages[cgroup_id] < timeout:

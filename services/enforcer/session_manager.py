@@ -581,7 +581,7 @@ class SessionManager:
         try:
             await self.kv.put(names.session_key(info.server_id, info.sid), msgspec.json.encode(info))
         except Exception as exc:  # the listing is best effort; the session is already enforced
-            log.warning("cannot publish session %s to the sessions bucket: %s", info.sid, exc)
+            log.warning("cannot publish session %s to the sessions bucket: %r", info.sid, exc)
 
     async def publish_all(self) -> None:
         for info in list(self.by_sid.values()):
