@@ -235,8 +235,8 @@ def test_a_node_credential_acts_only_as_its_own_node(plane, two_hosts):
             "kill on b": _answered(nc, names.enforcer_subject(b.server_id, "kill")),
         }
         results = dict(zip(tries, await asyncio.gather(*tries.values()), strict=True))
-        for name, subject in (("b's live output", f"{names.LIVE_SUBJECT_PREFIX}.{b.server_id}.>"),
-                              ("all live output", f"{names.LIVE_SUBJECT_PREFIX}.>"),
+        for name, subject in (("b's join frames", f"{names.JOIN_SUBJECT_PREFIX}.{b.server_id}.>"),
+                              ("all join frames", f"{names.JOIN_SUBJECT_PREFIX}.>"),
                               ("everyone's replies", "_INBOX.>"), ("b's API", f"{names.ENFORCER_API}.{b.server_id}.>"),
                               ("own API", f"{names.ENFORCER_API}.{a.server_id}.kill")):
             results[name] = await _subscribed(nc, subject, errors)

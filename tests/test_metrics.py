@@ -117,4 +117,4 @@ def test_a_bad_metrics_listen_is_refused_naming_the_value(nats_server, data_dir,
         assert proc.proc.wait(30) == 2
     finally:
         proc.stop()
-    assert f'metrics_listen: "{bad}": expected HOST:PORT' in proc.output()
+    assert f'metrics_listen: "{bad}" is not HOST:PORT' in proc.output()

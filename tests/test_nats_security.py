@@ -233,8 +233,8 @@ def test_the_web_console_reads_but_writes_nothing_and_answers_only_its_own_api(s
         own = await nc.subscribe(f"{names.WEB_API}.x.login")
         await own.unsubscribe()
         writes = dict(zip(["audit", "recording", "policy", "locks", "sessions"], await asyncio.gather(
-            _try_publish(nc, names.audit_subject("lock.created")),
-            _try_publish(nc, names.recording_subject(str(uuid.uuid4()))),
+            _try_publish(nc, names.audit_subject("n1", "lock.created")),
+            _try_publish(nc, names.recording_subject("n1", str(uuid.uuid4()))),
             _try_publish(nc, f"$KV.{names.POLICY_BUCKET}.{names.role_key('admin')}"),
             _try_publish(nc, f"$KV.{names.LOCKS_BUCKET}.x"),
             _try_publish(nc, f"$KV.{names.SESSIONS_BUCKET}.x")), strict=True))
