@@ -30,7 +30,8 @@ def run_spool(url: str, spool: Spool, until) -> None:
         info.config.max_msg_size = 8192
         await js.update_stream(info.config)
         stop = asyncio.Event()
-        task = asyncio.create_task(spool.run(lambda lines: publish_batches(js, lines), stop, refused_for_good))
+        publish = lambda lines: publish_batches(js, "node-1", lines)  # noqa: E731
+        task = asyncio.create_task(spool.run(publish, stop, refused_for_good))
         await asyncio.to_thread(until)
         stop.set()
         await task

@@ -21,7 +21,7 @@ async def publish(url: str, lines: list[bytes]) -> None:
     nc = await nats.connect(url)
     js = nc.jetstream()
     await ensure_streams(js)
-    await publish_batches(js, lines)
+    await publish_batches(js, "node-1", lines)
     await nc.close()
 
 

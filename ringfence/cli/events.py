@@ -180,7 +180,7 @@ async def run_search(args: argparse.Namespace) -> int:
 
 async def run_tail(args: argparse.Namespace) -> int:
     types = set(event_types(args.type))
-    # Everything: kernel events come in batches (ringfence.audit.batch), whatever their type.
+    # Everything: kernel events come in batches (ringfence.audit.<node>.batch), whatever their type.
     subject = names.AUDIT_SUBJECTS
     nc = await open_client(args)
     try:

@@ -2,8 +2,9 @@
 
 A producer with many events (the enforcer's kernel records: a port scan is
 thousands of denials a second) publishes them in batches instead of one
-message per event, on `names.AUDIT_BATCH_SUBJECT` (inside the audit stream's
-subjects, so the audit stream stores them and its durable consumer gets them).
+message per event, on `names.audit_batch_subject(server_id)`
+(`ringfence.audit.<node>.batch`: inside the audit stream's subjects and the
+node's own, so the audit stream stores them and its durable consumer gets them).
 
 The message:
 
@@ -85,7 +86,7 @@ def split_batches(lines: Iterable[bytes], max_events: int = MAX_BATCH_EVENTS,
 def events_in(subject: str, headers: Mapping[str, str] | None, data: bytes) -> list[bytes]:
     """The encoded events a message of the audit stream carries: itself, or a batch's
     events (BatchError for a malformed batch). For every reader of the raw stream."""
-    if subject != names.AUDIT_BATCH_SUBJECT:
+    if names.audit_subject_parts(subject)[1] != names.AUDIT_BATCH_TYPE:
         return [data]
     return decode_batch(data, (headers or {}).get(COUNT_HEADER))
 

@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 
 import msgspec
-import nats.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from nats.micro.request import Request
@@ -95,7 +94,14 @@ class Adapter:
         await self.recordings.start(ctx)
 
     async def _subscribe(self) -> None:
+        """Bind the pull consumer; a binding being replaced is released first: its leftover
+        status messages would otherwise sit unread and hold up draining the connection."""
         assert self.ctx is not None
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception as exc:  # already gone with the connection
+                log.debug("audit: releasing the old pull subscription: %s", exc)
         self._sub = await self.ctx.js.pull_subscribe(
             names.AUDIT_SUBJECTS, durable=names.AUDIT_DURABLE, stream=names.AUDIT_STREAM, config=consumer_config()
         )
@@ -110,18 +116,18 @@ class Adapter:
                 if self._stopping.is_set():
                     return  # stop() interrupted an idle wait; anything fetched is redelivered
                 raise
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats' FetchTimeoutError, or a bare asyncio one from inside fetch
                 await self._idle()
                 continue
             except Exception as exc:  # disconnected, consumer deleted, ...: retry, re-binding
                 if self._stopping.is_set():
                     return
-                log.warning("audit: fetching events failed (%s); retrying", exc)
+                log.warning("audit: fetching events failed (%r); retrying", exc)
                 await asyncio.sleep(RETRY_PAUSE)
                 try:
                     await self._subscribe()
                 except Exception as sub_exc:
-                    log.warning("audit: re-binding consumer %s failed (%s)", names.AUDIT_DURABLE, sub_exc)
+                    log.warning("audit: re-binding consumer %s failed (%r)", names.AUDIT_DURABLE, sub_exc)
                 continue
             try:
                 await self._handle(msgs)

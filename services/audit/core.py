@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from ringfence.contract import names
 from ringfence.contract.api import MAX_SEARCH_LIMIT, ApiError, SearchRequest
 from ringfence.contract.events import EVENT_TYPES, AuditEvent, decode_event
 from ringfence.contract.streams import MAX_EVENT_BYTES
@@ -31,8 +32,10 @@ class _UidProbe(msgspec.Struct):
 _probe = msgspec.json.Decoder(_UidProbe)
 
 
-def decode_incoming(data: bytes) -> AuditEvent:
-    """Decode one message into an event, or raise Rejected saying why."""
+def decode_incoming(data: bytes, subject: str = "") -> AuditEvent:
+    """Decode one message into an event, or raise Rejected saying why. With its `subject`:
+    an event must name the node it was published by (a node's NATS credential publishes
+    only under its own server_id, so it cannot pass for another node)."""
     if len(data) > MAX_EVENT_BYTES:
         raise Rejected(f"event is {len(data)} bytes; the limit is {MAX_EVENT_BYTES}")
     try:
@@ -43,6 +46,8 @@ def decode_incoming(data: bytes) -> AuditEvent:
     # de-duplication of redeliveries: the uid must come from the publisher.
     if not _probe.decode(data).uid:
         raise Rejected("event has no uid")
+    if subject and names.audit_subject_parts(subject)[0] != event.server_id:
+        raise Rejected(f'server_id "{event.server_id[:80]}" is not the node of the subject {subject[:200]}')
     return event
 
 

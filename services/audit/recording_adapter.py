@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import nats.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.micro.request import Request
 
@@ -94,7 +93,14 @@ class RecordingConsumer:
         self._task = asyncio.create_task(self._consume(), name="recording-consumer")
 
     async def _subscribe(self) -> None:
+        """Bind the pull consumer; a binding being replaced is released first: its leftover
+        status messages would otherwise sit unread and hold up draining the connection."""
         assert self.ctx is not None
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception as exc:  # already gone with the connection
+                log.debug("recordings: releasing the old pull subscription: %s", exc)
         self._sub = await self.ctx.js.pull_subscribe(
             names.RECORDING_SUBJECTS,
             durable=names.RECORDINGS_DURABLE,
@@ -112,18 +118,18 @@ class RecordingConsumer:
                 if self._stopping.is_set():
                     return
                 raise
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats' FetchTimeoutError, or a bare asyncio one from inside fetch
                 await self._run(lambda: self.store.tick(), [])
                 continue
             except Exception as exc:
                 if self._stopping.is_set():
                     return
-                log.warning("recordings: fetching chunks failed (%s); retrying", exc)
+                log.warning("recordings: fetching chunks failed (%r); retrying", exc)
                 await asyncio.sleep(RETRY_PAUSE)
                 try:
                     await self._subscribe()
                 except Exception as sub_exc:
-                    log.warning("recordings: re-binding consumer %s failed (%s)", names.RECORDINGS_DURABLE, sub_exc)
+                    log.warning("recordings: re-binding consumer %s failed (%r)", names.RECORDINGS_DURABLE, sub_exc)
                 continue
             batch = [ChunkIn(m.data, m.subject, _stream_seq(m), m) for m in msgs]
             await self._run(lambda b=batch: self.store.write_batch(b), msgs)

@@ -100,7 +100,7 @@ class AuditWriter:
         rejected: list[bytes] = []
         for msg in batch:
             try:
-                events.append(core.decode_incoming(msg.data))
+                events.append(core.decode_incoming(msg.data, msg.subject))
             except core.Rejected as exc:
                 log.warning("audit: rejected message %d on %s: %s", msg.stream_seq, msg.subject, exc)
                 rejected.append(core.rejected_line(str(exc), msg.subject, msg.stream_seq, msg.data, now))

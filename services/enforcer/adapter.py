@@ -23,13 +23,14 @@ from ringfence.runtime.audit_publish import publish_batches, refused_for_good, s
 from ringfence.runtime.kv_mirror import KvMirror
 from ringfence.runtime.service import Call, ServiceContext, StartupError
 
-from . import kernel, simulated, ssh_identity
+from . import kernel, node_status, simulated, ssh_identity
 from .attribution import Attribution
 from .cgroups import CgroupTree
 from .directory import Directory
 from .joins import Joins
 from .kernel_events import KernelEvents
-from .limits import ConnectionLeases, SessionLimits
+from .leases import ConnectionLeases
+from .limits import SessionLimits
 from .lock_guard import LockGuard
 from .policy_follower import PolicyFollower
 from .recorder import Recorder, publish_chunks
@@ -79,7 +80,7 @@ class EnforcerAdapter:
         self.directory = Directory(ctx.nc, ctx.counters)
         self.recording_config: KvMirror[SessionRecordingConfig] = KvMirror(
             ctx.nc, names.POLICY_BUCKET, names.RECORDING_CONFIG_KEY, SessionRecordingConfig, counters=ctx.counters)
-        self.launcher = RelayLauncher(tree.mount / "ringfence" / f"{cfg.nodename}.relays")
+        self.launcher = RelayLauncher(tree.mount / "ringfence" / f"{cfg.nodename}.relays", data / "relays.log")
         await self.launcher.start()
         self.sessions = self._session_manager(tree, data)
         self.attribution = Attribution(self.sessions.lookup_cgroup)
@@ -92,7 +93,7 @@ class EnforcerAdapter:
         self.guard = LockGuard(ctx.nc, self.sessions, self.directory, parse_duration(cfg.lock_view_max_staleness),
                                self.emit, ctx.counters)
         leases = ConnectionLeases(await kv_read.open_bucket(ctx.js, names.LEASES_BUCKET), ctx.server_id,
-                                  parse_duration(cfg.ssh_service.connection_lease_ttl))
+                                  parse_duration(cfg.ssh_service.connection_lease_ttl), ctx.js)
         self.limits = SessionLimits(ctx.nc, leases, self.sessions, self.directory, self.emit, ctx.counters)
         # Limits take a lease (which may wait for one): a lock that arrived meanwhile still counts.
         self.sessions.checks += [self.guard.check, self._recording_check, self.limits.check, self.guard.check]
@@ -242,7 +243,9 @@ class EnforcerAdapter:
             store=SessionStore(data / "sessions"),
             emit=self.emit,
             recorder=Recorder(self.recordings, lambda chunk: self.joins.on_chunk(chunk)),
-            node={"cluster_name": cfg.cluster_name, "server_id": ctx.server_id, "server_hostname": ctx.hostname},
+            # The configured node name, as the original reports its nodename (the NODE column of
+            # `sessions ls`, the sessions' events); it defaults to the host name.
+            node={"cluster_name": cfg.cluster_name, "server_id": ctx.server_id, "server_hostname": cfg.nodename},
             flags=flags,
             reader_cycles=self._reader_cycles,
             counters=ctx.counters,
@@ -286,12 +289,11 @@ class EnforcerAdapter:
 
     def _start_tasks(self, data: Path) -> None:
         assert self.ctx is not None and self.spool is not None and self.recordings is not None
-        js, stop = self.ctx.js, self.stop_event
+        stop = self.stop_event
         self.tasks = [
             asyncio.create_task(self.policy.run(stop), name="policy"),
-            asyncio.create_task(self.spool.run(lambda lines: publish_batches(js, lines), stop, refused_for_good),
-                                name="spool"),
-            asyncio.create_task(self.recordings.run(lambda lines: publish_chunks(js, lines), stop, refused_for_good),
+            asyncio.create_task(self.spool.run(self._publish_events, stop, refused_for_good), name="spool"),
+            asyncio.create_task(self.recordings.run(self._publish_recordings, stop, refused_for_good),
                                 name="recordings"),
             asyncio.create_task(self._report_lost(), name="lost"),
             *(asyncio.create_task(t, name="directory") for t in self.directory.tasks(stop)),
@@ -300,9 +302,27 @@ class EnforcerAdapter:
             asyncio.create_task(self.joins.expire_loop(stop), name="joins"),
             asyncio.create_task(self.recording_config.run(stop), name="recording-config"),
             asyncio.create_task(self._watch_recording_delivery(stop), name="recording-delivery"),
+            asyncio.create_task(node_status.report(self.ctx, self.guard.view_age, stop), name="node-status"),
         ]
         for t in self.tasks:
             t.add_done_callback(self._task_ended)
+        self.ctx.gauges.update({
+            "spool_pending_bytes": self.spool.pending_bytes,
+            "spool_age_seconds": self.spool.age,
+            "lock_view_staleness_seconds": self.guard.view_age,
+            "leases_held": lambda: len(self.limits.leases.held),
+            "policy_apply_seconds": lambda: self.policy.apply_seconds if self.policy else 0.0,
+        })
+
+    async def _publish_events(self, lines: list[bytes]) -> None:
+        assert self.ctx is not None
+        await publish_batches(self.ctx.js, self.ctx.server_id, lines)
+        self.ctx.counters["events_published"] = self.ctx.counters.get("events_published", 0) + len(lines)
+
+    async def _publish_recordings(self, lines: list[bytes]) -> None:
+        assert self.ctx is not None
+        await publish_chunks(self.ctx.js, lines)
+        self.ctx.counters["recording_bytes"] = self.ctx.counters.get("recording_bytes", 0) + sum(map(len, lines))
 
     def _running(self, sid: str) -> SessionInfo:
         info = self.sessions.by_sid.get(sid) if self.sessions else None

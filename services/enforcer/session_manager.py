@@ -32,6 +32,7 @@ from pathlib import Path
 import msgspec
 from nats.js.kv import KeyValue
 
+from ringfence.contract import names
 from ringfence.contract import relay as wire
 from ringfence.contract.api import OpenSessionReply, OpenSessionRequest, SessionInfo
 from ringfence.contract.events import (
@@ -516,7 +517,7 @@ class SessionManager:
         await self._run_end_hooks(info)
         if self.kv:
             with contextlib.suppress(Exception):
-                await self.kv.delete(sid)
+                await self.kv.delete(names.session_key(info.server_id, sid))
         log.info("session %s ended", sid)
 
     async def _run_end_hooks(self, info: SessionInfo) -> None:
@@ -578,9 +579,9 @@ class SessionManager:
         if self.kv is None:
             return
         try:
-            await self.kv.put(info.sid, msgspec.json.encode(info))
+            await self.kv.put(names.session_key(info.server_id, info.sid), msgspec.json.encode(info))
         except Exception as exc:  # the listing is best effort; the session is already enforced
-            log.warning("cannot publish session %s to the sessions bucket: %s", info.sid, exc)
+            log.warning("cannot publish session %s to the sessions bucket: %r", info.sid, exc)
 
     async def publish_all(self) -> None:
         for info in list(self.by_sid.values()):

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class Spool:
         self.cursor = self._read_cursor()
         self.delivered = 0
         self.appended = 0
+        self.drained_at = time.monotonic()  # when it last held nothing undelivered
 
     def _read_cursor(self) -> int:
         try:
@@ -90,6 +92,10 @@ class Spool:
 
     def pending_bytes(self) -> int:
         return self.path.stat().st_size - self.cursor
+
+    def age(self) -> float:
+        """Seconds the oldest undelivered line may have waited (0 when nothing waits)."""
+        return time.monotonic() - self.drained_at if self.pending_bytes() > 0 else 0.0
 
     def _read_batch(self) -> tuple[list[bytes], int]:
         """Up to BATCH complete lines from the cursor, and the offset after them.
@@ -167,6 +173,7 @@ class Spool:
                     self._write_cursor()
                     continue
                 if not lines:
+                    self.drained_at = time.monotonic()
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), 1.0)
