@@ -43,7 +43,14 @@
 #include <linux/in.h>
 #include <linux/in6.h>
 #include <linux/socket.h>
-#include <linux/if_ether.h>
+
+// Spelled out: <linux/if_ether.h> (and the socket types it drags in) doubles the compile time.
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#ifndef SOCK_STREAM
+#define SOCK_STREAM 1
+#define SOCK_DGRAM 2
+#endif
 
 #define VERDICT_ALLOW 1
 #define VERDICT_DENY 2
@@ -69,14 +76,15 @@ BPF_TABLE_PINNED("lpm_trie", struct key6, u8, policy6, POLICY_MAX_ENTRIES, PIN_D
 BPF_TABLE_PINNED("array", u32, struct settings, settings, 1, PIN_DIR "/settings");
 RINGFENCE_SESSIONS_MAP();
 // Restricted logins: uid -> 1. Their processes outside sessions obey the policy.
-BPF_TABLE_PINNED("hash", u32, u32, logins, LOGINS_MAX_ENTRIES, PIN_DIR "/logins");
+BPF_TABLE_PINNED("hash", u32, u32, logins, LOGINS_MAX_ENTRIES, PIN_DIR "/logins", BPF_F_NO_PREALLOC);
 // The same logins with a uid below LOGIN_BITS_UIDS, one bit each (word uid / 64, bit uid % 64).
 BPF_TABLE_PINNED("array", u32, u64, login_bits, LOGIN_BITS_UIDS / 64, PIN_DIR "/login_bits");
 // lost[0]: network records dropped because the ring buffer was full.
 BPF_TABLE_PINNED("array", u32, u64, lost, 1, PIN_DIR "/lost_network");
 // What the enforcer reported of lost_by (ringfence.h): written by user space only, pinned
 // so that any enforcer of this node, whatever its data dir, reports only what is new.
-BPF_TABLE_PINNED("hash", struct lost_key, u64, lost_reported, LOST_BY_MAX_ENTRIES, PIN_DIR "/lost_reported");
+BPF_TABLE_PINNED("hash", struct lost_key, u64, lost_reported, LOST_BY_MAX_ENTRIES, PIN_DIR "/lost_reported",
+                 BPF_F_NO_PREALLOC);
 PINNED_RINGBUF(events_network, RINGBUF_BYTES);
 LOST_BY_MAP();
 

@@ -150,7 +150,7 @@ struct lost_key {
 // Per session or login drop counters, shared by both files. (bcc rewrites map
 // calls in the .c file only, so each file has its own lost_by_add.)
 #define LOST_BY_MAP() \
-    BPF_TABLE_PINNED("hash", struct lost_key, u64, lost_by, LOST_BY_MAX_ENTRIES, PIN_DIR "/lost_by")
+    BPF_TABLE_PINNED("hash", struct lost_key, u64, lost_by, LOST_BY_MAX_ENTRIES, PIN_DIR "/lost_by", BPF_F_NO_PREALLOC)
 
 #endif  // RINGFENCE_BPF
 #endif  // RINGFENCE_H
