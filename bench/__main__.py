@@ -7,9 +7,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import audit_write, fleet, locks, restricted
+from bench import audit_write, fleet, locks, login, restricted
 
-BENCHMARKS = {"restricted": restricted.main, "locks": locks.main, "audit": audit_write.main, "fleet": fleet.main}
+BENCHMARKS = {"restricted": restricted.main, "locks": locks.main, "audit": audit_write.main, "fleet": fleet.main,
+              "login": login.main}
 
 
 def main(argv: list[str]) -> int:
