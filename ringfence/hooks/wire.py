@@ -18,9 +18,12 @@ import os
 
 try:  # CPython's JSON accelerator, which the json package wraps
     from _json import encode_basestring_ascii, make_scanner
-except ImportError:  # pragma: no cover - other interpreters: the same functions, slower to import
+except ImportError:  # other interpreters: the json package's own, slower to import
+    from json.decoder import JSONDecoder
     from json.encoder import encode_basestring_ascii
-    from json.scanner import make_scanner
+
+    def make_scanner(context):
+        return JSONDecoder(strict=context.strict, parse_constant=context.parse_constant).scan_once
 
 DEFAULT_DATA_DIR = "/var/lib/ringfence"
 SOCKET_NAME = "enforcer.sock"
