@@ -20,8 +20,9 @@ the program ran and when everything exited (needs perf; --no-breakdown skips it)
 The machine's load shows in every figure (a 2-core VM shared with other
 work): compare the two sides of one run, not runs with each other. Moving a
 process into a cgroup (sshd into the connection's, the program into the
-channel's) waits for an RCU grace period unless cgroup2 is mounted with
-`favordynmods` (Linux 6.0+); the header says which.
+channel's) can wait for an RCU grace period: on Linux 6.0+ mounting cgroup2
+with `favordynmods` avoids it (and on 6.18 it stays avoided until the next
+boot); the header says how long a move took.
 
 Target (issue 13): at most 60 ms added at p50. Needs root, BPF and cgroup v2.
 """
@@ -35,9 +36,11 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from bench.login_trace import Breakdown, PerfTrace
+from services.enforcer.kernel import find_cgroup2
 from tests.support.enforcer import EnforcerNode, policy, put_policy
 from tests.support.nats import NatsServer
 from tests.support.procs import ServiceProcess, wait_for
@@ -84,12 +87,29 @@ def relayd_pid(enforcer_pid: int) -> int:
     return wait_for(find, 30, what="the enforcer's relayd")
 
 
-def cgroup_mount_options() -> str:
-    for line in Path("/proc/mounts").read_text().splitlines():
-        fields = line.split()
-        if fields[2] == "cgroup2":
-            return fields[3]
-    return ""
+def cgroup_move_ms(samples: int = 7, spacing: float = 0.3) -> float:
+    """How long writing a pid to cgroup.procs takes here (p50), each write after a pause: the
+    kernel may make it wait for an RCU grace period (cgroup2 without favordynmods), and a login
+    makes two (sshd into the connection's cgroup, the program into the channel's)."""
+    base = find_cgroup2() / f"ringfence-bench-move-{uuid.uuid4().hex[:8]}"
+    base.mkdir()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    times = []
+    try:
+        for i in range(samples):
+            time.sleep(spacing)  # the pause is the point: back-to-back moves share one grace period
+            (base / str(i)).mkdir()
+            start = time.perf_counter()
+            (base / str(i) / "cgroup.procs").write_text(str(sleeper.pid))
+            times.append((time.perf_counter() - start) * 1000)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for child in base.iterdir():
+            if child.is_dir():
+                child.rmdir()
+        base.rmdir()
+    return percentile(times, 0.5)
 
 
 def report(runs: dict[str, dict[str, list[Login]]]) -> float:
@@ -145,11 +165,11 @@ def run(args: argparse.Namespace) -> int:
                 order = list(sides.items()) if i % 2 == 0 else list(sides.items())[::-1]
                 for name, side in order:
                     runs[command][name].append(Login(side, login, key, command))
-        dynmods = "on" if "favordynmods" in cgroup_mount_options().split(",") else (
-            "off: each move into a session cgroup waits for an RCU grace period")
+        move = cgroup_move_ms()
         print(f"ssh over loopback to two sshd with the same configuration, one with Ringfence's PAM hook and\n"
               f"ForceCommand; {args.runs} runs each, interleaved (Linux {os.uname().release}, {os.cpu_count()} cores, "
-              f"load average {os.getloadavg()[0]:.1f} at the end;\ncgroup2 favordynmods {dynmods}):\n")
+              f"load average {os.getloadavg()[0]:.1f} at the end;\na move into a cgroup takes {move:.1f} ms here, "
+              f"and a login makes two):\n")
         added = report(runs)
         if trace is not None:
             breakdown = Breakdown(trace.stop(), sshd={"plain": plain.proc.pid, "ringfence": ours.proc.pid},
