@@ -99,7 +99,7 @@ class Timeline:
         for e in events:
             if e.kind == "fork" and e.pid in self.ours:
                 child = int(e.fields["child_pid"])
-                if e.fields.get("child_comm") and child != e.pid:
+                if child != e.pid:
                     self.ours.add(child)
                     self.forked[child] = e.time
                     self.parent[child] = e.pid
@@ -123,8 +123,9 @@ class Timeline:
         return [x for x in self.execs if start <= x[0] <= end and self.descends(x[1], root)]
 
     def first_child(self, parent: int, after: float, before: float) -> int | None:
-        return next((pid for pid, t in sorted(self.forked.items(), key=lambda kv: kv[1])
-                     if self.parent[pid] == parent and after <= t <= before), None)
+        """The first process `parent` forked between the two times (forked is in time order)."""
+        return next((pid for pid, t in self.forked.items() if self.parent[pid] == parent and after <= t <= before),
+                    None)
 
     def connect_of(self, pid: int, after: float) -> float | None:
         return next((t for t in self.connects.get(pid, []) if t >= after), None)
