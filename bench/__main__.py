@@ -7,10 +7,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import audit_write, cli, fleet, locks, restricted
+from bench import audit_write, cli, fleet, locks, login, restricted
 
 BENCHMARKS = {"restricted": restricted.main, "locks": locks.main, "audit": audit_write.main, "fleet": fleet.main,
-              "cli": cli.main}
+              "cli": cli.main, "login": login.main}
 
 
 def main(argv: list[str]) -> int:
