@@ -131,6 +131,16 @@ def send(sock: _socket.socket, message: dict, fds: list[int] | tuple[int, ...] =
         sock.sendall(data)
 
 
+def fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The file descriptors a recvmsg() received as SCM_RIGHTS (the receiver must close them)."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            whole = len(data) - len(data) % 4
+            fds += _struct.unpack(f"{whole // 4}i", data[:whole])
+    return fds
+
+
 class Lines:
     """JSON lines from a socket, each at most MAX_LINE bytes."""
 
