@@ -25,7 +25,7 @@ def hook_command(python: str, name: str, data_dir: str, hooks_dir: Path = HOOKS_
 
 def pam_line(python: str, data_dir: str) -> str:
     """`requisite`: a refusal stops the stack, so sshd runs nothing and shows the reason."""
-    return f"session requisite pam_exec.so quiet stdout {hook_command(python, PAM_HOOK, data_dir)}"
+    return f"session requisite pam_exec.so type=open_session quiet stdout {hook_command(python, PAM_HOOK, data_dir)}"
 
 
 def force_command(python: str, data_dir: str) -> str:

@@ -15,7 +15,7 @@ from ringfence.doctor.sshd_settings import CaFile, ca_findings, parse_public_key
 INSTALL = Install(python="/opt/rf/.venv/bin/python3", package="/opt/rf/ringfence")
 WRAPPER = "/opt/rf/.venv/bin/python3 -I -S /opt/rf/ringfence/hooks/ssh_session.py --data-dir /var/lib/ringfence"
 HOOK = "/opt/rf/.venv/bin/python3 -I -S /opt/rf/ringfence/hooks/pam_hook.py --data-dir /var/lib/ringfence"
-OUR_LINE = f"session requisite pam_exec.so quiet stdout {HOOK}"
+OUR_LINE = f"session requisite pam_exec.so type=open_session quiet stdout {HOOK}"
 
 # `sshd -T` of a host set up as the README says.
 GOOD_SSHD = {
@@ -256,7 +256,7 @@ def pam(sshd: str, **files: str) -> list[Finding]:
         (SSHD_FIXED + OUR_LINE.replace("requisite", "optional"), {},
          [("HOLE", "ringfence line control", "optional")]),
         (SSHD_FIXED + OUR_LINE.replace("required", "requisite"), {}, []),
-        (SSHD_FIXED + OUR_LINE.replace(" stdout", ""), {}, [("WARN", "pam_exec options", "quiet")]),
+        (SSHD_FIXED + OUR_LINE.replace(" stdout", ""), {}, [("WARN", "pam_exec options", "type=open_session quiet")]),
         (SSHD_FIXED + "session required pam_exec.so quiet stdout /usr/local/bin/ringfence pam-hook", {},
          [("WARN", "ringfence line", "session required pam_exec.so quiet stdout /usr/local/bin/ringfence "
            "pam-hook")]),

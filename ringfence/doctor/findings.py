@@ -58,5 +58,6 @@ class Install:
 
     @property
     def pam_line(self) -> str:
-        return (f"session requisite pam_exec.so quiet stdout {self.python} -I -S {self.package}/hooks/pam_hook.py "
+        return (f"session requisite pam_exec.so type=open_session quiet stdout {self.python} -I -S "
+                f"{self.package}/hooks/pam_hook.py "
                 f"--data-dir {self.data_dir}")

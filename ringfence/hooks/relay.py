@@ -619,13 +619,13 @@ class Relay:
         signal_no = os.WTERMSIG(self.status) if self.status is not None and os.WIFSIGNALED(self.status) else 0
         self.journal.write("exit", code=code, signal=signal_no, stdin_truncated=self.stdin_truncated, recs=self.rec.seq)
         self.journal.write("closed")
-        self.journal.close()
-        if self.wrapper is not None:
+        if self.wrapper is not None:  # the lines are written; the fsync below need not delay the user
             try:
                 self.wrapper.setblocking(True)
                 self.wrapper.sendall(json.dumps({"exit": code}).encode() + b"\n")
             except OSError:
                 pass
+        self.journal.close()
         return code
 
 

@@ -13,7 +13,6 @@ starting a fresh interpreter per session would be tens. relayd exits when the
 enforcer's end closes; the relays it started carry on with their sessions.
 """
 
-import array
 import json
 import os
 import signal
@@ -22,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from ringfence.hooks import relay  # after the path is set
+from ringfence.hooks import relay, wire  # after the path is set
 
 MAX_REQUEST = 4 * 1024 * 1024
 MAX_FDS = 4
@@ -46,11 +45,7 @@ def _receive(sock: socket.socket, buf: bytearray) -> tuple[bytes | None, list[in
             data, ancdata, _flags, _ = sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
         except InterruptedError:
             continue
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
-                fds += list(arr)
+        fds += wire.fds_from(ancdata)
         if not data:
             for fd in fds:
                 os.close(fd)

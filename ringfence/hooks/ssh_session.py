@@ -8,8 +8,8 @@ and enforces its limits. Nothing here is trusted: the enforcer takes the
 user, the addresses and the connection from root-owned facts.
 """
 
+import _signal  # not `signal`: its enums cost more to import than the rest of this (see wire.py)
 import os
-import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -33,7 +33,7 @@ def _stdio() -> list[int]:
 def main(argv: list[str]) -> int:
     # The relay takes the terminal over (and hangs up every other holder of it):
     # that must not end this process before the exit status arrives.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _signal.signal(_signal.SIGHUP, _signal.SIG_IGN)
     original = os.environ.get("SSH_ORIGINAL_COMMAND")
     request = {
         "kind": "channel",

@@ -5,15 +5,25 @@ OpenSessionRequest); a session that runs a program sends its stdin, stdout and
 stderr with it as SCM_RIGHTS. Replies are JSON lines: OpenSessionReply, then,
 for a program, `{"exit": N}` when it ends. The client talks only to a socket
 whose peer is root (SO_PEERCRED), found from root-owned configuration.
+
+Every SSH login starts this twice (PAM hook and wrapper), so it imports only
+modules built into the interpreter: `socket`, `json`, `array` and `signal`
+would pull in enum, re, selectors and collections, and cost more CPU than the
+rest of a hook together (`python3 -I -S -X importtime`; bench/login.py).
 """
 
-from __future__ import annotations
-
-import array
-import json
+import _socket
+import _struct
 import os
-import socket
-import struct
+
+try:  # CPython's JSON accelerator, which the json package wraps
+    from _json import encode_basestring_ascii, make_scanner
+except ImportError:  # other interpreters: the json package's own, slower to import
+    from json.decoder import JSONDecoder
+    from json.encoder import encode_basestring_ascii
+
+    def make_scanner(context):
+        return JSONDecoder(strict=context.strict, parse_constant=context.parse_constant).scan_once
 
 DEFAULT_DATA_DIR = "/var/lib/ringfence"
 SOCKET_NAME = "enforcer.sock"
@@ -22,6 +32,56 @@ MAX_LINE = 64 * 1024  # a request or reply line; the enforcer refuses longer one
 
 class HookError(Exception):
     """Shown to the user as it is."""
+
+
+def dumps(value: object) -> str:
+    """Compact JSON, as json.dumps(value, separators=(",", ":")) writes it, for the
+    types a request holds (str, bool, int, None, list, dict with str keys)."""
+    if isinstance(value, str):
+        return encode_basestring_ascii(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(dumps(v) for v in value) + "]"
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str):
+                raise TypeError(f"a JSON object key must be a string, not {type(key).__name__} {key!r}")
+        return "{" + ",".join(f"{encode_basestring_ascii(k)}:{dumps(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot send {type(value).__name__} to the enforcer")
+
+
+class _Decoding:
+    """What the JSON scanner asks of its decoder: plain values, no NaN or Infinity."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+
+    @staticmethod
+    def parse_constant(name: str) -> object:
+        raise ValueError(f"{name} is not a JSON value")
+
+
+_scan = make_scanner(_Decoding())
+
+
+def loads(text: str) -> object:
+    """One JSON value, alone on its line (surrounding whitespace aside); ValueError otherwise."""
+    text = text.strip(" \t\r\n")
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        raise ValueError("not a JSON value") from None
+    if end != len(text):
+        raise ValueError(f"extra data after the JSON value at {end}")
+    return value
 
 
 def socket_path(argv: list[str]) -> str:
@@ -35,14 +95,14 @@ def socket_path(argv: list[str]) -> str:
     return os.path.join(DEFAULT_DATA_DIR, SOCKET_NAME)
 
 
-def peer_uid(sock: socket.socket) -> int:
-    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+def peer_uid(sock: _socket.socket) -> int:
+    _pid, uid, _gid = _struct.unpack("3i", sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12))
     return uid
 
 
-def connect(path: str, timeout: float | None) -> socket.socket:
+def connect(path: str, timeout: float | None) -> _socket.socket:
     """A connection to the enforcer at `path`, refusing any peer but root."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(path)
@@ -59,21 +119,32 @@ def connect(path: str, timeout: float | None) -> socket.socket:
     return sock
 
 
-def send(sock: socket.socket, message: dict, fds: list[int] | tuple[int, ...] = ()) -> None:
-    data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+def send(sock: _socket.socket, message: dict, fds: list[int] | tuple[int, ...] = ()) -> None:
+    data = dumps(message).encode() + b"\n"
     if len(data) > MAX_LINE:
         raise HookError(f"request of {len(data)} bytes is over the limit of {MAX_LINE}")
     if fds:
-        sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        rights = _struct.pack(f"{len(fds)}i", *fds)
+        sent = sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
         data = data[sent:]
     if data:  # (sendall of nothing still sends: EPIPE once the peer has answered and closed)
         sock.sendall(data)
 
 
+def fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The file descriptors a recvmsg() received as SCM_RIGHTS (the receiver must close them)."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            whole = len(data) - len(data) % 4
+            fds += _struct.unpack(f"{whole // 4}i", data[:whole])
+    return fds
+
+
 class Lines:
     """JSON lines from a socket, each at most MAX_LINE bytes."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
         self.buf = b""
 
@@ -91,8 +162,8 @@ class Lines:
                 raise HookError("the enforcer sent an oversized reply")
         line, _, self.buf = self.buf.partition(b"\n")
         try:
-            message = json.loads(line)
-        except ValueError:
+            message = loads(line.decode())
+        except ValueError:  # UnicodeDecodeError is one too
             raise HookError("the enforcer sent a reply that is not JSON") from None
         if not isinstance(message, dict):
             raise HookError("the enforcer sent a reply that is not a JSON object")
@@ -100,7 +171,7 @@ class Lines:
 
 
 def open_session(path: str, request: dict, fds: list[int] | tuple[int, ...] = (),
-                 timeout: float = 30.0) -> tuple[socket.socket, Lines, dict]:
+                 timeout: float = 30.0) -> tuple[_socket.socket, Lines, dict]:
     """Ask for a session; returns the connection and the reply, or raises HookError
     with the enforcer's reason when refused."""
     sock = connect(path, timeout)

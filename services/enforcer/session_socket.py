@@ -10,7 +10,6 @@ the connection is then handed to the session's relay, which sends
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import logging
@@ -24,6 +23,7 @@ import msgspec
 
 from ringfence.contract.api import OpenSessionReply, OpenSessionRequest
 from ringfence.contract.strict import DecodeError, decode_json
+from ringfence.hooks import wire
 
 from .session_core import Refused
 from .session_manager import SessionManager
@@ -155,11 +155,7 @@ async def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
             data, ancdata, flags, _ = conn.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
         except BlockingIOError:
             continue
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(cdata[: len(cdata) - len(cdata) % got.itemsize])
-                fds += list(got)
+        fds += wire.fds_from(ancdata)
         if flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
             for fd in fds:
                 os.close(fd)

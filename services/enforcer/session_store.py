@@ -18,9 +18,9 @@ class SessionStore:
     def save(self, info: SessionInfo) -> None:
         path = self.dir / f"{info.sid}.json"
         tmp = path.with_suffix(".tmp")
+        # No fsync: the file must outlive the enforcer (the page cache does that), not the
+        # machine (a crash ends every session anyway); this is on every login's path.
         tmp.write_bytes(msgspec.json.encode(info))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
         os.replace(tmp, path)
 
     def delete(self, sid: str) -> None:

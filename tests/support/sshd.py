@@ -44,7 +44,8 @@ def keygen(path: Path, comment: str = "") -> Path:
 
 
 class SshServer:
-    def __init__(self, workdir: Path, data_dir: Path, *, forwarding: bool = True, extra_config: str = "") -> None:
+    def __init__(self, workdir: Path, data_dir: Path, *, forwarding: bool = True, extra_config: str = "",
+                 hooks: bool = True) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o755)
@@ -54,6 +55,7 @@ class SshServer:
         self.pam_file = Path("/etc/pam.d") / self.service
         self.forwarding = forwarding
         self.extra_config = extra_config  # sshd lines that win over the example's (first match wins)
+        self.hooks = hooks  # False: the same sshd without Ringfence's PAM line and ForceCommand (bench/login.py)
         self.proc: subprocess.Popen | None = None
         self.users: list[str] = []
         self.ca = keygen(self.dir / "ca", "ringfence-test-ca")
@@ -85,9 +87,11 @@ class SshServer:
                 .replace("/var/lib/ringfence", str(self.data_dir))
                 for line in (examples / "pam.d" / "sshd.lines").read_text().splitlines()
                 if line and not line.startswith("#")]
-        self.pam_file.write_text(stock_pam_with(ours))
+        self.pam_file.write_text(stock_pam_with(ours) if self.hooks else STOCK_PAM.read_text())
         config = self.dir / "sshd_config"
         example = (examples / "sshd_config.d" / "ringfence.conf").read_text()
+        if not self.hooks:
+            example = "".join(line for line in example.splitlines(keepends=True) if not line.startswith("ForceCommand"))
         config.write_text(
             f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {hostkey}\nPidFile {self.dir}/sshd.pid\n"
             f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
