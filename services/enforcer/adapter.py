@@ -87,9 +87,8 @@ class EnforcerAdapter:
         self.sessions.end_hooks.insert(0, self._session_ended)
         self.logins = RestrictedLogins(self.bpf, cfg.ssh_service.restricted_session.restricted_logins)
         self.logins.configure()
-        # Until the session flow calls self.logins.session_opened(login) itself when a
-        # session opens, an admission check that never refuses does it.
-        self.sessions.checks.insert(0, self._restrict_login)
+        self.sessions.opened_hooks.append(lambda info: self.logins.session_opened(info.login))
+        self.sessions.drained = self.kernel_drained
         self.guard = LockGuard(ctx.nc, self.sessions, self.directory, parse_duration(cfg.lock_view_max_staleness),
                                self.emit, ctx.counters)
         leases = ConnectionLeases(await kv_read.open_bucket(ctx.js, names.LEASES_BUCKET), ctx.server_id,
@@ -247,7 +246,6 @@ class EnforcerAdapter:
             # `sessions ls`, the sessions' events); it defaults to the host name.
             node={"cluster_name": cfg.cluster_name, "server_id": ctx.server_id, "server_hostname": cfg.nodename},
             flags=flags,
-            reader_cycles=self._reader_cycles,
             counters=ctx.counters,
             key_owners=lambda: self.directory.key_owners,
             roles_of=self.directory.roles_of,
@@ -384,9 +382,6 @@ class EnforcerAdapter:
         """Queue an event for the audit trail (durably, before returning)."""
         assert self.ctx is not None and self.spool is not None
         self.spool.append(encode_event(stamp(event, self.ctx)))
-
-    async def _restrict_login(self, info: SessionInfo) -> None:
-        self.logins.session_opened(info.login)
 
     async def kernel_drained(self, info: SessionInfo) -> None:
         """For the session flow, just before it writes session.end of `info`: returns

@@ -50,9 +50,9 @@ from ringfence.contract.events import (
 
 from . import login_banner, programs, sockaddr
 from .cgroups import CgroupTree, PopulatedWatcher
+from .kernel import Kernel
 from .recorder import Recorder
 from .relays import RelayControl, RelayError, RelayJournal, RelayLauncher
-from .restricted_bpf import RestrictedBPF
 from .session_core import Peer, Plan, Refusal, Refused, plan_session
 from .session_store import SessionStore
 
@@ -105,13 +105,12 @@ class SessionManager:
         self,
         *,
         tree: CgroupTree,
-        bpf: RestrictedBPF,
+        bpf: Kernel,
         store: SessionStore,
         emit: Callable[[AuditEvent], None],
         recorder: Recorder,
         node: dict[str, str],
         flags: int,
-        reader_cycles: Callable[[], int],
         counters: dict,
         key_owners: Callable[[], dict],
         roles_of: Callable[[str], list[str]],
@@ -126,7 +125,10 @@ class SessionManager:
         self.recorder = recorder
         self.node = node  # cluster_name, server_id, server_hostname
         self.flags = flags
-        self.reader_cycles = reader_cycles
+        # Run once a session's cgroup exists (the login becomes one Ringfence restricts everywhere).
+        self.opened_hooks: list[Callable[[SessionInfo], None]] = []
+        # Returns once every kernel record of the session is in the spool (session.end comes after).
+        self.drained: Callable[[SessionInfo], Awaitable[None]] = _nothing_to_drain
         self.counters = counters
         self.key_owners = key_owners
         self.roles_of = roles_of
@@ -249,6 +251,8 @@ class SessionManager:
             info.relay = program is not None
             self.store.save(info)  # before any process is inside: a restart can always attribute it
             self.bpf.add_session(info.cgroup_id, self.flags)
+            for hook in self.opened_hooks:
+                hook(info)
             assert self.watcher is not None
             self.watcher.watch(info.sid, self.tree.path(info.cgroup))
             self._track(info)
@@ -489,13 +493,7 @@ class SessionManager:
             return
         for channel in self.channels_of(sid):
             await self.end(channel.sid)
-        # The ring buffer may still hold this session's last records: let the
-        # reader finish two rounds so they are attributed and precede session.end.
-        target = self.reader_cycles() + 2
-        for _ in range(50):
-            if self.reader_cycles() >= target:
-                break
-            await asyncio.sleep(0.05)
+        await self.drained(info)  # the ring buffers' last records of it precede session.end
         relayed = self.relayed.pop(sid, None)
         if relayed is not None:
             with contextlib.suppress(TimeoutError):
@@ -616,6 +614,10 @@ def _uid_of(login: str) -> int:
         return pwd.getpwnam(login).pw_uid
     except KeyError:
         return -1
+
+
+async def _nothing_to_drain(_info: SessionInfo) -> None:
+    return None
 
 
 def _log_failure(task: asyncio.Task) -> None:
