@@ -75,8 +75,15 @@ class SessionDisk(AuditEvent, tag="session.disk"):
 
 OPERATION_CONNECT = 0
 OPERATION_SEND = 1
+# Ringfence addition: a packet of a raw, ICMP (ping) or other socket that the
+# connect/sendmsg hooks do not see, judged by its destination as it leaves.
+OPERATION_PACKET = 2
 ACTION_OBSERVED = 0
 ACTION_DENIED = 1
+# SessionNetwork.reason (Ringfence addition): "" for a process in a session;
+# REASON_OUTSIDE_SESSION for a process of a restricted login running outside
+# any session (cron, at, a user manager, a leftover): login set, sid empty.
+REASON_OUTSIDE_SESSION = "outside_session"
 
 
 class SessionNetwork(AuditEvent, tag="session.network"):
@@ -90,6 +97,7 @@ class SessionNetwork(AuditEvent, tag="session.network"):
     version: int = 4
     operation: int = OPERATION_CONNECT
     action: int = ACTION_DENIED
+    reason: str = ""
 
 
 # --- session lifecycle ---------------------------------------------------------------
@@ -199,12 +207,33 @@ class NetworkRestrictionsReset(AuditEvent, tag="network_restrictions.reset"):
 
 # --- Ringfence's own health -------------------------------------------------------------
 class EventsLost(AuditEvent, tag="audit.events_lost"):
-    """Kernel records dropped because the ring buffer was full (counted in BPF)."""
+    """Kernel records dropped because the ring buffer was full (counted in BPF).
+    user, login and sid name the session whose records were dropped (empty when
+    the drops cannot be attributed: the counter of a session that ended unseen)."""
 
     CODE = "RF1000W"
     source: str = ""  # which buffer: "network", "exec", "disk"
     lost: int = 0  # since the previous report
-    total: int = 0  # since the enforcer's maps were created
+    total: int = 0  # of this session (or, without a session, since the node's maps were created)
+
+
+MAX_FOLDED_TARGETS = 64
+
+
+class EventsFolded(AuditEvent, tag="audit.events_folded"):
+    """Kernel events of one session counted instead of written one by one: the
+    enforcer folds them when they arrive faster than it can write them (a flood),
+    so who and how many are kept. user, login and sid name the session."""
+
+    CODE = "RF1001W"
+    source: str = ""  # "network", "exec", "disk"
+    count: int = 0  # events folded into this summary
+    first_time: str = ""  # of the first and last folded event
+    last_time: str = ""
+    # Distinct destinations ("127.0.0.5:80"; network) or paths (exec, disk), in
+    # order of first appearance, at most MAX_FOLDED_TARGETS; truncated when there were more.
+    targets: list[str] = field(default_factory=list)
+    targets_truncated: bool = False
 
 
 class LockViewStale(AuditEvent, tag="lock.view_stale"):

@@ -30,6 +30,10 @@ def audit_subject(event: str) -> str:
     return f"{AUDIT_SUBJECT_PREFIX}.{event}"
 
 
+# Several events in one message (contract/batches.py); "batch" is no event type.
+AUDIT_BATCH_SUBJECT = AUDIT_SUBJECT_PREFIX + ".batch"
+
+
 # --- session recordings ------------------------------------------------------
 RECORDINGS_STREAM = "RINGFENCE_RECORDINGS"
 RECORDING_SUBJECT_PREFIX = "ringfence.recording"
