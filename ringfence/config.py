@@ -13,6 +13,8 @@
     operator_auth: required       # or off: accept unsigned control requests (tests, migration)
     nats_nkey: /path/to/seed.nk   # NATS nkey seed this process connects with (default: none)
     nats_replicas: 1              # copies of every stream and bucket: 1, or 3/5 on a NATS cluster
+    audit:
+      retention: 90d              # daily log files, their index rows and recordings; empty: keep all
 
 Precedence: command-line flag, then environment (RINGFENCE_*), then the file
 (--config, RINGFENCE_CONFIG, or /etc/ringfence.yaml when present), then the
@@ -76,6 +78,18 @@ class SSHService(Struct, forbid_unknown_fields=True):
     connection_lease_ttl: str = "30s"
 
 
+class AuditSettings(Struct, forbid_unknown_fields=True):
+    # How long the audit service keeps daily log files (with their index rows) and
+    # session recordings: a Go-style duration of at least 1d, e.g. "90d". Empty: for ever.
+    retention: str = ""
+
+    @property
+    def retention_seconds(self) -> float:
+        from .durations import parse_duration
+
+        return parse_duration(self.retention) if self.retention else 0.0
+
+
 class Config(Struct, forbid_unknown_fields=True):
     cluster_name: str = DEFAULT_CLUSTER_NAME
     nodename: str = ""
@@ -95,6 +109,7 @@ class Config(Struct, forbid_unknown_fields=True):
     # on a NATS cluster of at least that many servers. Services raise existing
     # streams to it; they never lower it.
     nats_replicas: int = 1
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     @property
     def nats_urls(self) -> list[str]:
@@ -149,6 +164,14 @@ def _validate(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: {key}: {exc}") from None
         if seconds < 1:
             raise ConfigError(f'{source}: {key}: "{text}" is shorter than 1s')
+    if cfg.audit.retention:
+        try:
+            seconds = parse_duration(cfg.audit.retention)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: audit.retention: {exc}") from None
+        if seconds < 86400:
+            raise ConfigError(f'{source}: audit.retention: "{cfg.audit.retention}" is shorter than 1d '
+                              "(the log is kept in whole days); use e.g. 90d, or leave it empty to keep everything")
 
 
 def parse_config(text: str, source: str) -> Config:

@@ -14,7 +14,7 @@ import nats
 
 from ringfence.contract import names
 from ringfence.contract.api import ApiReply, SearchRequest, SearchResult
-from ringfence.contract.auditlog import daily_files
+from ringfence.contract.auditlog import daily_files, event_lines
 from ringfence.contract.events import Exec, LockCreated, SessionCommand, SessionNetwork, encode_event, now_rfc3339
 from ringfence.runtime.audit_publish import publish_event
 from services.audit.writer import AuditWriter, Incoming
@@ -44,7 +44,7 @@ async def publish(url: str, events) -> None:
 
 
 def stored_lines(data_dir) -> list[str]:
-    return [x for f in daily_files(data_dir / "log") for x in f.read_text().splitlines()]
+    return [x.decode() for f in daily_files(data_dir / "log") for x in event_lines(f)]
 
 
 EVENTS = [
@@ -190,7 +190,7 @@ def test_verify_passes_then_names_a_modified_line_and_a_cut_tail(nats_server, da
     day.write_bytes(original.replace(b'"user":"bob","login":"","sid":"s-bob"', b'"user":"eve","login":"","sid":"s-b"'))
     bad = cli("events", "verify", "--data-dir", str(data_dir))
     assert bad.returncode == 1
-    assert f"ERROR: {day} line 3: hash does not match" in bad.stderr
+    assert f"ERROR: {day} line 4: hash does not match" in bad.stderr  # line 1 is the anchor
 
     day.write_bytes(b"".join(original.splitlines(keepends=True)[:-1]))  # the last event removed
     cut = cli("events", "verify", "--data-dir", str(data_dir))

@@ -77,3 +77,14 @@ def split_batches(lines: Iterable[bytes], max_events: int = MAX_BATCH_EVENTS,
         size += len(line) + 1
     if batch:
         yield batch
+
+
+def message_events(subject: str, data: bytes, headers: dict[str, str] | None) -> list[bytes]:
+    """The encoded events one message of the audit stream carries: a batch's, or the
+    message itself. BatchError when a batch message is malformed. For every reader of
+    the stream (the audit writer, `ringfence events tail`)."""
+    from .names import AUDIT_BATCH_SUBJECT
+
+    if subject == AUDIT_BATCH_SUBJECT:
+        return decode_batch(data, (headers or {}).get(COUNT_HEADER))
+    return [data]

@@ -25,6 +25,14 @@ AUDIT_SUBJECTS = AUDIT_SUBJECT_PREFIX + ".>"
 AUDIT_DURABLE = "audit-writer"
 
 
+def audit_durable(instance: str) -> str:
+    """The durable consumer of one audit service: each keeps its own (two services each
+    write the whole log). `instance` is random (services/audit keeps it in the data dir), so
+    holders of the CLI credential, who may read durable consumers of their own on the audit
+    stream (`events tail --durable`), cannot read or change the writer's."""
+    return f"{AUDIT_DURABLE}-{instance}"
+
+
 def audit_subject(event: str) -> str:
     """Subject an event of type `event` (e.g. 'session.network') is published on."""
     return f"{AUDIT_SUBJECT_PREFIX}.{event}"
@@ -39,6 +47,10 @@ RECORDINGS_STREAM = "RINGFENCE_RECORDINGS"
 RECORDING_SUBJECT_PREFIX = "ringfence.recording"
 RECORDING_SUBJECTS = RECORDING_SUBJECT_PREFIX + ".>"
 RECORDINGS_DURABLE = "recording-writer"
+
+
+def recordings_durable(instance: str) -> str:
+    return f"{RECORDINGS_DURABLE}-{instance}"
 
 
 def recording_subject(sid: str) -> str:
