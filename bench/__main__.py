@@ -7,9 +7,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import audit_write, fleet, locks, restricted
+from bench import audit, fleet, locks, restricted
 
-BENCHMARKS = {"restricted": restricted.main, "locks": locks.main, "audit": audit_write.main, "fleet": fleet.main}
+BENCHMARKS = {"restricted": restricted.main, "locks": locks.main, "audit": audit.main, "fleet": fleet.main}
 
 
 def main(argv: list[str]) -> int:

@@ -157,6 +157,7 @@ GOOD = encode_event(SessionNetwork(uid="9d0c1c3c-0000-4000-8000-000000000001"))
         (b'{"event":"session.network","uid":"x","dst_port":"eighty"}', "dst_port"),
         (b'{"event":"session.network"}', "no uid"),
         (b'{"event":"session.network","uid":""}', "no uid"),
+        (b'{"event":"session.network","uid":"x"}', "no time"),
         (b"[1,2]", "valid audit event"),
         (b'{"event":"exec","uid":"x","time":"yesterday"}', 'time: "yesterday" is not an RFC 3339 time'),
         (b'{"event":"audit.chain_anchor","uid":"x"}', "audit.chain_anchor"),  # nobody publishes an anchor

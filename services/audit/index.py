@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS state (    -- one row: how far the log is indexed
 """
 
 USER, TYPE = 0, 1
+KNOWN_CHUNK = 500  # keys per duplicate lookup (two bound values each; SQLite allows 32,766)
 
 
 def make_loc(day: int, offset: int) -> int:
@@ -88,13 +89,11 @@ def split_loc(loc: int) -> tuple[int, int]:
 
 def uid_key(uid: str) -> bytes | str:
     """A canonical (lower-case) UUID as its 16 bytes; any other uid as it is."""
-    if len(uid) == 36 and uid[8] == uid[13] == uid[18] == uid[23] == "-":
-        digits = uid[:8] + uid[9:13] + uid[14:18] + uid[19:23] + uid[24:]
-        if digits == digits.lower():
-            with contextlib.suppress(ValueError):
-                raw = bytes.fromhex(digits)
-                if len(raw) == 16:
-                    return raw
+    if len(uid) == 36 and uid[8] == uid[13] == uid[18] == uid[23] == "-" and uid == uid.lower():
+        with contextlib.suppress(ValueError):
+            raw = bytes.fromhex(uid.replace("-", ""))  # more dashes (or spaces) leave fewer bytes
+            if len(raw) == 16:
+                return raw
     return uid
 
 
@@ -206,11 +205,13 @@ class WriteIndex:
 
     def known(self, keys: list[tuple[int, bytes | str]]) -> set[tuple[int, bytes | str]]:
         """Which (time_ms, uid_key) pairs are already indexed."""
-        found = set()
-        execute = self.conn.execute
-        for key in keys:
-            if execute("SELECT 1 FROM events WHERE time_ms = ? AND uid = ?", key).fetchone():
-                found.add(key)
+        found: set[tuple[int, bytes | str]] = set()
+        for i in range(0, len(keys), KNOWN_CHUNK):
+            chunk = keys[i : i + KNOWN_CHUNK]
+            # The keys as a table probing the index once each (a row-value IN would scan the table).
+            sql = (f"WITH k(t, u) AS (VALUES {','.join(['(?,?)'] * len(chunk))}) "
+                   "SELECT e.time_ms, e.uid FROM k CROSS JOIN events e ON e.time_ms = k.t AND e.uid = k.u")
+            found.update(self.conn.execute(sql, [v for key in chunk for v in key]))
         return found
 
     def stage(self, loc: int, length: int, time_ms: int, uid: bytes | str, event_type: str, user: str,
