@@ -196,3 +196,36 @@ def test_only_one_writer_per_folder(tmp_path):
         AuditWriter(d)
     w.close()
     AuditWriter(d).close()
+
+
+OLD_SCHEMA = """
+CREATE TABLE events (seq INTEGER PRIMARY KEY, uid TEXT NOT NULL UNIQUE, time_ms INTEGER NOT NULL,
+    event TEXT NOT NULL, user TEXT NOT NULL, sid TEXT NOT NULL, ei INTEGER NOT NULL, file TEXT NOT NULL,
+    offset INTEGER NOT NULL, length INTEGER NOT NULL, hash TEXT NOT NULL, line BLOB NOT NULL);
+"""
+
+
+def test_a_log_from_before_anchors_and_its_old_index_are_taken_over(tmp_path):
+    """An upgrade: the old index (every line copied) is rebuilt from the files, the old
+    file (no anchor) is continued, and the chain verifies across it."""
+    import sqlite3
+
+    from ringfence.contract.auditlog import GENESIS_HASH, seal
+
+    d = tmp_path / "log"
+    d.mkdir()
+    old = [SessionNetwork(uid=f"old{i}", sid="S", user="alice") for i in range(3)]
+    prev, lines_ = GENESIS_HASH, []
+    for i, e in enumerate(old):
+        e.ei = i
+        line, prev = seal(prev, encode_event(e))
+        lines_.append(line + b"\n")
+    (d / "2021-07-22.00:00:00.log").write_bytes(b"".join(lines_))
+    with sqlite3.connect(d / "index.sqlite") as db:
+        db.executescript(OLD_SCHEMA)
+    w = open_writer(d)
+    out = w.write_batch([msg(old[1]), msg(SessionNetwork(uid="new", sid="S", user="alice"))])
+    w.close()
+    assert (out.written, out.duplicates_skipped) == (1, 1)  # the old lines were indexed again
+    assert [(e["uid"], e["ei"]) for e in all_lines(d)] == [("old0", 0), ("old1", 1), ("old2", 2), ("new", 3)]
+    assert verify_files(daily_files(d)).verified == 4

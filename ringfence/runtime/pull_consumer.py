@@ -127,10 +127,17 @@ class PullConsumer:
             try:
                 await self.js.consumer_info(self.stream, config.durable_name)
             except NotFoundError:
-                config = dataclasses.replace(config, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                             opt_start_seq=self.position)
-                log.info("%s: creating consumer %s at stream sequence %d (where this log stopped)",
-                         self.label, config.durable_name, self.position)
+                last = (await self.js.stream_info(self.stream)).state.last_seq
+                if self.position > last + 1:  # the stream was replaced: its sequences started again
+                    log.warning("%s: the stream ends at sequence %d, before where this log stopped (%d): "
+                                "it was replaced; reading all of it (what is written already is skipped)",
+                                self.label, last, self.position)
+                    self.position = None
+                else:
+                    config = dataclasses.replace(config, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                                 opt_start_seq=self.position)
+                    log.info("%s: creating consumer %s at stream sequence %d (where this log stopped)",
+                             self.label, config.durable_name, self.position)
         self._sub = await self.js.pull_subscribe(self.subjects, durable=config.durable_name, stream=self.stream,
                                                  config=config)
 

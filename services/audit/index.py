@@ -259,7 +259,7 @@ class WriteIndex:
 
     # --- retention --------------------------------------------------------------------------
 
-    def remove_days_before(self, day: int, chunk: int = 20_000) -> Iterator[int]:
+    def remove_days_before(self, day: int, chunk: int = 5000) -> Iterator[int]:
         """Delete the rows of lines in files of days before `day`, `chunk` rows per
         transaction (the writer goes on between them); yields how many each removed."""
         bound = make_loc(day, 0)

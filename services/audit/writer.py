@@ -192,7 +192,7 @@ class AuditWriter:
 
     # --- retention -------------------------------------------------------------------------------
 
-    def retention_step(self, max_rows: int = 20_000) -> RetentionOutcome:
+    def retention_step(self, max_rows: int = 5000) -> RetentionOutcome:
         """Remove daily files (and their index rows) older than the retention, a bounded
         amount per call so that writing goes on meanwhile. The file being written is never
         removed; the next file's anchor keeps `events verify` passing (contract/auditlog.py)."""
