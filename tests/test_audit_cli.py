@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -142,6 +143,24 @@ def test_paging_with_start_key_visits_every_event_once(nats_server, data_dir, se
     url = start_with_events(nats_server, data_dir, services)
     assert asyncio.run(_pages(url, "asc", 2)) == ["n1", "c1", "n2", "l1", "e1"]
     assert asyncio.run(_pages(url, "desc", 3)) == ["e1", "l1", "n2", "c1", "n1"]
+
+
+def test_the_cli_pages_with_start_key(nats_server, data_dir, services):
+    url = start_with_events(nats_server, data_dir, services)
+    seen: list[str] = []
+    key: list[str] = []
+    for _ in range(5):  # --limit 2, then --start-key from what it printed, until no more match
+        page = cli("events", "search", "--nats-url", url, "--format", "json", "--limit", "2", "--order", "desc", *key)
+        assert page.returncode == 0, page.stderr
+        seen += [json.loads(line)["uid"] for line in page.stdout.splitlines()]
+        found = re.findall(r"--start-key (\S+)\)", page.stderr)
+        if not found:
+            break
+        key = ["--start-key", found[0]]
+    assert seen == ["e1", "l1", "n2", "c1", "n1"]  # every event once, in order
+    bad = cli("events", "search", "--nats-url", url, "--start-key", "yesterday")
+    assert bad.returncode == 1
+    assert 'ERROR: start_key: "yesterday" is not a key returned by a previous search' in bad.stderr
 
 
 def test_a_result_bigger_than_a_nats_message_comes_in_pages(nats_server, data_dir, services):
