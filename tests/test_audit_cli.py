@@ -20,6 +20,7 @@ from ringfence.contract.events import Exec, LockCreated, SessionCommand, Session
 from ringfence.runtime.audit_publish import publish_event
 from services.audit.writer import AuditWriter, Incoming
 from tests.support.procs import ROOT, wait_for
+from tests.test_audit_flow import counters
 
 
 def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -60,10 +61,16 @@ EVENTS = [
 ]
 
 
+def wait_written(url: str, n: int, timeout: float = 10) -> None:
+    """Until the service counts `n` events written: in the log and in the index (lines reach the
+    files a moment before the index commit that makes them searchable)."""
+    wait_for(lambda: counters(url)["written"] >= n, timeout, what=f"{n} events written and indexed")
+
+
 def start_with_events(nats_server, data_dir, services) -> str:
     services("audit")
     asyncio.run(publish(nats_server.url, EVENTS))
-    wait_for(lambda: len(stored_lines(data_dir)) == len(EVENTS), what="the events to be written")
+    wait_written(nats_server.url, len(EVENTS))
     return nats_server.url
 
 
@@ -168,7 +175,7 @@ def test_a_result_bigger_than_a_nats_message_comes_in_pages(nats_server, data_di
     # ~2 MB of events: more than one reply may carry (NATS max_payload is 1 MB).
     big = [SessionCommand(uid=f"big-{i:04d}", time=now_rfc3339(), argv=["x" * 1500]) for i in range(1300)]
     asyncio.run(publish(nats_server.url, big))
-    wait_for(lambda: len(stored_lines(data_dir)) == len(big), 30, what="the events to be written")
+    wait_written(nats_server.url, len(big), 30)
     first = asyncio.run(_first_page(nats_server.url, SearchRequest(limit=1300)))
     assert 0 < len(first.events) < 1300 and first.next_key  # cut by size, not by limit
     found = search(nats_server.url, "--limit", "1300")  # the CLI follows next_key

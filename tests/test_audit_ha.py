@@ -59,6 +59,11 @@ def count(data_dir) -> int:
     return sum(len(event_lines(f)) for f in daily_files(data_dir / "log"))
 
 
+def complete(data_dir, n: int) -> bool:
+    """`n` events in the log and in the index (lines reach the files a moment before the index)."""
+    return count(data_dir) == n and len(index_rows(data_dir)) == n
+
+
 def index_rows(data_dir) -> list[tuple]:
     with sqlite3.connect(f"file:{data_dir / 'log' / 'index.sqlite'}?mode=ro", uri=True) as db:
         return db.execute("SELECT * FROM events ORDER BY loc").fetchall()
@@ -102,7 +107,7 @@ def test_two_audit_services_keep_identical_logs_and_one_survives_the_other(tmp_p
         b.start().wait_ready(60)
         first = events("one", 300)
         asyncio.run(_publish(cluster.url, first))
-        wait_for(lambda: count(a_dir) == count(b_dir) == 300, 60, interval=0.2, what="both logs complete")
+        wait_for(lambda: complete(a_dir, 300) and complete(b_dir, 300), 60, interval=0.2, what="both logs complete")
         assert_identical(a_dir, b_dir, 300)
 
         # Search is answered by one service or the other: always the same answer.
@@ -113,13 +118,13 @@ def test_two_audit_services_keep_identical_logs_and_one_survives_the_other(tmp_p
         a.kill()  # the other keeps writing and answering
         second = events("two", 300)
         asyncio.run(_publish(cluster.url, second))
-        wait_for(lambda: count(b_dir) == 600, 60, interval=0.2, what="the survivor to write everything")
+        wait_for(lambda: complete(b_dir, 600), 60, interval=0.2, what="the survivor to write everything")
         [everything] = asyncio.run(_search(cluster.url, SearchRequest(limit=1000), 1))
         assert sorted(msgspec.json.decode(line)["uid"] for line in everything) == sorted(
             e.uid for e in first + second)
 
         a.start().wait_ready(60)  # catches up from its own consumer
-        wait_for(lambda: count(a_dir) == 600, 60, interval=0.2, what="the restarted service to catch up")
+        wait_for(lambda: complete(a_dir, 600), 60, interval=0.2, what="the restarted service to catch up")
         assert_identical(a_dir, b_dir, 600)
     finally:
         a.stop()
