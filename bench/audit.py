@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import shutil
 import statistics
@@ -104,7 +105,7 @@ def _iso(ms: int) -> str:
 
 async def searches(url: str, fleet: Fleet) -> dict[str, tuple[list[float], int]]:
     """{query: (seconds of each round, events in the last answer)}."""
-    rng = random.Random(7)
+    rng = random.Random()  # other picks each run: what an earlier run read may still be in the page cache
     nc = await nats.connect(url)
     found: dict[str, tuple[list[float], int]] = {}
     days = fleet.days
@@ -182,19 +183,26 @@ def _lines_of(directory: Path, since: Path | None, offset: int) -> int:
     return total
 
 
-def end_to_end(url: str, directory: Path, n: int, per_message: int) -> tuple[float, int, int]:
-    """(events/s, lost, written twice) for `n` new events published `per_message` per message."""
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def end_to_end(url: str, directory: Path, n: int, per_message: int, pid: int) -> tuple[float, float, int, int]:
+    """(events/s, events per CPU second of the audit service, lost, written twice) for `n`
+    new events published `per_message` per message."""
     marker = f"e2e-{per_message}-{time.time_ns()}"
     events = [SessionNetwork(user="e2e", sid=marker, program="scan", dst_addr="10.9.8.7", dst_port=i % 65536)
               for i in range(n)]
     lines = [encode_event(e) for e in events]
     last = daily_files(directory)[-1]
     offset = last.stat().st_size
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds(pid)
     asyncio.run(_publish(url, lines, per_message))
     # Anchors of a new day count as lines too: wait for at least n, then count exactly.
     wait_for(lambda: _lines_of(directory, last, offset) >= n, 600, interval=0.02, what=f"{n} lines")
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
     written = []
     for f in daily_files(directory):
         if f.name < last.name:
@@ -202,7 +210,7 @@ def end_to_end(url: str, directory: Path, n: int, per_message: int) -> tuple[flo
         data = f.read_bytes()[offset if f.name == last.name else 0:]
         written += [msgspec.json.decode(line) for line in data.splitlines() if marker.encode() in line]
     uids = {e["uid"] for e in written}
-    return n / elapsed, n - len(uids & {e.uid for e in events}), len(written) - len(uids)
+    return n / elapsed, n / cpu, n - len(uids & {e.uid for e in events}), len(written) - len(uids)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -212,9 +220,11 @@ def run(args: argparse.Namespace) -> int:
     fleet = Fleet(args.events)
     failed = False
     try:
-        print(f"(a) writing {args.events:,} events through the audit writer into {log_dir}", file=sys.stderr)
-        marks = write(log_dir, fleet)
-        first, last = rate(marks, True), rate(marks, False)
+        if args.reuse:  # a log this benchmark wrote before (--dir, --keep): search and end to end only
+            marks = []
+        else:
+            print(f"(a) writing {args.events:,} events through the audit writer into {log_dir}", file=sys.stderr)
+            marks = write(log_dir, fleet)
         use = disk_use(log_dir, None)
         index = WriteIndex(log_dir / INDEX_FILE)
         indexed = index.count()
@@ -222,20 +232,25 @@ def run(args: argparse.Namespace) -> int:
 
         server = NatsServer(work / "nats").start()
         audit = ServiceProcess("audit", server.url, data, env={"RINGFENCE_LOG_LEVEL": "INFO"})
+        audit.log.unlink(missing_ok=True)  # its "ready" is looked for in this file
         try:
             audit.start().wait_ready(300)
             found = asyncio.run(searches(server.url, fleet))
-            single = end_to_end(server.url, log_dir, args.e2e_events, 1)
-            batched = end_to_end(server.url, log_dir, args.e2e_events, 1000)
+            assert audit.proc is not None
+            single = end_to_end(server.url, log_dir, args.e2e_events, 1, audit.proc.pid)
+            batched = end_to_end(server.url, log_dir, args.e2e_events, 1000, audit.proc.pid)
         finally:
             audit.stop()
             server.stop()
 
         print()
         print(f"audit at {indexed:,} events                          measured        target")
-        for label, r, c in (("first 1M events", first, rate(marks, True, cpu=True)),
-                            (f"last 1M events (at {indexed / 1e6:.0f}M)", last, rate(marks, False, cpu=True))):
+        for label, first_window in (("first 1M events", True), (f"last 1M events (at {indexed / 1e6:.0f}M)", False)):
+            if not marks:
+                break
+            r, c = rate(marks, first_window), rate(marks, first_window, cpu=True)
             print(f"(a) writer, {label:<34}{r:>10,.0f}/s   >= {TARGET_RATE:,}/s   ({c:,.0f} per CPU second)")
+            failed |= not first_window and r < TARGET_RATE
         print(f"(b) daily files                               {use.log / 1e6:>10,.0f} MB  "
               f"({use.log / indexed:.0f} B/event)")
         print(f"(b) index                                     {use.index / 1e6:>10,.0f} MB  ({use.index / indexed:.0f} "
@@ -244,11 +259,11 @@ def run(args: argparse.Namespace) -> int:
             p50, p99 = statistics.median(times) * 1000, percentile(times, 0.99) * 1000
             print(f"(c) search: {name:<28} p50 {p50:6.1f} ms  p99 {p99:6.1f} ms  ({size} events)  p50 <= 20 ms")
             failed |= p50 > TARGET_P50_MS
-        for label, (r, lost, twice) in (("one event per message", single), ("batches of 1,000", batched)):
-            print(f"(d) publish -> events.log, {label:<22} {r:>8,.0f}/s  lost {lost}, written twice {twice}"
-                  f"   >= {TARGET_RATE:,}/s")
+        for label, (r, c, lost, twice) in (("one event per message", single), ("batches of 1,000", batched)):
+            print(f"(d) publish -> events.log, {label:<22} {r:>8,.0f}/s   >= {TARGET_RATE:,}/s   "
+                  f"({c:,.0f} per CPU second of the audit service; lost {lost}, written twice {twice})")
             failed |= lost > 0 or twice > 0
-        failed |= last < TARGET_RATE or use.index >= use.log
+        failed |= use.index >= use.log
         sys.stdout.flush()
     finally:
         if not args.keep:
@@ -272,4 +287,5 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--skip-fleet", action="store_true")
     parser.add_argument("--dir", help="work folder (default: a new temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the log, index and NATS store")
+    parser.add_argument("--reuse", action="store_true", help="use the log already in --dir (skips (a))")
     return run(parser.parse_args(argv))

@@ -88,7 +88,7 @@ class Generator:
         self._sids: dict[int, str] = {}
 
     def event_type(self, i: int) -> str:
-        return self.choices[(i * 2654435761) % len(self.choices)]
+        return self.choices[(((i * 2654435761) & 0xFFFFFFFF) >> 16) % len(self.choices)]  # well mixed
 
     def _time(self, t: int) -> str:
         second = t // 1000
@@ -97,7 +97,7 @@ class Generator:
             self._prefix = dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
         return f"{self._prefix}.{t % 1000:03d}Z"
 
-    def line(self, i: int) -> tuple[bytes, int]:
+    def line(self, i: int) -> tuple[bytes, str, int]:
         f = self.fleet
         t = f.time_ms(i)
         session = f.session(i)
@@ -108,13 +108,13 @@ class Generator:
             sid = self._sids[session] = f.sid_of(session)
         h = f"{self.rng.getrandbits(128):032x}"
         uid = f"{h[:8]}-{h[8:12]}-4{h[13:16]}-a{h[17:20]}-{h[20:]}"
-        data = self.templates[self.event_type(i)] % (uid.encode(), self._time(t).encode(), f.user(sid).encode(),
-                                                     sid.encode())
-        return data, t
+        kind = self.event_type(i)
+        data = self.templates[kind] % (uid.encode(), self._time(t).encode(), f.user(sid).encode(), sid.encode())
+        return data, kind, t
 
     def batch(self, first: int, count: int) -> list[Incoming]:
         out = []
         for i in range(first, min(self.fleet.total, first + count)):
-            data, t = self.line(i)
-            out.append(Incoming(data, f"ringfence.audit.{self.event_type(i)}", i + 1, t))
+            data, kind, t = self.line(i)
+            out.append(Incoming(data, f"ringfence.audit.{kind}", i + 1, t))
         return out

@@ -24,7 +24,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -151,14 +150,14 @@ class PullConsumer:
                 if self._stopping.is_set():
                     return  # stop() interrupted an idle wait; anything fetched is redelivered
                 raise
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats' and asyncio's: nothing came within fetch_wait
                 if self.idle is not None and (settle := await self.idle()) is not None:
                     await self.settle(settle)
                 continue
             except Exception as exc:  # disconnected, consumer deleted, ...: retry, re-binding
                 if self._stopping.is_set():
                     return
-                log.warning("%s: fetching failed (%s); retrying", self.label, exc)
+                log.warning("%s: fetching failed (%r); retrying", self.label, exc)
                 await asyncio.sleep(RETRY_PAUSE)
                 try:
                     await self._bind()

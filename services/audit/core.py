@@ -185,9 +185,10 @@ class SearchIds:
 
 
 def search_sql(q: SearchQuery, ids: SearchIds) -> tuple[str, dict[str, object]]:
-    """The SELECT of (time_ms, loc, length) rows for `q`, limit + 1 of them.
+    """The SELECT of (time_ms, loc) rows for `q`, limit + 1 of them.
 
-    Each filter has an index that returns its rows in time order (index.py), named with
+    Each filter has an index that returns its rows in time order and holds all it returns
+    (index.py: the rowid is where the line is), named with
     INDEXED BY so that a LIMIT never turns into a scan of everything: SQLite, left alone,
     may walk the time index and filter, which is fast for a common user and reads the
     whole table for a rare one. Several types are one ordered sub-query each, merged."""
@@ -216,7 +217,7 @@ def search_sql(q: SearchQuery, ids: SearchIds) -> tuple[str, dict[str, object]]:
 
     def select(index: str, extra: list[str]) -> str:
         where = " AND ".join(conditions + extra)
-        return f"SELECT time_ms, loc, length FROM events INDEXED BY {index}" + (f" WHERE {where}" if where else "")
+        return f"SELECT time_ms, loc FROM events INDEXED BY {index}" + (f" WHERE {where}" if where else "")
 
     if ids.sid is not None or not ids.types:
         extra = []

@@ -42,7 +42,7 @@ def stage_line(index: WriteIndex, day: int, offset: int, line: bytes) -> tuple[s
     if offset == 0 and parse_anchor(line) is not None:
         return digest, False
     event = decode_event(line)
-    index.stage(make_loc(day, offset), len(line) + 1, parse_time_ms(event.time), uid_key(event.uid),
+    index.stage(make_loc(day, offset), parse_time_ms(event.time), uid_key(event.uid),
                 event.event_type(), event.user, event.sid, event.ei)
     return digest, True
 

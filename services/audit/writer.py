@@ -179,7 +179,7 @@ class AuditWriter:
                 offset = len(line) + 1
             event.ei = self.index.next_ei(event.sid)
             line, prev = seal(prev, encode_event(event))
-            self.index.stage(make_loc(day, offset), len(line) + 1, time_ms, key, event.event_type(), event.user,
+            self.index.stage(make_loc(day, offset), time_ms, key, event.event_type(), event.user,
                              event.sid, event.ei)
             chunks.append(line + b"\n")
             offset += len(line) + 1
