@@ -18,6 +18,7 @@ run: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+test: export RINGFENCE_SETUP_TESTS := 1
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)

@@ -210,11 +210,13 @@ def verify_signature(req: SignedRequest, subject: str, body: bytes) -> None:
         ) from None
 
 
-def check_registered(req: SignedRequest, registered_nkey: str | None) -> None:
-    """`registered_nkey`: the actor's spec.operator_nkey, or None when there is no such user."""
-    if not registered_nkey or not secrets.compare_digest(registered_nkey, req.nkey):
+def check_registered(req: SignedRequest, registered_nkey: str | None, key: str | None = None) -> None:
+    """`registered_nkey`: the actor's spec.operator_nkey, or None when there is no such user;
+    `key`: the key that must be it (default the request's own; see vouching_key)."""
+    key = key or req.nkey
+    if not registered_nkey or not secrets.compare_digest(registered_nkey, key):
         raise AuthError(
-            f'request refused: key {req.nkey} is not the registered operator key of user "{req.actor}" '
+            f'request refused: key {key} is not the registered operator key of user "{req.actor}" '
             f"(`ringfence users add {req.actor or 'NAME'} --operator` registers a new one)"
         )
 
@@ -259,6 +261,93 @@ class NonceCache:
         self._order.move_to_end(req.nonce)
 
 
+# --- delegation: the web console acting for a signed-in operator ------------------------------
+
+HEADER_DELEGATION = "Ringfence-Delegation"
+DELEGATION_CONTEXT = "ringfence-delegation-v1"
+MAX_DELEGATION = 24 * 3600.0  # seconds a grant may last at most, whatever it says
+_GRANT_PART = re.compile(r"^[A-Za-z0-9_-]{1,2048}$")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """An operator's signed statement: requests signed with `session_nkey` act as `actor` until `expires_ms`.
+
+    The operator's CLI signs it (`ringfence web login`) for a key the web console made and
+    keeps; the console never sees the operator's seed, and the operator's roles still decide
+    every request (the services check them as for a request the operator signed)."""
+
+    actor: str
+    operator_nkey: str  # the operator's registered key, which signs the grant
+    session_nkey: str  # the console session's key, which signs each request
+    issued_ms: int
+    expires_ms: int
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _grant_bytes(grant: Grant) -> bytes:
+    fields = (grant.actor, grant.operator_nkey, grant.session_nkey, str(grant.issued_ms), str(grant.expires_ms))
+    return "\n".join((DELEGATION_CONTEXT, *fields)).encode()
+
+
+def sign_grant(identity: Identity, session_nkey: str, now: float, ttl: float) -> str:
+    """The Ringfence-Delegation header value: the grant's fields and the operator's signature."""
+    _verify_key(session_nkey)
+    grant = Grant(identity.user, identity.public_key, session_nkey, int(now * 1000), int((now + ttl) * 1000))
+    signature = _keypair(identity.seed).sign(_grant_bytes(grant))
+    return ".".join((_b64(_grant_bytes(grant)), _b64(signature)))
+
+
+def parse_grant(value: str) -> tuple[Grant, bytes]:
+    """The grant in a Ringfence-Delegation value and its signature, checked for shape only."""
+    body, _, signature = value.partition(".")
+    if not (_GRANT_PART.match(body) and _GRANT_PART.match(signature)):
+        raise AuthError(f"request refused: {HEADER_DELEGATION} is not GRANT.SIGNATURE in base64url")
+    try:
+        fields = _unb64(body).decode().split("\n")
+        raw_sig = _unb64(signature)
+    except (binascii.Error, ValueError):
+        raise AuthError(f"request refused: {HEADER_DELEGATION} is not GRANT.SIGNATURE in base64url") from None
+    if len(fields) != 6 or fields[0] != DELEGATION_CONTEXT or not all(map(_TIMESTAMP.match, fields[4:])):
+        raise AuthError(f"request refused: {HEADER_DELEGATION} does not hold a {DELEGATION_CONTEXT} grant")
+    grant = Grant(fields[1], fields[2], fields[3], int(fields[4]), int(fields[5]))
+    return grant, raw_sig
+
+
+def check_grant(value: str, req: SignedRequest, now: float) -> Grant:
+    """The grant a delegated request carries, after checking that the operator signed it, that it
+    names this request's actor and signing key, and that it is in force now."""
+    grant, signature = parse_grant(value)
+    if grant.actor != req.actor or grant.session_nkey != req.nkey:
+        raise AuthError(f'request refused: the console grant is for user "{grant.actor}" and key '
+                        f"{grant.session_nkey}, not this request's")
+    try:
+        _verify_key(grant.operator_nkey).verify(_grant_bytes(grant), signature)
+    except nacl.exceptions.BadSignatureError:
+        raise AuthError(f"request refused: the console grant does not verify with key {grant.operator_nkey}") from None
+    if grant.expires_ms - grant.issued_ms > MAX_DELEGATION * 1000 or grant.issued_ms > (now + MAX_SKEW) * 1000:
+        raise AuthError(f"request refused: the console grant of \"{grant.actor}\" lasts longer than "
+                        f"{MAX_DELEGATION / 3600:.0f}h or starts in the future")
+    if now * 1000 >= grant.expires_ms:
+        raise AuthError(f'request refused: the console sign-in of "{grant.actor}" has expired; '
+                        "sign in again with `ringfence web login`")
+    return grant
+
+
+def vouching_key(headers: Mapping[str, str] | None, req: SignedRequest, now: float) -> str:
+    """The operator key that stands behind a verified request: the key that signed it, or
+    for a console request (Ringfence-Delegation) the key that signed its grant."""
+    value = (headers or {}).get(HEADER_DELEGATION)
+    return check_grant(value, req, now).operator_nkey if value else req.nkey
+
+
 def verify_request(headers: Mapping[str, str] | None, subject: str, body: bytes, now: float,
                    max_skew: float = MAX_SKEW) -> SignedRequest:
     """Shape, freshness and signature (not registration or replay: those need state)."""
@@ -292,6 +381,20 @@ def first_denied(roles: Iterable[Role], actions: Iterable[tuple[str, str]]) -> t
         if not is_allowed(roles, resource, verb):
             return resource, verb
     return None
+
+
+def may_join(roles: Iterable[Role], session_roles: Iterable[str], mode: str, kind: str = "ssh") -> bool:
+    """May a user with `roles` join, in `mode`, a session whose user has `session_roles`?
+    A join_sessions entry allowing the mode for one of those roles (or "*") grants it; so
+    does a rule allowing every verb on sessions; a rule allowing "read" on sessions grants
+    observer, as it did before join_sessions existed."""
+    roles, wanted = list(roles), set(session_roles)
+    for role in roles:
+        for entry in role.spec.allow.join_sessions:
+            kind_ok = not entry.kinds or "*" in entry.kinds or kind in entry.kinds
+            if mode in entry.modes and kind_ok and ("*" in entry.roles or wanted & set(entry.roles)):
+                return True
+    return is_allowed(roles, "session", "*") or (mode == "observer" and is_allowed(roles, "session", "read"))
 
 
 # --- identity files ------------------------------------------------------------------------------------

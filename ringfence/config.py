@@ -10,11 +10,18 @@
         cgroup_path: ""          # empty: use the host's cgroup2 mount
       restricted_session:
         enabled: true
+    auth_service:                 # read by the policy service: cluster-wide settings from the file
+      authentication:
+        locking_mode: strict      # cluster_auth_preference (`ringfence get cap`)
+      session_recording: node     # session_recording_config: node, node-sync or off
+      client_idle_timeout: 15m    # cluster_networking_config
     operator_auth: required       # or off: accept unsigned control requests (tests, migration)
     nats_nkey: /path/to/seed.nk   # NATS nkey seed this process connects with (default: none)
     nats_replicas: 1              # copies of every stream and bucket: 1, or 3/5 on a NATS cluster
     audit:
       retention: 90d              # daily log files, their index rows and recordings; empty: keep all
+
+The original's teleport.yaml is read too (ringfence/teleport_yaml.py maps it).
 
 Precedence: command-line flag, then environment (RINGFENCE_*), then the file
 (--config, RINGFENCE_CONFIG, or /etc/ringfence.yaml when present), then the
@@ -27,11 +34,13 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 import yaml
 from msgspec import Struct, field
 
+from . import teleport_yaml
 from .contract.strict import DecodeError, convert
 
 DEFAULT_CONFIG_PATH = "/etc/ringfence.yaml"
@@ -46,8 +55,11 @@ ENV_NODENAME = "RINGFENCE_NODENAME"
 ENV_OPERATOR_AUTH = "RINGFENCE_OPERATOR_AUTH"
 ENV_NATS_NKEY = "RINGFENCE_NATS_NKEY"
 ENV_NATS_REPLICAS = "RINGFENCE_NATS_REPLICAS"
+ENV_CONFIG_WARNED = "RINGFENCE_CONFIG_WARNED"  # set by `ringfence up` for its children: it printed the warnings
 
 OPERATOR_AUTH_MODES = ("required", "off")
+LOCKING_MODES = ("best_effort", "strict")
+RECORDING_MODES = ("node", "node-sync", "off")
 NATS_REPLICAS = (1, 3, 5)  # JetStream replication: a quorum needs an odd count
 
 _NODENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -76,6 +88,33 @@ class SSHService(Struct, forbid_unknown_fields=True):
     restricted_session: RestrictedSession = field(default_factory=RestrictedSession)
     # How long a connection lease (max_connections) of a node that died keeps counting.
     connection_lease_ttl: str = "30s"
+    # Session recordings, as the original's session_recording: "node" (recorded on this
+    # node, uploaded as the session runs), "node-sync" (a session whose recording cannot
+    # be written ends, with a message) or "off".
+    session_recording: Literal["node", "node-sync", "off"] = "node"
+    # Bytes of a remote command's stdin kept in its recording (the rest is counted).
+    record_stdin_bytes: int = 65536
+    # Certificates name the Ringfence user (their key ID) only when signed by a CA
+    # listed in this file (one public key per line, like sshd's TrustedUserCAKeys).
+    # Empty: certificate key IDs are never trusted.
+    trusted_user_ca_keys: str = ""
+    # Refuse SSH logins whose key no Ringfence user registered (and no trusted
+    # certificate names). Off: such a login's user is its login name.
+    require_registered_identity: bool = False
+
+
+class Authentication(Struct, forbid_unknown_fields=True):
+    locking_mode: str = ""  # best_effort or strict; "": the cluster_auth_preference resource decides
+
+
+class AuthService(Struct, forbid_unknown_fields=True):
+    """Cluster-wide settings fixed by the file, as the original's auth_service. The policy service
+    writes them as resources (marked as coming from the config file) when it starts; `create -f`
+    and `rm` cannot change them meanwhile. Empty: the resources are managed with `create -f`."""
+
+    authentication: Authentication = field(default_factory=Authentication)
+    session_recording: str = ""  # node, node-sync or off; "": the session_recording_config resource decides
+    client_idle_timeout: str = ""
 
 
 class AuditSettings(Struct, forbid_unknown_fields=True):
@@ -100,6 +139,7 @@ class Config(Struct, forbid_unknown_fields=True):
     # strict-mode sessions are locked out (Go-style duration).
     lock_view_max_staleness: str = "30s"
     ssh_service: SSHService = field(default_factory=SSHService)
+    auth_service: AuthService = field(default_factory=AuthService)
     # Control requests: "required" (signed by a registered operator identity and
     # allowed by the user's roles) or "off" (accepted unsigned, as before).
     operator_auth: str | bool = "required"  # YAML reads a bare off/on as a bool: accepted
@@ -164,6 +204,17 @@ def _validate(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: {key}: {exc}") from None
         if seconds < 1:
             raise ConfigError(f'{source}: {key}: "{text}" is shorter than 1s')
+    choices = {"auth_service.authentication.locking_mode": (cfg.auth_service.authentication.locking_mode,
+                                                            LOCKING_MODES),
+               "auth_service.session_recording": (cfg.auth_service.session_recording, RECORDING_MODES)}
+    for key, (value, allowed) in choices.items():
+        if value and value not in allowed:
+            raise ConfigError(f'{source}: {key}: "{value}": use {" or ".join(allowed)}')
+    if cfg.auth_service.client_idle_timeout:
+        try:
+            parse_duration(cfg.auth_service.client_idle_timeout)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: auth_service.client_idle_timeout: {exc}") from None
     if cfg.audit.retention:
         try:
             seconds = parse_duration(cfg.audit.retention)
@@ -174,7 +225,9 @@ def _validate(cfg: Config, source: str) -> None:
                               "(the log is kept in whole days); use e.g. 90d, or leave it empty to keep everything")
 
 
-def parse_config(text: str, source: str) -> Config:
+def parse_config(text: str, source: str, warnings: list[str] | None = None) -> Config:
+    """The config in `text`; a teleport.yaml is translated first, and what it ignores is
+    appended to `warnings` (one line each)."""
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -185,6 +238,13 @@ def parse_config(text: str, source: str) -> Config:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError(f"{source}: expected a mapping of keys, got {type(doc).__name__}")
+    if teleport_yaml.is_teleport_yaml(doc):
+        try:
+            doc, ignored = teleport_yaml.translate(doc)
+        except teleport_yaml.Problem as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        if warnings is not None:
+            warnings += [f"{source}: {line}" for line in ignored]
     try:
         return convert(doc, Config)
     except DecodeError as exc:
@@ -199,8 +259,10 @@ def load_config(
     nodename: str | None = None,
     nats_nkey: str | None = None,
     nats_replicas: int | None = None,
+    warnings: list[str] | None = None,
 ) -> Config:
-    """Load the configuration with flag > environment > file > default precedence."""
+    """Load the configuration with flag > environment > file > default precedence; what a
+    teleport.yaml sets that Ringfence ignores is appended to `warnings`."""
     path = path or os.environ.get(ENV_CONFIG) or None
     if path is None and Path(DEFAULT_CONFIG_PATH).exists():
         path = DEFAULT_CONFIG_PATH
@@ -209,7 +271,7 @@ def load_config(
             text = Path(path).read_text()
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        cfg = parse_config(text, path)
+        cfg = parse_config(text, path, warnings)
     else:
         cfg = Config()
     source = path or "(defaults)"
@@ -240,6 +302,15 @@ def _env_replicas() -> int | None:
     if not text.isdigit() or int(text) not in NATS_REPLICAS:
         raise ConfigError(f'{ENV_NATS_REPLICAS}: "{text}": use {", ".join(map(str, NATS_REPLICAS))}')
     return int(text)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT of a listener (IPv6 as [::1]:3080); ValueError naming the value otherwise."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f'"{text}" is not HOST:PORT (e.g. 127.0.0.1:3080)')
+    return host, int(port)
 
 
 def dump_config(cfg: Config) -> str:

@@ -8,6 +8,13 @@ so both sides agree on what "in force" means.
 A lock is in force while `spec.expires` is unset or in the future. It matches
 an interaction when ANY target field it sets equals the interaction's value
 for that field (for `role`: any of the interaction's roles).
+
+On OpenSSH, `device` is the SHA256 fingerprint of the key (or of the key inside
+the certificate) a session logged in with, as `ssh-keygen -lf` prints it
+(`SHA256:...`): a lock on it stops a stolen key fleet-wide. `mfa_device` is
+the same fingerprint when that key is a FIDO security key (`sk-` types).
+`access_request` and `windows_desktop` never occur here: the locks service
+refuses locks on them (UNMATCHABLE_TARGETS says why).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .contract.api import SessionInfo
-from .contract.resources import LOCK_TARGET_FIELDS, Lock
+from .contract.resources import LOCK_TARGET_FIELDS, Lock, User
 from .contract.strict import show
 
 # RFC 3339 date-time: a date, "T" (or a space), a time, an explicit offset.
@@ -90,8 +97,23 @@ class Interaction:
 
     @classmethod
     def of_session(cls, session: SessionInfo) -> Interaction:
-        """A session as the enforcer sees it: its user, login, roles and node."""
-        return cls(user=session.user, login=session.login, roles=list(session.roles), server_id=session.server_id)
+        """A session as the enforcer sees it: its user, login, roles, node and the key it logged in with."""
+        fingerprint = session.key_fingerprint
+        return cls(user=session.user, login=session.login, roles=list(session.roles), server_id=session.server_id,
+                   device=fingerprint, mfa_device=fingerprint if session.key_is_sk else "")
+
+    @classmethod
+    def of_operator(cls, user: User) -> Interaction:
+        """A control request: the operator's user and roles (no login, node or key is involved)."""
+        return cls(user=user.metadata.name, roles=list(user.spec.roles))
+
+
+# Lock targets no interaction on an OpenSSH fleet ever has, and why (the locks service refuses them).
+UNMATCHABLE_TARGETS = {
+    "access_request": "Ringfence has no access requests (OpenSSH sessions never run with an elevated "
+                      "request's privileges); lock the user or the role instead",
+    "windows_desktop": "Ringfence controls OpenSSH sessions only; there are no Windows desktops to lock",
+}
 
 
 # The interaction field each target field is compared with.

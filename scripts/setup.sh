@@ -3,6 +3,8 @@
 # already there, so a second run takes a second or two.
 #   system: bcc (python3-bpfcc), kernel headers for bcc, openssh, iproute2
 #   venv:   .venv with the project and its Python dependencies, bcc linked in
+#   web:    the console's front-end packages from npm, pinned and hash-checked (scripts/web_assets.sh)
+#   tests:  with RINGFENCE_SETUP_TESTS=1 (make test), Debian's chromium for the browser tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +34,9 @@ want_pkg openssh-client
 want_pkg iproute2
 want_pkg procps
 "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || want_pkg python3-venv
+command -v npm >/dev/null || want_pkg npm  # fetches the console's front-end packages
+# The browser tests drive Debian's Chromium (Playwright never downloads a browser here).
+[ "${RINGFENCE_SETUP_TESTS:-0}" = 1 ] && ! command -v chromium >/dev/null && want_pkg chromium
 
 KREL=$(uname -r)
 KBUILD=/lib/modules/$KREL/build
@@ -104,4 +109,7 @@ if [ ! -e "$stamp" ]; then
 fi
 "$VENV/bin/python" -c 'import bcc, nats, msgspec' 2>/dev/null \
     || die "the venv cannot import bcc, nats or msgspec; delete $VENV and run again"
+
+# --- web console assets ------------------------------------------------------
+./scripts/web_assets.sh
 say "ready"

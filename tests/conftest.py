@@ -81,8 +81,9 @@ def sshd(tmp_path: Path):
 
     servers: list[SshServer] = []
 
-    def start(node, forwarding: bool = True) -> SshServer:
-        server = SshServer(tmp_path / f"sshd{len(servers)}", node.data_dir, forwarding=forwarding)
+    def start(node, forwarding: bool = True, extra_config: str = "") -> SshServer:
+        server = SshServer(tmp_path / f"sshd{len(servers)}", node.data_dir, forwarding=forwarding,
+                           extra_config=extra_config)
         servers.append(server)
         return server.start()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import pytest
@@ -191,3 +192,54 @@ def test_bad_identity_files_are_named(text, message):
 def test_a_bare_seed_is_not_an_identity():
     with pytest.raises(auth.AuthError, match="a bare nkey seed names no user"):
         auth.parse_identity(auth.new_user_seed() + "\n", "f")
+
+
+# --- console grants (Ringfence-Delegation) ---------------------------------------------------------
+
+
+def console_request(operator: auth.Identity, ttl: float = 3600.0, at: float = NOW, session_user: str | None = None):
+    """A request the web console signs with its own session key, carrying the operator's grant."""
+    session = auth.Identity(user=session_user or operator.user, seed=auth.new_user_seed())
+    grant = auth.sign_grant(operator, session.public_key, at, ttl)
+    headers = auth.sign_request(session, SUBJECT, BODY, at)
+    headers[auth.HEADER_DELEGATION] = grant
+    return headers
+
+
+def test_a_console_request_is_vouched_for_by_the_operator_key_that_signed_its_grant():
+    operator = identity()
+    headers = console_request(operator)
+    req = auth.verify_request(headers, SUBJECT, BODY, NOW + 1)
+    key = auth.vouching_key(headers, req, NOW + 1)
+    assert key == operator.public_key != req.nkey
+    auth.check_registered(req, operator.public_key, key)
+    # Without a grant the request's own key must be the registered one: the session key is not.
+    with pytest.raises(auth.AuthError, match="is not the registered operator key"):
+        auth.check_registered(req, operator.public_key)
+
+
+def test_console_grants_that_must_be_refused():
+    operator, other = identity(), identity()
+    cases = {}
+    headers = console_request(operator)
+    cases["expired"] = (headers, NOW + 3601, "has expired; sign in again with `ringfence web login`")
+    headers = console_request(operator, ttl=auth.MAX_DELEGATION + 60)
+    cases["too long"] = (headers, NOW, "lasts longer than 24h")
+    headers = console_request(operator, session_user="mallory")  # grant for alice, request as mallory
+    cases["other actor"] = (headers, NOW, 'the console grant is for user "alice"')
+    headers = console_request(operator)
+    headers[auth.HEADER_DELEGATION] = console_request(operator)[auth.HEADER_DELEGATION]  # another session's grant
+    cases["other session key"] = (headers, NOW, "not this request's")
+    headers = console_request(operator)
+    body, sig = headers[auth.HEADER_DELEGATION].split(".")
+    forged = auth._b64(auth._unb64(body).replace(operator.public_key.encode(), other.public_key.encode()))
+    headers[auth.HEADER_DELEGATION] = f"{forged}.{sig}"
+    cases["forged key"] = (headers, NOW, f"does not verify with key {other.public_key}")
+    headers = console_request(operator)
+    headers[auth.HEADER_DELEGATION] = "not a grant"
+    cases["garbage"] = (headers, NOW, "is not GRANT.SIGNATURE in base64url")
+    for name, (headers, now, message) in cases.items():
+        req = auth.verify_request(headers, SUBJECT, BODY, NOW)
+        with pytest.raises(auth.AuthError, match=re.escape(message)):
+            auth.vouching_key(headers, req, now)
+            pytest.fail(f"{name}: accepted")

@@ -124,3 +124,66 @@ def test_nats_replicas_defaults_to_1_takes_3_or_5_and_env_and_flag_override(tmp_
     monkeypatch.setenv("RINGFENCE_NATS_REPLICAS", "4")
     with pytest.raises(ConfigError, match=r'^RINGFENCE_NATS_REPLICAS: "4": use 1, 3, 5$'):
         load_config(str(path))
+
+
+# --- the original's teleport.yaml ------------------------------------------------------------------------
+
+# The seed's node config (000), its lost keys filled in, plus the auth settings a migrating team has.
+TELEPORT_YAML = (Path(__file__).parents[1] / "examples" / "migration" / "teleport.yaml").read_text()
+
+
+def teleport_yaml(tmp_path: Path, text: str = TELEPORT_YAML) -> str:
+    path = tmp_path / "teleport.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_teleport_yaml_maps_onto_ringfence_settings(tmp_path):
+    warnings: list[str] = []
+    path = teleport_yaml(tmp_path)
+    cfg = load_config(path, warnings=warnings)
+    assert (cfg.nodename, cfg.data_dir, cfg.cluster_name) == ("graviton-node", "/var/lib/teleport",
+                                                              "teleport-quickstart")
+    assert cfg.ssh_service.enhanced_recording.enabled and cfg.ssh_service.enhanced_recording.cgroup_path == "/cgroup2"
+    assert cfg.ssh_service.restricted_session.enabled
+    auth = cfg.auth_service
+    assert (auth.authentication.locking_mode, auth.session_recording, auth.client_idle_timeout) == (
+        "strict", "node-sync", "15m")
+    # One warning per ignored section, naming it; proxy_service is only `enabled: false`: nothing to say.
+    sections = [w for w in warnings if w.split(": ")[1].endswith("_service")]
+    assert sections == [f"{path}: db_service: ignored: Ringfence controls OpenSSH sessions, not databases",
+                        f"{path}: windows_desktop_service: ignored: Ringfence controls OpenSSH sessions, "
+                        "not Windows desktops"]
+    text = "\n".join(warnings)
+    for key in ("teleport.auth_token", "teleport.auth_server", "teleport.log", "teleport.connection_limits",
+                "auth_service.authentication.type", "auth_service.keep_alive_interval", "ssh_service.labels",
+                "ssh_service.enhanced_recording.command_buffer_size"):
+        assert key in text
+    assert "MaxStartups" in text  # connection_limits: what to use instead
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (("locking_mode: strict", "locking_mode: strikt"),
+     'auth_service.authentication.locking_mode: "strikt": use best_effort or strict'),
+    (("session_recording: node-sync", "session_recording: sometimes"), 'auth_service.session_recording: "sometimes"'),
+    (("client_idle_timeout: 15m", "client_idle_timeout: soon"),
+     'auth_service.client_idle_timeout: "soon" is not a duration'),
+    (("  restricted_session:\n    enabled: true", "  restricted_session:\n    enabled: maybe"),
+     'ssh_service.restricted_session.enabled: "maybe": expected `bool`'),
+    (("  enhanced_recording:", "  enhanced_recordin:"), "ssh_service.enhanced_recordin: unknown field"),
+    (("  nodename: graviton-node", "  nodename: graviton node"), 'nodename: "graviton node"'),
+    (("version: v3", "version: v9"), 'version: "v9": expected one of v1, v2, v3'),
+])
+def test_a_bad_value_in_a_teleport_yaml_names_key_and_value(tmp_path, change, message):
+    text = TELEPORT_YAML.replace(*change)
+    assert text != TELEPORT_YAML
+    with pytest.raises(ConfigError) as info:
+        load_config(teleport_yaml(tmp_path, text), warnings=[])
+    assert message in str(info.value) and str(tmp_path / "teleport.yaml") in str(info.value)
+
+
+def test_proxy_session_recording_modes_record_on_the_node():
+    warnings: list[str] = []
+    cfg = parse_config(TELEPORT_YAML.replace("node-sync", "proxy"), "t.yaml", warnings)
+    assert cfg.auth_service.session_recording == "node"
+    assert 't.yaml: auth_service.session_recording: "proxy": Ringfence records on the node; using "node"' in warnings

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from ringfence import locking
 from ringfence.config import ConfigError, load_config, parse_config
 from ringfence.contract import api, strict
+from ringfence.contract import documents as contract_documents
 from ringfence.contract import resources as r
 from ringfence.durations import MAX_SECONDS, parse_duration
 from services.enforcer import policy_core, ssh_identity
@@ -55,7 +56,7 @@ def assert_clear(message: str) -> None:
 
 
 def _policy_create(data: bytes) -> list[str]:
-    docs, _dry = policy_core_service.decode_create_request(data)
+    docs, _dry = contract_documents.decode_create_request(data)
     checked = policy_core_service.check_documents(docs)
     refs = policy_core_service.referenced_roles(checked)
     changes = policy_core_service.plan_create(checked, set(), refs, "fuzz", 1 << 20)
@@ -158,7 +159,7 @@ def test_what_the_policy_validator_accepts_the_enforcer_reads_the_same(text):
 
 
 def _locks_create(data: bytes) -> list[str]:
-    docs, _dry = locks_core.decode_create_request(data)
+    docs, _dry = contract_documents.decode_create_request(data)
     checked = locks_core.check_documents(docs)
     changes = locks_core.plan_create(checked, set(), "fuzz", NOW)
     for change in changes:
@@ -184,9 +185,9 @@ def test_locks_create_documents(docs):
 def test_locks_request_bytes_on_every_verb(data):
     for attempt in (
         lambda: _locks_create(data),
-        lambda: locks_core.plan_lock(locks_core.decode(data, api.LockRequest), "n", "", NOW),
-        lambda: locks_core.check_kind(locks_core.decode(data, api.GetRequest).kind),
-        lambda: locks_core.decode(data, api.UnlockRequest),
+        lambda: locks_core.plan_lock(contract_documents.decode_request(data, api.LockRequest), "n", "", NOW),
+        lambda: locks_core.check_kind(contract_documents.decode_request(data, api.GetRequest).kind),
+        lambda: contract_documents.decode_request(data, api.UnlockRequest),
     ):
         try:
             attempt()
@@ -239,7 +240,7 @@ def test_rfc3339_times(text):
 # --- contract/strict.py -------------------------------------------------------------------------
 
 STRICT_TYPES = [r.AnyResource, api.CreateRequest, api.LockRequest, api.SearchRequest, api.OpenSessionRequest,
-                api.SessionUpdate, api.GetRequest]
+                api.GetRequest]
 
 
 @FAST

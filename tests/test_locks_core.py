@@ -8,7 +8,7 @@ import datetime as dt
 import msgspec
 import pytest
 
-from ringfence.contract import api, events
+from ringfence.contract import api, documents, events
 from ringfence.contract import resources as r
 from services.locks import core
 
@@ -138,17 +138,17 @@ def test_every_problem_of_every_document_is_reported_and_duplicates_are_refused(
 
 
 @pytest.mark.parametrize("data, problem", [
-    (b"{", "malformed request"),
+    (b"{", "malformed create request"),
     (b'{"resources": []}', "the request contains no documents"),
-    (b'{"resources": "x"}', "malformed request"),
+    (b'{"resources": "x"}', "malformed create request"),
 ])
 def test_bad_create_requests(data, problem):
-    assert problem in str(raises(core.decode_create_request, data))
+    assert problem in str(raises(documents.decode_create_request, data))
 
 
 def test_create_request_round_trip():
     body = msgspec.json.encode(api.CreateRequest(resources=[msgspec.Raw(msgspec.json.encode(SEED))], dry_run=True))
-    assert core.decode_create_request(body) == ([SEED], True)
+    assert documents.decode_create_request(body) == ([SEED], True)
 
 
 # --- ringfence lock ----------------------------------------------------------------------------------
@@ -178,6 +178,26 @@ def test_lock_expiry_from_ttl_or_expires(kw, expires):
     assert change.event.expires == expires and change.event.target == {"user": "foo@example.com"}
 
 
+def test_a_key_fingerprint_lock_is_accepted():
+    key = "SHA256:mXu4uS8Valt9tkpP1RLL+mNxjogzy99UT3rBT6tOykE"
+    change = core.plan_lock(lock_request(target={"device": key, "mfa_device": key}), UUID, "", NOW)
+    assert change.event.target == {"mfa_device": key, "device": key}
+    [doc] = core.check_documents([with_(SEED, "spec.target", {"device": key})])
+    assert doc.lock.spec.target == r.LockTarget(device=key)
+
+
+def test_a_document_locking_a_windows_desktop_is_refused_with_the_reason():
+    error = raises(core.check_documents, [with_(SEED, "spec.target", {"windows_desktop": "WIN-1"})])
+    assert str(error) == (f'document 1 (lock "{UUID}"): spec.target.windows_desktop: "WIN-1": cannot be locked '
+                          "here: Ringfence controls OpenSSH sessions only; there are no Windows desktops to lock")
+
+
+def test_unlock_still_lifts_a_stored_lock_on_a_target_no_new_lock_may_have():
+    stored = {"old": core.Stored(lock(name="old", access_request="ar-1"), 3)}
+    changes, _ = core.plan_unlock(r.LockTarget(access_request="ar-1"), stored, "admin", NOW)
+    assert [c.key for c in changes] == ["old"]
+
+
 def test_several_target_fields_may_be_combined():
     change = core.plan_lock(lock_request(target={"user": "a", "login": "root"}), UUID, "", NOW)
     assert change.event.target == {"user": "a", "login": "root"}
@@ -195,6 +215,17 @@ def test_several_target_fields_may_be_combined():
     ({"expires": "2021-08-14T12:00:00.25Z"}, '--expires: "2021-08-14T12:00:00.25Z" is not in the future'),
     ({"expires": "soon"}, '--expires: "soon" is not an RFC 3339 time; use e.g. 2021-08-14T22:27:00Z'),
     ({"target": {"server_id": " x"}}, '--server-id: " x" is not a valid value'),
+    ({"target": {"device": "9cdfc0ad-64b7-4d9c-9342-50e97f418ba0"}},
+     '--device: "9cdfc0ad-64b7-4d9c-9342-50e97f418ba0" is not an SSH key fingerprint: device locks match the '
+     "SHA256 fingerprint of the key (or the certificate's key) a session logged in with, as `ssh-keygen -lf "
+     "KEY.pub` prints it (SHA256: and 43 characters)"),
+    ({"target": {"mfa_device": "SHA256:short"}}, '--mfa-device: "SHA256:short" is not an SSH key fingerprint: '
+     "mfa_device locks match the SHA256 fingerprint of the FIDO security key"),
+    ({"target": {"access_request": "261e80c5-357b-4c43-9b67-40a6bc4c6e4d"}},
+     '--access-request: "261e80c5-357b-4c43-9b67-40a6bc4c6e4d": cannot be locked here: Ringfence has no access '
+     "requests"),
+    ({"target": {"windows_desktop": "WIN-1", "user": "a"}},
+     '--windows-desktop: "WIN-1": cannot be locked here: Ringfence controls OpenSSH sessions only'),
     ({"message": "m" * (r.MAX_MESSAGE_LEN + 1)}, f"--message: {r.MAX_MESSAGE_LEN + 1} characters; at most 4096"),
 ])
 def test_bad_lock_requests(kw, message):

@@ -151,11 +151,41 @@ def test_matching_locks_keeps_those_in_force_that_match_in_order():
     assert locking.matching_locks(iter(locks), locking.Interaction(user="carol"), NOW) == []
 
 
-def test_an_interaction_from_a_session():
+KEY = "SHA256:mXu4uS8Valt9tkpP1RLL+mNxjogzy99UT3rBT6tOykE"
+
+
+@pytest.mark.parametrize("is_sk, device, mfa_device", [(False, KEY, ""), (True, KEY, KEY)])
+def test_an_interaction_from_a_session_carries_its_login_key(is_sk, device, mfa_device):
     session = api.SessionInfo(sid="s", user="alice", login="ubuntu", server_id="node-1", server_hostname="h",
-                              started="2021-08-14T12:00:00Z", roles=["dev"])
+                              started="2021-08-14T12:00:00Z", roles=["dev"], key_fingerprint=KEY, key_is_sk=is_sk)
     assert locking.Interaction.of_session(session) == locking.Interaction(
-        user="alice", login="ubuntu", roles=["dev"], server_id="node-1")
+        user="alice", login="ubuntu", roles=["dev"], server_id="node-1", device=device, mfa_device=mfa_device)
+
+
+@pytest.mark.parametrize("is_sk, target, matched", [
+    (False, {"device": KEY}, True),
+    (True, {"device": KEY}, True),  # a FIDO key is a key too
+    (False, {"mfa_device": KEY}, False),  # not a security key
+    (True, {"mfa_device": KEY}, True),
+    (False, {"device": KEY.lower()}, False),  # base64 is case-sensitive
+])
+def test_key_locks_match_the_fingerprint_of_the_login_key(is_sk, target, matched):
+    session = api.SessionInfo(sid="s", user="alice", login="ubuntu", server_id="node-1", server_hostname="h",
+                              started="2021-08-14T12:00:00Z", key_fingerprint=KEY, key_is_sk=is_sk)
+    assert locking.matches(lock(**target), locking.Interaction.of_session(session)) is matched
+
+
+def test_a_session_without_a_key_matches_no_key_lock():
+    local = api.SessionInfo(sid="s", user="alice", login="ubuntu", server_id="n", server_hostname="h", started="")
+    assert not locking.matches(lock(device=KEY), locking.Interaction.of_session(local))
+
+
+def test_an_interaction_from_an_operator_request_is_its_user_and_roles():
+    user = r.User(metadata=r.Metadata(name="alice"), spec=r.UserSpec(roles=["locksmith", "dev"]))
+    interaction = locking.Interaction.of_operator(user)
+    assert interaction == locking.Interaction(user="alice", roles=["locksmith", "dev"])
+    assert locking.matches(lock(role="dev"), interaction) and locking.matches(lock(user="alice"), interaction)
+    assert not locking.matches(lock(login="alice"), interaction)
 
 
 # --- the message --------------------------------------------------------------------------------

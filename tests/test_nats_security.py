@@ -60,12 +60,12 @@ async def _as(url: str, seed: str | None, action, errors: list | None = None):
 
 def test_credentials_are_0600_and_created_once(tmp_path):
     first = nats_security.ensure_credentials(tmp_path)
-    assert set(first) == {"policy", "locks", "audit", "enforcer", "cli", "up"}
+    assert set(first) == {"policy", "locks", "audit", "enforcer", "cli", "up", "web"}
     for role in first:
         path = nats_security.seed_path(tmp_path, role)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert nats_security.ensure_credentials(tmp_path) == first
-    assert len(set(first.values())) == 6
+    assert len(set(first.values())) == 7
 
 
 def test_unauthenticated_and_wrong_credentials_are_refused(secured, tmp_path):
@@ -208,6 +208,49 @@ def test_enforcer_cannot_write_the_policy_or_locks_bucket(secured):
                            lambda nc: _try_publish(nc, f"$KV.{names.LOCKS_BUCKET}.y"))) == "stored"
 
 
+def test_the_web_console_reads_but_writes_nothing_and_answers_only_its_own_api(secured):
+    """The console's credential: requests, the policy and sessions buckets and the audit stream to read,
+    its own sign-in API; no audit events, recordings, bucket writes or stream changes, no other API."""
+    server, seeds = secured
+    errors: list[str] = []
+
+    async def attempts(nc):
+        await _as(server.url, seeds["enforcer"], lambda enf: _put(enf, names.SESSIONS_BUCKET, "s1"))
+        await _as(server.url, seeds["policy"], lambda pol: _put(pol, names.POLICY_BUCKET, names.user_key("a")))
+        js = nc.jetstream()
+        reads = {
+            "sessions": list(await kv_read.snapshot(js, await kv_read.open_bucket(js, names.SESSIONS_BUCKET))),
+            "policy": (await kv_read.get(await kv_read.open_bucket(js, names.POLICY_BUCKET), names.user_key("a"))
+                       ).value,
+        }
+        tail = await js.subscribe(names.AUDIT_SUBJECTS, stream=names.AUDIT_STREAM, ordered_consumer=True)
+        await tail.unsubscribe()
+        own = await nc.subscribe(f"{names.WEB_API}.x.login")
+        await own.unsubscribe()
+        writes = dict(zip(["audit", "recording", "policy", "locks", "sessions"], await asyncio.gather(
+            _try_publish(nc, names.audit_subject("lock.created")),
+            _try_publish(nc, names.recording_subject(str(uuid.uuid4()))),
+            _try_publish(nc, f"$KV.{names.POLICY_BUCKET}.{names.role_key('admin')}"),
+            _try_publish(nc, f"$KV.{names.LOCKS_BUCKET}.x"),
+            _try_publish(nc, f"$KV.{names.SESSIONS_BUCKET}.x")), strict=True))
+        try:
+            await nc.request(f"$JS.API.STREAM.PURGE.KV_{names.POLICY_BUCKET}", b"", timeout=1.0)
+            writes["purge"] = "answered"
+        except NatsTimeout:
+            writes["purge"] = "no answer"
+        sub = await nc.subscribe("ringfence.api.locks.lock")  # answering (or reading) another service's requests
+        await nc.flush()
+        await asyncio.sleep(0.3)
+        await sub.unsubscribe()
+        return reads, writes
+
+    reads, writes = asyncio.run(_as(server.url, seeds["web"], attempts, errors))
+    assert reads == {"sessions": ["s1"], "policy": b"v"}
+    assert set(writes.values()) == {"no ack", "no answer"}, writes
+    assert any('permissions violation for subscription to "ringfence.api.locks.lock"' in e for e in errors), errors
+    assert not any("ringfence.api.web" in e or "RINGFENCE_AUDIT" in e for e in errors), errors
+
+
 def test_only_the_owning_service_may_answer_its_api(secured):
     server, seeds = secured
 
@@ -253,7 +296,8 @@ def test_up_secures_nats_bootstraps_the_admin_once_and_the_cli_works_with_both(t
                               text=True, timeout=60, **kw)
 
     def up_once(log: Path) -> str:
-        up = subprocess.Popen([*RINGFENCE, "up", "--data-dir", str(data), "--nats-port", str(port)], cwd=ROOT,
+        up = subprocess.Popen([*RINGFENCE, "up", "--data-dir", str(data), "--nats-port", str(port),
+                               "--web-listen", "127.0.0.1:0"], cwd=ROOT,
                               env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
         try:
             try:

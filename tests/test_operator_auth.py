@@ -25,6 +25,7 @@ from ringfence.contract.resources import LockTarget
 from ringfence.contract.streams import ensure_streams
 from ringfence.keyfiles import read_identity, write_identity
 from tests.support.nats import audit_events
+from tests.support.procs import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "ringfence.cli.main"]
@@ -340,3 +341,79 @@ def test_auth_off_accepts_unsigned_requests_with_the_stated_actor(nats_server, s
     assert all(r.ok for r in replies)
     users = sorted(e["user"] for e in audit_events(nats_server.url) if e["event"] == "lock.created")
     assert users == ["", "claimed"]
+
+
+# --- users update: nothing is dropped that was not named ---------------------------------------------
+
+
+def public_key(tmp_path: Path, name: str) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(tmp_path / name)],
+                   check=True)
+    return tmp_path / f"{name}.pub"
+
+
+def fingerprint_of(pub: Path) -> str:
+    return subprocess.run(["ssh-keygen", "-lf", str(pub)], capture_output=True, text=True,
+                          check=True).stdout.split()[1]
+
+
+def test_users_add_and_update_change_only_what_their_flags_name(stack, tmp_path):
+    k1, k2 = public_key(tmp_path, "k1"), public_key(tmp_path, "k2")
+    alice_nk = tmp_path / "alice.nk"
+    stack.ok("create", "-f", "-", stdin=LOCKSMITH_YAML)
+    assert stack.ok("users", "add", "alice", "--roles", "dev", "--key", str(k1), "--operator", "--out",
+                    str(alice_nk)).startswith('user "alice" has been created\n')
+    nkey = read_identity(alice_nk).public_key
+
+    def spec() -> dict:
+        return yaml.safe_load(stack.ok("get", "users/alice"))["spec"]
+
+    # `users add --roles` on an existing user: its key and operator identity stay.
+    assert stack.ok("users", "add", "alice", "--roles", "locksmith").strip() == 'user "alice" has been updated'
+    assert spec() == {"roles": ["locksmith"], "ssh_public_keys": [k1.read_text().strip()], "operator_nkey": nkey}
+    stack.ok("get", "locks", identity=alice_nk)  # the identity still works, with the new role
+    # The seed's walkthrough: users update --set-roles "${ROLES},locksmith".
+    stack.ok("users", "update", "alice", "--set-roles", "locksmith,dev", "--add-key", str(k2))
+    assert spec()["roles"] == ["locksmith", "dev"] and len(spec()["ssh_public_keys"]) == 2
+    stack.ok("users", "update", "alice", "--remove-key", fingerprint_of(k1))
+    assert spec() == {"roles": ["locksmith", "dev"], "ssh_public_keys": [k2.read_text().strip()],
+                      "operator_nkey": nkey}
+    stack.ok("users", "update", "alice", "--remove-key", str(k2))
+    assert "ssh_public_keys" not in spec()
+
+    # Bad input names the problem and changes nothing.
+    gone = stack.cli("users", "update", "alice", "--remove-key", str(k1))
+    assert gone.returncode == 1 and f'--remove-key: user "alice" has no key "{fingerprint_of(k1)}"' in gone.stderr
+    assert stack.cli("users", "update", "nobody", "--set-roles", "dev").stderr == (
+        'ERROR: user "nobody" not found; create it with ringfence users add nobody\n')
+    bad = stack.cli("users", "update", "alice", "--set-roles", "dev,bad role")
+    assert 'spec.roles[1]: "bad role" is not a valid name' in bad.stderr
+    assert stack.cli("users", "update", "alice").stderr.startswith("ERROR: nothing to change")
+    assert spec()["roles"] == ["locksmith", "dev"]
+    updates = [e for e in audit_events(stack.url) if e["event"] == "user.update"]
+    assert [(e["name"], e["code"], e["user"]) for e in updates][-1] == ("alice", "T1003I", "admin")
+
+
+# --- locks bind operators -------------------------------------------------------------------------------------
+
+
+def test_a_locked_operator_is_refused_and_cannot_lift_their_own_lock(stack, tmp_path):
+    stack.ok("create", "-f", "-", stdin=LOCKSMITH_YAML)
+    alice = tmp_path / "alice.nk"
+    stack.ok("users", "add", "alice", "--roles", "locksmith", "--operator", "--out", str(alice))
+    name = CREATED.match(stack.ok("lock", "--user", "alice", "--message", "Suspicious activity.").strip()).group(1)
+    refused = 'ERROR: lock targeting User:"alice" is in force: Suspicious activity.\n'
+    wait_for(lambda: stack.cli("get", "locks", identity=alice).stderr == refused)
+    # Her roles allow removing locks, but not while she is locked herself: not by name, not by target.
+    assert stack.cli("rm", f"locks/{name}", identity=alice).stderr == refused
+    assert stack.cli("unlock", "--user", "alice", identity=alice).stderr == refused
+    assert stack.cli("lock", "--user", "bob", identity=alice).stderr == refused
+    # Another operator whose roles allow it lifts it; then she works again.
+    assert stack.ok("rm", f"locks/{name}").strip() == f'lock "{name}" has been deleted'
+    wait_for(lambda: stack.cli("get", "locks", identity=alice).returncode == 0)
+    # A lock on one of her roles keeps her out too.
+    stack.ok("lock", "--role", "locksmith", "--message", "maintenance")
+    wait_for(lambda: stack.cli("get", "locks", identity=alice).stderr ==
+               'ERROR: lock targeting Role:"locksmith" is in force: maintenance\n')
+    assert stack.ok("unlock", "--role", "locksmith").startswith("removed 1 lock")
+

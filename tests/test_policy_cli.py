@@ -378,3 +378,25 @@ def test_lock_commands_are_routed_to_the_locks_service(nats_server, services, tm
     assert removed == 'lock "dc7cee9d-fe5e-4534-a90d-db770f0234a1" has been deleted\n'
     assert fake.requests[-1] == ("delete", {"kind": "lock", "name": "dc7cee9d-fe5e-4534-a90d-db770f0234a1"})
     assert msgspec.json.decode(kv_value(url, names.user_key("alice")))["kind"] == "user"
+
+
+def test_an_error_is_a_micro_service_error_with_a_code_and_the_same_reply(nats_server, services):
+    services("policy")
+
+    async def ask(body: bytes):
+        nc = await nats.connect(nats_server.url)
+        try:
+            return await nc.request(names.api_subject(names.POLICY_API, "get"), body, timeout=10)
+        finally:
+            await nc.close()
+
+    unknown = asyncio.run(ask(msgspec.json.encode(api.GetRequest(kind="widgets"))))
+    assert unknown.headers["Nats-Service-Error-Code"] == "400"
+    reply = msgspec.json.decode(unknown.data, type=api.ApiReply)
+    assert (reply.ok, reply.kind) == (False, "invalid") and reply.error.startswith('unknown kind "widgets"')
+    assert unknown.headers["Nats-Service-Error"] == reply.error.splitlines()[0]
+    missing = asyncio.run(ask(msgspec.json.encode(api.GetRequest(kind="role", name="nope"))))
+    assert missing.headers["Nats-Service-Error-Code"] == "404"
+    malformed = asyncio.run(ask(b"{"))
+    assert malformed.headers["Nats-Service-Error-Code"] == "400"
+    assert msgspec.json.decode(malformed.data, type=api.ApiReply).error.startswith("malformed request")

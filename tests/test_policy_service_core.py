@@ -10,7 +10,7 @@ import msgspec
 import nkeys
 import pytest
 
-from ringfence.contract import api, events, names
+from ringfence.contract import api, documents, events, names
 from ringfence.contract import resources as r
 from services.policy import core
 from services.policy.credentials import is_openssh_public_key, is_public_user_nkey
@@ -173,9 +173,9 @@ def test_the_same_resource_twice_in_one_request_is_rejected():
 
 
 def test_a_long_list_of_problems_is_cut():
-    doc = with_(NETPOL, "spec.allow", [{"cidr": "bad"}] * (core.MAX_PROBLEMS_SHOWN + 10))
+    doc = with_(NETPOL, "spec.allow", [{"cidr": "bad"}] * (documents.MAX_PROBLEMS_SHOWN + 10))
     lines = rejection([doc]).splitlines()
-    assert len(lines) == core.MAX_PROBLEMS_SHOWN + 1
+    assert len(lines) == documents.MAX_PROBLEMS_SHOWN + 1
     assert lines[-1] == "... and 10 more problems"
 
 
@@ -184,7 +184,7 @@ def test_a_long_list_of_problems_is_cut():
 
 def test_requests_over_the_size_limit_are_refused_before_decoding():
     with pytest.raises(api.ApiError, match=r"at most 16777216 \(16 MiB\)"):
-        core.decode_create_request(b" " * (core.MAX_REQUEST_BYTES + 1))
+        documents.decode_create_request(b" " * (documents.MAX_REQUEST_BYTES + 1))
 
 
 @pytest.mark.parametrize(
@@ -194,12 +194,12 @@ def test_requests_over_the_size_limit_are_refused_before_decoding():
 )
 def test_malformed_requests_are_refused(data, message):
     with pytest.raises(api.ApiError, match=message):
-        core.decode_create_request(data)
+        documents.decode_create_request(data)
 
 
 def test_a_create_request_round_trips_its_documents():
     raw = msgspec.json.encode(api.CreateRequest(resources=[msgspec.Raw(msgspec.json.encode(ROLE))], dry_run=True))
-    docs, dry_run = core.decode_create_request(raw)
+    docs, dry_run = documents.decode_create_request(raw)
     assert docs == [ROLE] and dry_run is True
 
 
@@ -363,3 +363,48 @@ def test_user_nkey_shape():
     assert not is_public_user_nkey("A" + good[1:])  # account key, not a user
     assert not is_public_user_nkey(good[:-1] + ("A" if good[-1] != "A" else "B"))  # checksum
     assert not is_public_user_nkey("U" * 10)
+
+
+# --- settings from the config file ---------------------------------------------------------------------
+
+
+def auth_service(locking_mode="", session_recording="", client_idle_timeout=""):
+    from ringfence.config import Authentication, AuthService
+    return AuthService(Authentication(locking_mode), session_recording, client_idle_timeout)
+
+
+def test_the_config_file_writes_what_it_sets_marked_as_its_own():
+    desired = core.static_resources(auth_service("strict", "node-sync", "15m"))
+    changes = core.plan_static(desired, {})
+    assert [(c.key, c.message) for c in changes] == [
+        (names.CAP_KEY, "cluster auth preference has been updated (from the config file)"),
+        (names.NETWORKING_KEY, "cluster networking configuration has been updated (from the config file)"),
+        (names.RECORDING_CONFIG_KEY, "session recording configuration has been updated (from the config file)")]
+    cap = r.decode(changes[0].value)
+    assert cap.spec.locking_mode == "strict" and cap.metadata.labels == {r.ORIGIN_LABEL: r.ORIGIN_CONFIG_FILE}
+    assert r.decode(changes[2].value).spec.mode == "node-sync"
+    # Started again with the same file: nothing to write.
+    assert core.plan_static(desired, {c.key: c.value for c in changes}) == []
+
+
+def test_a_setting_the_file_no_longer_has_goes_back_to_defaults_and_a_dynamic_one_stays():
+    written = {c.key: c.value for c in core.plan_static(core.static_resources(auth_service("strict")), {})}
+    dynamic = r.encode(r.ClusterNetworkingConfig(spec=r.ClusterNetworkingConfigSpec(client_idle_timeout="5m")))
+    changes = core.plan_static(core.static_resources(auth_service()), {**written, names.NETWORKING_KEY: dynamic})
+    assert [(c.key, c.value, c.message) for c in changes] == [
+        (names.CAP_KEY, None, "cluster auth preference has been reset to defaults (no longer in the config file)")]
+
+
+def test_create_and_rm_leave_a_setting_of_the_config_file_alone():
+    static = {names.CAP_KEY}
+    message = ("cluster_auth_preference is set by the policy service's config file "
+               "(auth_service.authentication.locking_mode): change it there and restart the policy service, or "
+               "remove it there to manage it with ringfence create -f")
+    with pytest.raises(api.ApiError, match=r"set by the policy service's config file") as info:
+        core.plan_create(core.check_documents([CAP]), set(), set(), "admin", BIG, static)
+    assert str(info.value) == message and info.value.kind == "conflict"
+    with pytest.raises(api.ApiError) as info:
+        core.plan_delete(core.lookup("cap", ""), True, "admin", static=True)
+    assert str(info.value) == message
+    labelled = with_(CAP, "metadata.labels", {r.ORIGIN_LABEL: r.ORIGIN_CONFIG_FILE})
+    assert "metadata.labels.ringfence.dev/origin: is set by the policy service only" in rejection([labelled])

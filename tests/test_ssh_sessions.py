@@ -73,11 +73,21 @@ def test_denied_connect_inside_ssh_is_eperm_and_audited_with_the_session(stack):
     assert start["event"] == "session.start" and start["kind"] == "channel"
     assert re.fullmatch(r"127\.0\.0\.1:\d+", start["addr.remote"])
     assert start["addr.local"] == f"127.0.0.1:{stack.server.port}"
-    conn = [e for e in log_events(stack.data_dir) if e["event"] == "session.start" and e["sid"] == start["connection"]]
-    assert conn and conn[0]["kind"] == "connection" and conn[0]["user"] == login
+    # One login, one session: the connection writes no start/end of its own.
+    mine = [e["event"] for e in log_events(stack.data_dir) if e["login"] == login]
+    assert mine.count("session.start") == 1 and mine.count("session.end") == 1, mine
+    [exec_event] = [e for e in events if e["event"] == "exec"]
+    assert exec_event["code"] == "T3002I" and exec_event["exitCode"] == "0"
+    assert exec_event["command"].startswith("echo sid=$RINGFENCE_SESSION_ID")
 
 
-def test_identity_from_certificate_key_id_then_registered_key_then_login(stack, tmp_path):
+def test_identity_from_certificate_key_id_then_registered_key_then_login(nats_server, data_dir, services, enforcer,
+                                                                         sshd, tmp_path):
+    services("policy", "audit")
+    trusted = tmp_path / "trusted_user_ca_keys"
+    node = enforcer(config=f"ssh_service:\n  trusted_user_ca_keys: {trusted}\n")
+    stack = SimpleNamespace(url=nats_server.url, server=sshd(node))
+    trusted.write_text(Path(f"{stack.server.ca}.pub").read_text())
     login, key = stack.server.add_user()
     show = "echo user=$RINGFENCE_USER"
     assert "user=" + login in stack.server.ssh(login, key, show).stdout  # no cert, no registered key: the login
@@ -138,8 +148,16 @@ def test_sftp_is_a_session(stack, tmp_path):
     assert result.returncode == 0, result.stderr
     assert Path(f"/home/{login}/uploaded").exists()
     starts = wait_for(lambda: [e for e in log_events(stack.data_dir) if e["event"] == "session.start"
-                               and e["user"] == login and e["initial_command"] == ["sftp"]], what="sftp session")
-    assert starts[0]["kind"] == "channel"
+                               and e["user"] == login], what="sftp session")
+    assert starts[0]["kind"] == "channel" and starts[0]["initial_command"][0].endswith("sftp-server")
+    # Each file operation is an `sftp` event (the original's), read by the root relay from the protocol.
+    sid = starts[0]["sid"]
+    events = events_of(stack.data_dir, sid)
+    uploaded = f"/home/{login}/uploaded"
+    closes = [e for e in events if e["event"] == "sftp" and e["code"] == "TS002I" and e["path"] == uploaded]
+    assert closes and closes[0]["bytes_written"] == len(Path("/etc/hostname").read_bytes()), events
+    assert any(e["event"] == "sftp" and e["code"] == "TS001I" and e["path"] == uploaded for e in events)
+    assert closes[0]["working_directory"] == f"/home/{login}" and closes[0]["user"] == login
 
 
 def free_port() -> int:
@@ -159,10 +177,11 @@ def _connectable(port: int) -> bool:
 class Terminal:
     """The real ssh client on a pty, driven like a user at a keyboard."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], env: dict | None = None) -> None:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:
-            os.execvp(argv[0], argv)
+            os.chdir(ROOT)
+            os.execvpe(argv[0], argv, env if env is not None else os.environ)
         import fcntl
         import termios
         fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
@@ -292,3 +311,61 @@ def test_sessions_ls_shows_the_fleet_and_kill_ends_a_session(stack):
     wait_for(lambda: not listed(), what="the session to leave `sessions ls`")
     missing = cli(stack.url, "sessions", "kill", sid)
     assert missing.returncode == 1 and "no active session" in missing.stderr
+
+
+def test_losing_the_enforcer_mid_session_keeps_the_session_and_its_recording(stack):
+    """The relay, not the enforcer, owns the session's I/O and journals it to disk: killing the
+    enforcer (SIGKILL) changes nothing for the user, and the restarted enforcer picks up the
+    journal where it stopped, so the recording and the audit trail have it all, once."""
+    login, key = stack.server.add_user()
+    term = Terminal(stack.server.ssh_argv(login, key, "-tt"))
+    term.read_until("$ ")
+    term.type('echo "S""ID=$RINGFENCE_SESSION_ID"\n')
+    sid = term.wait_match(r"SID=([0-9a-f-]{36})").group(1)
+    stack.node.kill()
+    term.type("echo while-$((1+1))-down\n")
+    term.read_until("while-2-down")
+    stack.node.restart()
+    term.type("echo back-$((2+1))-up\n")
+    term.read_until("back-3-up")
+    term.type("exit\n")
+    assert term.close() == 0
+    events = events_of(stack.data_dir, sid)
+    assert [e["event"] for e in events].count("session.start") == 1
+    assert [e["event"] for e in events].count("session.end") == 1
+
+    def played():
+        r = cli(stack.url, "play", sid, "--speed", "1000")
+        return r.stdout if r.returncode == 0 and "back-3-up" in r.stdout else None
+
+    output = wait_for(played, timeout=30, what="the recording to be playable")
+    assert output.index("while-2-down") < output.index("back-3-up")
+
+
+def test_motd_and_last_login_as_on_a_plain_sshd_and_none_for_refused_logins(stack, services):
+    services("locks")
+    login, key = stack.server.add_user()
+    motd_line = next((line for line in Path("/etc/motd").read_text().splitlines() if line.strip()), "")
+    first = Terminal(stack.server.ssh_argv(login, key, "-tt"))
+    shown = first.read_until("$ ")
+    assert motd_line in shown and "Last login" not in shown  # never logged in before
+    first.type("exit\n")
+    first.close()
+    second = Terminal(stack.server.ssh_argv(login, key, "-tt"))
+    shown = second.read_until("$ ")
+    assert re.search(r"Last login: \w{3} \w{3} +\d+ [\d:]+ \d{4} from 127\.0\.0\.1", shown), shown
+    assert shown.index(motd_line) < shown.index("Last login")
+    second.type("touch ~/.hushlogin; exit\n")
+    second.close()
+    quiet = Terminal(stack.server.ssh_argv(login, key, "-tt"))
+    assert "Last login" not in quiet.read_until("$ ") and motd_line not in quiet.output.decode()
+    quiet.type("exit\n")
+    quiet.close()
+    # A command prints neither (as on a plain sshd), and a refused login shows only why.
+    assert motd_line not in stack.server.ssh(login, key, "true").stdout
+    assert cli(stack.url, "lock", "--login", login, "--message", "maintenance").returncode == 0
+    refused = wait_for(lambda: (r := stack.server.ssh(login, key, "echo ran-$((1+1))")).returncode != 0 and r,
+                       what="the lock to refuse the login")
+    said = refused.stdout + refused.stderr  # sshd prints PAM's messages on the session's stdout
+    assert 'lock targeting Login:"' in said and "maintenance" in said and motd_line not in said
+    assert "ran-2" not in said  # and runs nothing

@@ -69,7 +69,8 @@ def start_up(tmp_path: Path, port: int, nodename: str, *extra: str) -> subproces
     env = {k: v for k, v in os.environ.items() if not k.startswith("RINGFENCE_")}
     env["RINGFENCE_NODENAME"] = nodename
     return subprocess.Popen(
-        [*RINGFENCE, "up", "--data-dir", str(tmp_path / "data"), "--nats-port", str(port), *extra],
+        [*RINGFENCE, "up", "--data-dir", str(tmp_path / "data"), "--nats-port", str(port),
+         "--web-listen", "127.0.0.1:0", *extra],  # any free port: tests run side by side
         cwd=ROOT, env=env, stdout=open(tmp_path / "up.log", "wb"), stderr=subprocess.STDOUT,
     )
 
@@ -130,12 +131,24 @@ def test_up_reports_a_port_in_use(tmp_path, nats_server):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RINGFENCE_")}
     start = time.monotonic()
     result = subprocess.run(
-        [*RINGFENCE, "up", "--data-dir", str(tmp_path / "d"), "--nats-port", str(nats_server.port)],
+        [*RINGFENCE, "up", "--data-dir", str(tmp_path / "d"), "--nats-port", str(nats_server.port),
+         "--web-listen", "127.0.0.1:0"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 1
     assert f"port {nats_server.port} on 127.0.0.1 is in use" in result.stderr
     assert time.monotonic() - start < 30
+    # The web console's port likewise, before anything starts.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        web = taken.getsockname()[1]
+        result = subprocess.run([*RINGFENCE, "up", "--data-dir", str(tmp_path / "d"), "--nats-port", str(free_port()),
+                                 "--web-listen", f"127.0.0.1:{web}"], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"port {web} on 127.0.0.1 is in use (the web console)" in result.stderr
+    assert "--web-listen off" in result.stderr
 
 
 def free_cluster_ports(size: int = 3) -> int:

@@ -52,11 +52,12 @@ class CliError(Exception):
         self.exit_code = exit_code
 
 
-def config_from(args: argparse.Namespace) -> Config:
+def config_from(args: argparse.Namespace, warnings: list[str] | None = None) -> Config:
     return load_config(
         getattr(args, "config", None),
         data_dir=getattr(args, "data_dir", None),
         nats_url=getattr(args, "nats_url", None),
+        warnings=warnings,
     )
 
 

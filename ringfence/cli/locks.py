@@ -19,10 +19,10 @@ TARGET_HELP = {
     "role": "every user holding this role",
     "login": "an OS/UNIX login",
     "server_id": "a node, by its server UUID",
-    "mfa_device": "an MFA device, by its UUID",
-    "device": "a trusted device, by its device ID",
-    "access_request": "an access request, by its UUID",
-    "windows_desktop": "a Windows desktop, by name",
+    "mfa_device": "a FIDO security key (sk-*), by its SHA256 fingerprint as `ssh-keygen -lf KEY.pub` prints it",
+    "device": "an SSH key and its certificates, by its SHA256 fingerprint as `ssh-keygen -lf KEY.pub` prints it",
+    "access_request": "(refused: OpenSSH sessions have no access requests)",
+    "windows_desktop": "(refused: Ringfence controls OpenSSH sessions only)",
 }
 
 

@@ -82,8 +82,9 @@ def _read(path: str) -> tuple[str, bytes]:
     return label, data
 
 
-def parse_documents(label: str, data: bytes) -> list[Source]:
-    """The non-empty YAML documents in `data` (separated by ---)."""
+def parse_documents(label: str, data: bytes, allow_lists: bool = False) -> list[Source]:
+    """The non-empty YAML documents in `data` (separated by ---); with `allow_lists`, a document
+    may also be a list of them (JSON exports)."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -102,7 +103,7 @@ def parse_documents(label: str, data: bytes) -> list[Source]:
     expanded = 0
     for doc in (d for d in docs if d is not None):
         position = len(sources) + 1
-        if not isinstance(doc, dict):
+        if not isinstance(doc, dict) and not (allow_lists and isinstance(doc, list)):
             raise CliError(f"{label}: document {position} is a {type(doc).__name__}, not a resource "
                            "(kind, version, metadata, spec)")
         expanded += json_size(doc, MAX_EXPANDED_BYTES - expanded, f"{label}: document {position}")
@@ -220,27 +221,34 @@ def print_messages(messages: list[str]) -> None:
         print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
 
 
+async def apply(nc: Client, sources: list[Source], dry_run: bool, several_files: bool) -> list[str]:
+    """Send the documents to the services that own them; their messages. Each service checks all of
+    its documents before changing anything; when a request spans services, a dry run of every batch
+    first keeps that promise across them: a bad lock document also stops the policy changes."""
+    batches = route(sources)
+    if len(batches) > 1 or dry_run:
+        messages = [m for api_name, batch in batches.items()
+                    for m in await _send(nc, api_name, batch, True, several_files)]
+        if dry_run:
+            return messages
+    messages, applied = [], 0
+    for api_name, batch in batches.items():
+        try:
+            messages += await _send(nc, api_name, batch, False, several_files)
+        except CliError as exc:
+            if applied:  # only a race or an outage gets here after a clean dry run
+                print_messages(messages)
+                raise CliError(f"{exc}\nthe documents reported above were applied; the rest were not") from None
+            raise
+        applied += len(batch)
+    return messages
+
+
 async def create(args: argparse.Namespace) -> int:
     sources = load_sources(args.files)
-    several_files = len(args.files) > 1
-    batches = route(sources)
     nc = await open_client(args)
     try:
-        # Each service checks all of its documents before changing anything. When a
-        # request spans services, a dry run of every batch first keeps that promise
-        # across them: a bad lock document also stops the policy changes.
-        if len(batches) > 1:
-            for api_name, batch in batches.items():
-                await _send(nc, api_name, batch, True, several_files)
-        applied = 0
-        for api_name, batch in batches.items():
-            try:
-                print_messages(await _send(nc, api_name, batch, False, several_files))
-            except CliError as exc:
-                if applied:  # only a race or an outage gets here after a clean dry run
-                    raise CliError(f"{exc}\nthe documents reported above were applied; the rest were not") from None
-                raise
-            applied += len(batch)
+        print_messages(await apply(nc, sources, False, len(args.files) > 1))
     finally:
         await nc.close()
     return 0
@@ -325,6 +333,8 @@ def _rows(kind: str, items: list[Any]) -> tuple[list[str], list[list[str]]]:
         ]
     if kind == "cluster_auth_preference":
         return ["Locking Mode"], [[x.spec.locking_mode] for x in items]
+    if kind == "session_recording_config":
+        return ["Mode"], [[x.spec.mode] for x in items]
     return ["Client Idle Timeout"], [[x.spec.client_idle_timeout or "none"] for x in items]
 
 

@@ -4,53 +4,38 @@ from __future__ import annotations
 
 import argparse
 import os
-import pwd
-import shutil
+import signal
 
-from ..contract.api import OpenSessionRequest
+from ..hooks import wire
 from .client import CliError, config_from
-from .enforcer_link import EnforcerLink, socket_path
-from .ptyproxy import run_plain, run_with_pty, window_size
-
-
-def become(login: str) -> None:
-    """Root running a session for another login: switch to that account before exec."""
-    try:
-        pw = pwd.getpwnam(login)
-    except KeyError:
-        raise CliError(f"no such login {login!r} on this host") from None
-    os.initgroups(pw.pw_name, pw.pw_gid)
-    os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
-    os.environ.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name, SHELL=pw.pw_shell or "/bin/sh")
-    try:
-        os.chdir(pw.pw_dir)
-    except OSError:
-        os.chdir("/")
 
 
 def run(args: argparse.Namespace) -> int:
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
         raise CliError("no command given: ringfence run [--user U] [--login L] -- CMD [ARGS...]")
-    path = shutil.which(command[0])
-    if path is None:
-        raise CliError(f"command not found: {command[0]}", exit_code=127)
-    cfg = config_from(args)
-    interactive = os.isatty(0) and os.isatty(1)
-    cols, rows = window_size(0) if interactive else (0, 0)
-    req = OpenSessionRequest(
-        user=args.user or "", login=args.login or "", command=command, interactive=interactive,
-        term=os.environ.get("TERM", ""), width=cols, height=rows,
-    )
-    link = EnforcerLink(args.socket or socket_path(cfg.data_dir))
-    reply = link.open(req)
-    os.environ["RINGFENCE_SESSION_ID"] = reply.sid
-    if os.geteuid() == 0 and args.login and args.login != pwd.getpwuid(0).pw_name:
-        become(args.login)
-    if interactive:
-        return run_with_pty(path, command, link, reply.record)
-    return run_plain(path, command, link)
+    path = args.socket or os.path.join(config_from(args).data_dir, wire.SOCKET_NAME)
+    request = {"kind": "local", "user": args.user or "", "login": args.login or "", "command": command,
+               "env": dict(os.environ)}
+    try:
+        sock, lines, _reply = wire.open_session(path, request, (0, 1, 2))
+    except wire.HookError as exc:
+        raise CliError(str(exc)) from None
+    # The session's relay runs the command with our stdin, stdout and stderr; a resize
+    # of our terminal reaches us, so pass it on (the relay reads the size itself).
+    signal.signal(signal.SIGWINCH, lambda *_: _poke(sock))
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP):
+        signal.signal(sig, signal.SIG_IGN)  # keys reach the command through the terminal
+    code = wire.wait_exit(lines)
+    sock.close()
+    return code
+
+
+def _poke(sock) -> None:
+    try:
+        sock.send(b'{"winch":true}\n')
+    except OSError:
+        pass
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -59,9 +44,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         parents=[common],
         help="run a command as a restricted session on this host",
         description="Ask the local enforcer to open a session (its own cgroup, with network "
-        "restrictions, locks and audit), then run CMD inside it; on a terminal the session is "
-        "recorded. Root may name any --user and --login (and runs CMD as that login); other "
-        "accounts only open sessions for themselves.",
+        "restrictions, locks, limits and audit) and run CMD in it; the enforcer's relay runs it with "
+        "this terminal or these pipes and records it. Root may name any --user and --login (CMD then "
+        "runs as that login); other accounts only open sessions for themselves.",
     )
     p.add_argument("--user", help="Ringfence user the session belongs to (default: the login)")
     p.add_argument("--login", help="OS login of the session (default: the calling account)")

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 
-from ..config import ENV_NATS_URL, Config
+from ..config import ENV_CONFIG_WARNED, ENV_NATS_URL, Config, parse_listen
 from ..contract import names
 from ..contract.streams import StreamSetupError, ensure_streams_ready
 from ..keyfiles import write_secret
@@ -46,6 +46,7 @@ from ..runtime.nats_conn import (
 )
 from .bootstrap import BootstrapError, bootstrap_admin
 from .client import CliError, config_from
+from .web import listen_address
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class Supervisor:
                 await asyncio.wait_for(child.pump, 2.0)
 
 
-def _check_port_free(host: str, port: int, what: str = "") -> None:
+def _check_port_free(host: str, port: int, what: str = "", fix: str = "") -> None:
     with socket.socket() as probe:
         # As nats-server binds: connections of a NATS that just stopped (TIME_WAIT) do not count.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -146,7 +147,7 @@ def _check_port_free(host: str, port: int, what: str = "") -> None:
         except OSError:
             raise CliError(
                 f"port {port} on {host} is in use{what} (another NATS or `ringfence up`?); "
-                "choose another with --nats-port, or use that NATS with --nats-url"
+                + (fix or "choose another with --nats-port, or use that NATS with --nats-url")
             ) from None
 
 
@@ -176,6 +177,13 @@ def _embedded_endpoint(cfg: Config, args: argparse.Namespace) -> tuple[str, int]
     if host not in LOCAL_HOSTS:
         return None  # the config points at a remote NATS
     return "127.0.0.1", args.nats_port or url.port or 4222
+
+
+DEFAULT_WEB_LISTEN = "127.0.0.1:3080"
+
+
+def _web_listen(text: str) -> str:
+    return text if text == "off" else listen_address(text)
 
 
 def _service_list(text: str) -> list[str]:
@@ -265,7 +273,8 @@ async def _start_embedded(sup: Supervisor, cfg: Config, data_dir: Path, host: st
 
 
 async def run(args: argparse.Namespace) -> int:
-    cfg = config_from(args)
+    warnings: list[str] = []
+    cfg = config_from(args, warnings)
     data_dir = Path(cfg.data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -273,10 +282,18 @@ async def run(args: argparse.Namespace) -> int:
         raise CliError(f"cannot create data dir {data_dir}: {exc.strerror}; use --data-dir") from None
 
     sup = Supervisor()
+    for line in warnings:  # once here, not once per service
+        sup.emit("up", f"warning: {line}")
+    os.environ[ENV_CONFIG_WARNED] = "1"
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, sup.wake.set)
 
+    if args.web_listen != "off":
+        web_host, web_port = parse_listen(args.web_listen)
+        if web_port:
+            _check_port_free(web_host, web_port, " (the web console)", "choose another with --web-listen, or "
+                             "--web-listen off")
     endpoint = _embedded_endpoint(cfg, args)
     cluster = args.cluster or 0
     if cluster and not endpoint:
@@ -335,7 +352,14 @@ async def run(args: argparse.Namespace) -> int:
         child = Child(svc, [sys.executable, "-m", f"services.{svc}", *common, *creds])
         sup.children.append(child)
         await sup.start(child)
-    sup.emit("up", f"started {', '.join(args.services)}; `ringfence status` lists them; Ctrl-C stops all")
+    started = list(args.services)
+    if args.web_listen != "off":
+        creds = ["--nats-nkey", credentials[nats_security.WEB]] if nats_security.WEB in credentials else []
+        child = Child(names.WEB, [sys.executable, "-m", "services.web", *common, "--listen", args.web_listen, *creds])
+        sup.children.append(child)
+        await sup.start(child)
+        started.append(f"the web console on {args.web_listen} (sign in: `ringfence web login`)")
+    sup.emit("up", f"started {', '.join(started)}; `ringfence status` lists them; Ctrl-C stops all")
 
     await sup.wake.wait()
     sup.stopping = True
@@ -363,6 +387,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--cluster", type=int, choices=CLUSTER_SIZES, metavar="N",
                    help="run N (3 or 5) local nats-server nodes as one JetStream cluster, every stream and bucket "
                    "replicated N times (nats_replicas N for the services)")
+    p.add_argument("--web-listen", type=_web_listen, default=DEFAULT_WEB_LISTEN, metavar="HOST:PORT",
+                   help=f"where the web console listens (default {DEFAULT_WEB_LISTEN}; port 0 picks a free one; "
+                   "off: no console)")
     p.add_argument(
         "--services",
         type=_service_list,

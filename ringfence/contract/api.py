@@ -62,6 +62,18 @@ class DeleteResult(Struct):
     message: str
 
 
+class UserUpdateRequest(Struct, omit_defaults=True):
+    """`users add` (create=True: create the user when missing) and `users update`: change only what is
+    asked, keep everything else (roles, keys, operator identity)."""
+
+    name: str
+    create: bool = False
+    set_roles: list[str] | None = None  # None: keep the roles
+    add_keys: list[str] = field(default_factory=list)  # OpenSSH public key lines
+    remove_keys: list[str] = field(default_factory=list)  # key lines, or their SHA256:... fingerprints
+    operator_nkey: str = ""  # a new operator identity's public key; empty: keep the current one
+
+
 class LockRequest(Struct, omit_defaults=True):
     target: LockTarget
     message: str = ""
@@ -104,17 +116,42 @@ class SearchResult(Struct):
     next_key: str = ""
 
 
+# --- web console sign-in (`ringfence web login` <-> services/web) ----------------------------
+class ConsoleOfferRequest(Struct):
+    pass
+
+
+class ConsoleOffer(Struct):
+    """A console session waiting for its operator's grant (ringfence.auth.sign_grant)."""
+
+    offer: str  # its id
+    session_nkey: str  # the public key the console signs this session's requests with
+    ttl: float  # seconds the grant should last (the console session's lifetime)
+    login_subject: str  # where the grant goes: the instance that made the offer
+
+
+class ConsoleLoginRequest(Struct):
+    offer: str
+    grant: str  # Ringfence-Delegation value, signed by the operator
+
+
+class ConsoleLoginResult(Struct):
+    url: str  # one-time sign-in URL
+    expires_in: float  # seconds it stays usable (once)
+
+
 # --- sessions -----------------------------------------------------------------------------
 SessionKind = Literal["local", "connection", "channel"]
 
 
 class SessionInfo(Struct, omit_defaults=True):
-    """An active session, as published fleet-wide in the sessions bucket.
+    """A session on a node, as published fleet-wide in the sessions bucket.
 
-    kind: "local" (`ringfence run`), "connection" (an SSH connection, opened by
-    the PAM hook; holds sshd itself, so port forwards are restricted too) or
-    "channel" (a shell, command or sftp inside a connection, opened by the
-    ForceCommand wrapper; `connection` names its connection).
+    kind: "local" (`ringfence run`), "channel" (a shell, command or sftp of an
+    SSH connection: the session users and auditors see) or "connection" (an SSH
+    connection, opened by the PAM hook: it holds sshd itself, so port forwards
+    are restricted too, and carries the connection's facts, which its channels
+    inherit; it writes no session.start/end of its own).
     """
 
     sid: str
@@ -134,13 +171,51 @@ class SessionInfo(Struct, omit_defaults=True):
     kind: SessionKind = "local"
     connection: str = ""  # for channels: the connection's sid
     cgroup: str = ""  # path below the node's cgroup tree, e.g. "<conn>/<sid>"
-    key_id: str = ""  # certificate key ID the user authenticated with
+    key_id: str = ""  # certificate key ID the user authenticated with (a trusted CA's certificate)
+    key_fingerprint: str = ""  # SHA256:... of the key or certificate used to log in
+    key_is_sk: bool = False  # a FIDO (sk-) key
+    identity_source: str = ""  # how `user` was found: certificate, registered_key or login
     term: str = ""
+    pid: int = 0  # connection: sshd's process; otherwise the program's
+    uid: int = -1  # the login's uid on this node
+    relay: bool = False  # a relay runs the program (journal under the enforcer's relays dir)
+    last_login: str = ""  # connection: sshd's "Last login" line of the previous login (shown by the relay)
 
 
-class JoinRequest(Struct):
+JoinMode = Literal["observer", "peer", "moderator"]
+
+
+class JoinRequest(Struct, forbid_unknown_fields=True):
+    """Join a live session (`ringfence sessions join`). Who joins is the request's verified
+    operator, never a name in here. `box_key`: the joiner's Curve25519 public key
+    (base64): the session's output and a peer's input travel sealed to it (ringfence/joinbox.py),
+    so holding a NATS credential is not enough to read a terminal."""
+
     sid: str
-    user: str  # who joins (session.join / session.leave)
+    box_key: str
+    mode: JoinMode = "observer"
+
+
+class JoinReply(Struct):
+    join_id: str
+    subject: str  # where the sealed output frames arrive
+    box_key: str  # the enforcer's key for this join
+
+
+class JoinInput(Struct, forbid_unknown_fields=True):
+    """A peer's keystrokes, sealed; any request on a join also keeps it alive (JOIN_IDLE)."""
+
+    join_id: str
+    data: str = ""  # base64 of a sealed message
+    leave: bool = False
+
+
+class JoinFrame(Struct, omit_defaults=True):
+    """What a joiner receives (sealed): terminal events [t, code, data], and at the end `end`."""
+
+    events: list[tuple[float, str, str]] = field(default_factory=list)
+    end: bool = False
+    reason: str = ""
 
 
 class KillRequest(Struct, omit_defaults=True):
@@ -148,28 +223,29 @@ class KillRequest(Struct, omit_defaults=True):
     message: str = ""
 
 
-class OpenSessionRequest(Struct, omit_defaults=True):
-    """Sent by `ringfence run` (and the OpenSSH hooks) on the enforcer's Unix socket.
+class OpenSessionRequest(Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """A request on the enforcer's Unix socket (ringfence/hooks/wire.py speaks it).
 
-    The enforcer trusts user/login only from root peers (SO_PEERCRED); for any
-    other peer both must match the peer's own account.
+    connection  root only (sshd's PAM hook, session phase): `login` and
+                `auth_info` (sshd's SSH_AUTH_INFO_0); the enforcer takes sshd's
+                process from the peer's parent.
+    channel     from inside an SSH connection (the ForceCommand wrapper, as the
+                user): `command` is what the client asked to run ([] for a shell);
+                stdin, stdout and stderr come as SCM_RIGHTS. Identity and
+                addresses come from the connection, never from here.
+    local       `ringfence run`: root may name any `user` and `login`, others
+                only themselves; `command` with SCM_RIGHTS runs it in a relay,
+                or (root only) `pid` places that process instead.
+    `env` is the environment the program gets (it runs as the requester's login).
     """
 
-    user: str = ""
-    login: str = ""
-    command: list[str] = field(default_factory=list)
-    addr_remote: str = ""
-    addr_local: str = ""
-    interactive: bool = False
     kind: SessionKind = "local"
-    # Root only: the process to place (the PAM hook names sshd, its parent).
-    pid: int = 0
-    # Root only: sshd's SSH_AUTH_INFO_0 (ExposeAuthInfo), for the certificate key ID
-    # or the registered public key that says which Ringfence user this is.
+    login: str = ""
+    user: str = ""
     auth_info: str = ""
-    term: str = ""
-    width: int = 0
-    height: int = 0
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    pid: int = 0
 
 
 class OpenSessionReply(Struct, omit_defaults=True):
@@ -177,21 +253,3 @@ class OpenSessionReply(Struct, omit_defaults=True):
     sid: str = ""
     error: str = ""
     user: str = ""
-    record: bool = False  # send the terminal stream (interactive channels)
-
-
-# After OpenSessionReply, a channel's socket stays open: the client sends
-# SessionUpdate lines (recording data, activity), the enforcer sends Notice
-# lines (a lock or the idle timeout ends the session; the text is for the user).
-class SessionUpdate(Struct, omit_defaults=True):
-    # [seconds since the session start, "o" | "i" | "r", data]
-    events: list[tuple[float, str, str]] = field(default_factory=list)
-    width: int = 0
-    height: int = 0
-    end: bool = False
-    noticed: bool = False  # the last Notice is on the user's terminal
-
-
-class Notice(Struct):
-    message: str
-    terminate: bool = True

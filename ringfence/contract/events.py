@@ -41,6 +41,8 @@ class AuditEvent(Struct, tag_field="event"):
     namespace: str = "default"
     server_id: str = ""
     server_hostname: str = ""
+    # true when a field was cut to its bound (see encode_event); absent otherwise
+    truncated: bool | msgspec.UnsetType = msgspec.UNSET
 
     def __post_init__(self) -> None:
         if not self.code:
@@ -117,6 +119,7 @@ class SessionStart(AuditEvent, tag="session.start"):
 
 class SessionJoin(AuditEvent, tag="session.join"):
     CODE = "T2001I"
+    mode: str = "observer"  # observer, peer or moderator (the original's participant modes)
 
 
 class SessionLeave(AuditEvent, tag="session.leave"):
@@ -146,6 +149,39 @@ class Exec(AuditEvent, tag="exec"):
 class ClientDisconnect(AuditEvent, tag="client.disconnect"):
     CODE = "T3006I"
     reason: str = ""
+
+
+def sftp_code(action: int, error: str) -> str:
+    """The original's codes (lib/events/codes.go, SFTPOpenCode "TS001I" .. SFTPLinkCode "TS019E"):
+    TS, the action's number in its SFTPAction enum (OPEN 1 .. LINK 19), then I, or E when the
+    server refused the operation. Action 0 is Ringfence's: the audit of a stream stopped."""
+    if 1 <= action <= 19:
+        return f"TS{action:03d}{'E' if error else 'I'}"
+    return "RF1001W"
+
+
+class SFTP(AuditEvent, tag="sftp"):
+    """One file operation of an sftp session, from ringfence.hooks.sftp_audit (its dicts
+    have these fields but the session's own). One code per action and outcome: sftp_code."""
+
+    CODE = "TS001I"  # an open; each event's own code is set from its action and error
+    working_directory: str = ""
+    path: str = ""
+    target_path: str = ""  # rename and link: the new path; symlink: the link
+    flags: int = 0  # open's SSH_FXF_* flags
+    attributes: dict[str, int | str] | None = None  # what open, mkdir and setstat asked to set
+    action: int = 0
+    error: str = ""  # the server's message when it refused
+    # Ringfence additions: the server's status (None: its answer was not seen); on a file's close
+    # the bytes moved through its handle (lower bounds when not bytes_exact); a path cut to 4096 bytes.
+    status: int | None = None
+    bytes_read: int = 0
+    bytes_written: int = 0
+    bytes_exact: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.code:
+            self.code = sftp_code(self.action, self.error)
 
 
 # --- locks, roles, users, cluster settings ----------------------------------------------
@@ -180,6 +216,12 @@ class UserCreated(AuditEvent, tag="user.create"):
     roles: list[str] = field(default_factory=list)
 
 
+class UserUpdated(AuditEvent, tag="user.update"):
+    CODE = "T1003I"
+    name: str = ""
+    roles: list[str] = field(default_factory=list)
+
+
 class UserDeleted(AuditEvent, tag="user.delete"):
     CODE = "T1004I"
     name: str = ""
@@ -193,6 +235,11 @@ class CapUpdated(AuditEvent, tag="cluster_auth_preference.update"):
 class NetworkingConfigUpdated(AuditEvent, tag="cluster_networking_config.update"):
     CODE = "RF2003I"
     client_idle_timeout: str = ""
+
+
+class RecordingConfigUpdated(AuditEvent, tag="session_recording_config.update"):
+    CODE = "RF2004I"
+    mode: str = ""
 
 
 class NetworkRestrictionsUpdated(AuditEvent, tag="network_restrictions.update"):
@@ -262,8 +309,51 @@ _decoder = msgspec.json.Decoder(AnyEvent)
 _encoder = msgspec.json.Encoder()
 
 
+# Every field of an event is bounded, so no user can make an event the audit stream
+# refuses (and nobody has to trust each writer to cut what its users control): a
+# string longer than MAX_FIELD_CHARS characters, or a list longer than MAX_LIST_ITEMS,
+# is cut and the event carries "truncated": true. Should the event still be larger
+# than MAX_EVENT_BYTES, fields are cut shorter until it fits.
+MAX_FIELD_CHARS = 4096
+MAX_LIST_ITEMS = 256
+MAX_EVENT_BYTES = 64 * 1024
+
+
+def _cut(value: Any, chars: int, items: int) -> tuple[Any, bool]:
+    if isinstance(value, str):
+        return (value[:chars], True) if len(value) > chars else (value, False)
+    if isinstance(value, list):
+        out, cut = [], len(value) > items
+        for v in value[:items]:
+            v, c = _cut(v, chars, items)
+            out.append(v)
+            cut = cut or c
+        return out, cut
+    if isinstance(value, dict):
+        out_d, cut = {}, len(value) > items
+        for k, v in list(value.items())[:items]:
+            v, c = _cut(v, chars, items)
+            out_d[k[:chars]] = v
+            cut = cut or c or len(k) > chars
+        return out_d, cut
+    return value, False
+
+
 def encode_event(event: AuditEvent) -> bytes:
-    return _encoder.encode(event)
+    data = _encoder.encode(event)
+    if len(data) <= MAX_FIELD_CHARS:
+        return data  # nothing in it can be over a bound (the common case costs nothing more)
+    doc = msgspec.to_builtins(event)
+    chars, items = MAX_FIELD_CHARS, MAX_LIST_ITEMS
+    while True:
+        bounded, cut = _cut(doc, chars, items)
+        if not cut:
+            return data
+        bounded["truncated"] = True
+        out = _encoder.encode(bounded)
+        if len(out) <= MAX_EVENT_BYTES:
+            return out
+        chars, items = max(chars // 4, 16), max(items // 2, 8)
 
 
 def decode_event(data: bytes) -> AuditEvent:

@@ -10,6 +10,7 @@ LOCKS = "locks"
 ENFORCER = "enforcer"
 AUDIT = "audit"
 SERVICES = (POLICY, LOCKS, ENFORCER, AUDIT)
+WEB = "web"  # the operator console (services/web); optional, so not among SERVICES
 SERVICE_NAME_PREFIX = "ringfence-"
 
 
@@ -58,8 +59,12 @@ def recording_subject(sid: str) -> str:
 
 
 # Live session output for `sessions join` (core NATS, not stored).
-def live_subject(sid: str) -> str:
-    return f"ringfence.live.{sid}"
+JOIN_SUBJECT_PREFIX = "ringfence.join"
+
+
+def join_subject(server_id: str, join_id: str) -> str:
+    """Sealed frames of one live join (ringfence/joinbox.py): only its joiner can open them."""
+    return f"{JOIN_SUBJECT_PREFIX}.{server_id}.{join_id}"
 
 
 # --- KV buckets ----------------------------------------------------------------
@@ -74,6 +79,7 @@ AUDIT_CURSOR_BUCKET = "ringfence_audit_cursor"
 NETWORK_RESTRICTIONS_KEY = "network_restrictions"
 CAP_KEY = "cluster_auth_preference"
 NETWORKING_KEY = "cluster_networking_config"
+RECORDING_CONFIG_KEY = "session_recording_config"
 ROLE_KEY_PREFIX = "role."
 USER_KEY_PREFIX = "user."
 
@@ -105,10 +111,11 @@ def user_key(name: str) -> str:
 
 # --- request/reply APIs ------------------------------------------------------------
 API_PREFIX = "ringfence.api"
-POLICY_API = f"{API_PREFIX}.{POLICY}"  # .create .get .delete
+POLICY_API = f"{API_PREFIX}.{POLICY}"  # .create .get .delete .update_user
 LOCKS_API = f"{API_PREFIX}.{LOCKS}"  # .create .get .delete .unlock
 AUDIT_API = f"{API_PREFIX}.{AUDIT}"  # .search .recordings .recording
 ENFORCER_API = f"{API_PREFIX}.{ENFORCER}"  # .<server_id>.kill
+WEB_API = f"{API_PREFIX}.{WEB}"  # .offer, then .<instance>.login on the instance that made the offer
 
 
 def api_subject(api: str, verb: str) -> str:

@@ -2,8 +2,8 @@
 
 The enforcer publishes the terminal stream of each interactive session on
 names.recording_subject(sid) (JetStream, stream RECORDINGS_STREAM), message
-id "<sid>:<seq>", and the same chunks on names.live_subject(sid) (core NATS)
-for `ringfence sessions join`. The audit service stores them as one asciicast
+id "<sid>:<seq>"; the enforcer also sends each chunk's output, sealed, to the
+session's joiners (services/enforcer/joins.py). The audit service stores them as one asciicast
 v2 file per session: the header line, then one `[time, code, data]` line per
 event (https://docs.asciinema.org/manual/asciicast/v2/).
 """

@@ -56,9 +56,20 @@ class Rule(Struct, forbid_unknown_fields=True):
     verbs: list[str]
 
 
+class JoinSessions(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """The original's join_sessions: whose sessions (by the roles of the session's user;
+    "*" any), of which kinds ("ssh", "*"), in which modes (observer, peer, moderator)."""
+
+    name: str = ""
+    roles: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=lambda: ["*"])
+    modes: list[Literal["observer", "peer", "moderator"]] = field(default_factory=list)
+
+
 class RoleConditions(Struct, forbid_unknown_fields=True, omit_defaults=True):
     rules: list[Rule] = field(default_factory=list)
     logins: list[str] = field(default_factory=list)
+    join_sessions: list[JoinSessions] = field(default_factory=list)
 
 
 class RoleOptions(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -119,6 +130,26 @@ class ClusterNetworkingConfig(Resource, tag="cluster_networking_config", kw_only
     spec: ClusterNetworkingConfigSpec = field(default_factory=ClusterNetworkingConfigSpec)
 
 
+# Singletons the policy service writes from its config file (auth_service) carry this label;
+# `create -f` and `rm` leave them alone while the file sets them (as the original's static config).
+ORIGIN_LABEL = "ringfence.dev/origin"
+ORIGIN_CONFIG_FILE = "config-file"
+
+RECORDING_CONFIG_NAME = "session-recording-config"
+
+
+class SessionRecordingConfigSpec(Struct, forbid_unknown_fields=True):
+    # node: recorded on the node, streamed as it runs; node-sync: the session fails when its
+    # recording cannot be written; off: not recorded (the original's proxy modes do not exist here).
+    mode: Literal["node", "node-sync", "off"] = "node"
+
+
+class SessionRecordingConfig(Resource, tag="session_recording_config", kw_only=True):
+    version: Literal["v2"] = "v2"
+    metadata: Metadata = field(default_factory=lambda: Metadata(name=RECORDING_CONFIG_NAME))
+    spec: SessionRecordingConfigSpec = field(default_factory=SessionRecordingConfigSpec)
+
+
 # --- locks (seed 004) ------------------------------------------------------------------
 LOCK_TARGET_FIELDS = (
     "user",
@@ -177,15 +208,18 @@ class Lock(Resource, tag="lock", kw_only=True):
     spec: LockSpec
 
 
-AnyResource = NetworkRestrictions | Role | User | ClusterAuthPreference | ClusterNetworkingConfig | Lock
+AnyResource = (NetworkRestrictions | Role | User | ClusterAuthPreference | ClusterNetworkingConfig
+               | SessionRecordingConfig | Lock)
 
 RESOURCE_TYPES: dict[str, type[Resource]] = {
     t.__struct_config__.tag: t  # type: ignore[misc]
-    for t in (NetworkRestrictions, Role, User, ClusterAuthPreference, ClusterNetworkingConfig, Lock)
+    for t in (NetworkRestrictions, Role, User, ClusterAuthPreference, ClusterNetworkingConfig, SessionRecordingConfig,
+              Lock)
 }
 
 # Kinds each service owns; the CLI routes `create -f` documents by this.
-POLICY_KINDS = ("network_restrictions", "role", "user", "cluster_auth_preference", "cluster_networking_config")
+POLICY_KINDS = ("network_restrictions", "role", "user", "cluster_auth_preference", "cluster_networking_config",
+                "session_recording_config")
 LOCK_KINDS = ("lock",)
 
 # Names users type on the command line for each kind (`ringfence get cap`).
@@ -201,6 +235,8 @@ KIND_ALIASES = {
     "cap": "cluster_auth_preference",
     "cluster_networking_config": "cluster_networking_config",
     "networking": "cluster_networking_config",
+    "session_recording_config": "session_recording_config",
+    "rec_config": "session_recording_config",
     "lock": "lock",
     "locks": "lock",
 }

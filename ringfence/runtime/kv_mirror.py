@@ -4,6 +4,11 @@ Each (re)start of the watch delivers every current value first, so the copy is
 rebuilt from scratch whenever the watch is restarted: after a reconnect, when
 the watch dies, and every RESYNC_INTERVAL. `synced_at` says when the copy was
 last known to be complete and current; a strict lock view uses it.
+
+Values are decoded into a msgspec type. One that does not decode is counted
+(`counters["kv_undecodable"]`, shown by `ringfence status --stats`) and
+logged, and the copy keeps what it had for that key: an enforcer keeps the
+last good policy or lock rather than forgetting it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+import msgspec
 from nats.aio.client import Client
 
 from . import kv_read
@@ -26,6 +32,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 RESYNC_INTERVAL = 30.0
 HEARTBEAT = 1.0
+UNDECODABLE = "kv_undecodable"  # the counter of values that did not decode
 
 
 class KvMirror(Generic[T]):
@@ -34,25 +41,29 @@ class KvMirror(Generic[T]):
         nc: Client,
         bucket: str,
         key_filter: str,
-        decode: Callable[[str, bytes], T | None],
+        type_: type[T],
         on_change: Callable[[], None] | None = None,
+        counters: dict[str, int] | None = None,
     ) -> None:
         self.nc = nc
         self.bucket = bucket
         self.key_filter = key_filter
-        self.decode = decode  # returning None (or raising) skips a value, logged
+        self.decoder = msgspec.json.Decoder(type_)
         self.on_change = on_change
+        self.counters = counters if counters is not None else {}
+        self.counters.setdefault(UNDECODABLE, 0)
         self.values: dict[str, T] = {}
+        self.revisions: dict[str, int] = {}  # the KV revision of each value held
+        self.revision = 0  # the newest revision seen, a delete included (0: nothing yet)
         self.synced_at = 0.0  # monotonic; 0 = never complete
         self.ready = asyncio.Event()
-        self.errors = 0
 
     def _decoded(self, key: str, raw: bytes) -> T | None:
         try:
-            return self.decode(key, raw)
-        except Exception as exc:
-            self.errors += 1
-            log.error("%s/%s does not decode (%s); ignoring it", self.bucket, key, exc)
+            return self.decoder.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            self.counters[UNDECODABLE] += 1
+            log.error("%s/%s does not decode (%s); keeping what was known for it", self.bucket, key, exc)
             return None
 
     def _changed(self) -> None:
@@ -79,6 +90,7 @@ class KvMirror(Generic[T]):
                                           f"$KV.{self.bucket}.{self.key_filter}")
         newest, initial_ended = 0, False
         fresh: dict[str, T] | None = {}
+        fresh_revisions: dict[str, int] = {}
         started = time.monotonic()
         was_connected = True
         try:
@@ -101,18 +113,26 @@ class KvMirror(Generic[T]):
                 if entry is None:
                     initial_ended = True
                 else:
-                    newest = max(newest, entry.revision or 0)
-                    target = fresh if fresh is not None else self.values
+                    revision = entry.revision or 0
+                    newest = max(newest, revision)
+                    values, revisions = (fresh, fresh_revisions) if fresh is not None else (self.values,
+                                                                                               self.revisions)
                     if entry.operation in ("DEL", "PURGE") or entry.value is None:
-                        target.pop(entry.key, None)
+                        values.pop(entry.key, None)
+                        revisions.pop(entry.key, None)
                     else:
                         value = self._decoded(entry.key, entry.value)
+                        if value is None and entry.key in self.values:  # keep the last good value
+                            value, revision = self.values[entry.key], self.revisions.get(entry.key, 0)
                         if value is not None:
-                            target[entry.key] = value
+                            values[entry.key] = value
+                            revisions[entry.key] = revision
                     if fresh is None:
+                        self.revision = max(self.revision, newest)
                         self._changed()
                 if fresh is not None and initial_ended and newest >= wanted:  # the snapshot is complete
-                    self.values = fresh
+                    self.values, self.revisions = fresh, fresh_revisions
+                    self.revision = max(newest, wanted)
                     fresh = None
                     self.synced_at = time.monotonic()
                     self.ready.set()

@@ -17,7 +17,10 @@ What the permissions guarantee:
 - the CLI may send control requests, ask service discovery ($SRV.>), follow
   the audit stream (`events tail`, also with durable consumers of its own), read
   the sessions bucket (`sessions ls`) and watch live sessions (`sessions join`),
-  and nothing else.
+  and nothing else;
+- the web console (services/web) may send the control requests its pages make,
+  read the policy and sessions buckets and the audit stream, watch live
+  sessions and answer its own sign-in API, and write nothing.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from ..keyfiles import write_secret
 
 CLI = "cli"
 UP = "up"
-ROLES = (names.POLICY, names.LOCKS, names.AUDIT, names.ENFORCER, CLI, UP)
+WEB = names.WEB
+ROLES = (names.POLICY, names.LOCKS, names.AUDIT, names.ENFORCER, CLI, UP, WEB)
 
 INBOXES = "_INBOX.>"
 JS_API = "$JS.API"
@@ -60,7 +64,7 @@ SERVICE_PUBLISH = {
     names.POLICY: (names.AUDIT_SUBJECTS,),
     names.LOCKS: (names.AUDIT_SUBJECTS,),
     names.AUDIT: (),
-    names.ENFORCER: (names.AUDIT_SUBJECTS, names.RECORDING_SUBJECTS, "ringfence.live.>"),
+    names.ENFORCER: (names.AUDIT_SUBJECTS, names.RECORDING_SUBJECTS, f"{names.JOIN_SUBJECT_PREFIX}.>"),
 }
 
 
@@ -111,7 +115,41 @@ def _cli_permissions() -> dict:
     ]
     return {
         "publish": {"allow": publish, "deny": [names.AUDIT_SUBJECTS, names.RECORDING_SUBJECTS, "$KV.>"]},
-        "subscribe": {"allow": [INBOXES, "ringfence.live.>"]},
+        # Joined sessions' frames: sealed to the joiner's key (ringfence/joinbox.py), so this
+        # shared credential alone reads no terminal.
+        "subscribe": {"allow": [INBOXES, f"{names.JOIN_SUBJECT_PREFIX}.>"]},
+    }
+
+
+# The control requests the console makes, each signed for its operator (services check the roles).
+WEB_REQUESTS = (
+    *(names.api_subject(names.POLICY_API, v) for v in ("create", "get", "delete")),
+    *(names.api_subject(names.LOCKS_API, v) for v in ("create", "get", "delete", "lock", "unlock")),
+    *(names.api_subject(names.AUDIT_API, v) for v in ("search", "recordings", "recording")),
+    *(names.enforcer_subject("*", v) for v in ("join", "leave", "kill")),
+)
+
+
+def _web_permissions() -> dict:
+    """The console: signed requests on behalf of signed-in operators, reads of the policy bucket
+    (to check `ringfence web login` requests), the sessions bucket and the audit stream (live
+    tail), sealed frames of the joins it makes, and its own sign-in API. No writes to any bucket or stream."""
+    reads = (kv_stream(names.POLICY_BUCKET), kv_stream(names.SESSIONS_BUCKET))
+    audit = names.AUDIT_STREAM
+    publish = [
+        *WEB_REQUESTS,
+        INBOXES,  # replies to `ringfence web login` and to discovery
+        *(f"{JS_API}.STREAM.INFO.{s}" for s in (*reads, audit)),
+        *(f"{JS_API}.DIRECT.GET.{s}.>" for s in reads),
+        *(f"{JS_API}.STREAM.MSG.GET.{s}" for s in reads),
+        # Ephemeral consumers only (one token after CREATE): KV watches and the live tail.
+        *(f"{JS_API}.CONSUMER.CREATE.{s}" for s in (*reads, audit)),
+        *(f"{JS_API}.CONSUMER.INFO.{s}.*" for s in (*reads, audit)),
+        "$JS.FC.>",
+    ]
+    return {
+        "publish": {"allow": publish, "deny": [names.AUDIT_SUBJECTS, names.RECORDING_SUBJECTS, "$KV.>"]},
+        "subscribe": {"allow": [INBOXES, "$SRV.>", f"{names.WEB_API}.>", f"{names.JOIN_SUBJECT_PREFIX}.>"]},
     }
 
 
@@ -129,6 +167,8 @@ def permissions(role: str) -> dict:
         return _cli_permissions()
     if role == UP:
         return _up_permissions()
+    if role == WEB:
+        return _web_permissions()
     if role in OWNED_BUCKETS:
         return _service_permissions(role)
     raise ValueError(f"unknown NATS role {role!r}; one of {', '.join(ROLES)}")

@@ -4,24 +4,27 @@ the policy follower and the event spool to NATS."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 from pathlib import Path
 
 import msgspec
 
+from ringfence.auth import access_denied, is_allowed, may_join
 from ringfence.contract import names
-from ringfence.contract.api import ApiError, JoinRequest, KillRequest, ok_reply
+from ringfence.contract.api import ApiError, JoinInput, JoinReply, JoinRequest, KillRequest, SessionInfo, ok_reply
 from ringfence.contract.events import AuditEvent, EventsLost, encode_event
-from ringfence.contract.strict import decode_json
+from ringfence.contract.resources import Role
 from ringfence.durations import parse_duration
 from ringfence.runtime import kv_read
 from ringfence.runtime.audit_publish import publish_encoded, stamp
-from ringfence.runtime.service import ServiceContext, StartupError
+from ringfence.runtime.service import Call, ServiceContext, StartupError
 
-from . import kernel, simulated
+from . import kernel, simulated, ssh_identity
 from .cgroups import CgroupTree
 from .directory import Directory
+from .joins import Joins
 from .limits import ConnectionLeases, SessionLimits
 from .lock_guard import LockGuard
 from .netevents import NetRecord, to_event
@@ -30,8 +33,9 @@ from .recorder import Recorder, publish_chunks
 from .recording_bpf import RecordingBPF
 from .recording_events import command_event, disk_event
 from .records import boot_offset, wall_time
+from .relays import RelayLauncher
 from .restricted_bpf import SESSION_RECORDED, SESSION_RESTRICTED, BpfLoadError, NetEvent, RestrictedBPF
-from .session_manager import SessionManager
+from .session_manager import SessionManager, SessionSettings
 from .session_socket import SessionSocket
 from .session_store import SessionStore
 from .spool import Spool
@@ -68,15 +72,22 @@ class EnforcerAdapter:
         Path(cfg.data_dir).chmod(0o755)  # session users reach the socket inside it
         self.spool = Spool(data / "spool")
         self.recordings = Spool(data / "recordings-spool")
-        self.directory = Directory(ctx.nc)
+        self.directory = Directory(ctx.nc, ctx.counters)
+        self.launcher = RelayLauncher(tree.mount / "ringfence" / f"{cfg.nodename}.relays")
+        await self.launcher.start()
         self.sessions = self._session_manager(tree, data)
         self.guard = LockGuard(ctx.nc, self.sessions, self.directory, parse_duration(cfg.lock_view_max_staleness),
                                self.emit, ctx.counters)
         leases = ConnectionLeases(await kv_read.open_bucket(ctx.js, names.LEASES_BUCKET), ctx.server_id,
                                   parse_duration(cfg.ssh_service.connection_lease_ttl))
         self.limits = SessionLimits(ctx.nc, leases, self.sessions, self.directory, self.emit, ctx.counters)
-        self.sessions.checks += [self.guard.check, self.limits.check]  # limits last: it takes a lease
+        # Limits take a lease (which may wait for one): a lock that arrived meanwhile still counts.
+        self.sessions.checks += [self.guard.check, self.limits.check, self.guard.check]
         self.sessions.end_hooks.append(self.limits.on_end)
+        self.sessions.idle_of = self.limits.idle_of
+        self.joins = Joins(ctx.nc, ctx.server_id, self.sessions, ctx.counters)
+        self.directory.on_change.append(self._roles_changed)
+        self.sessions.end_of_session.append(self.joins.session_ended)
 
         await self._take_back_sessions(bpffs, leases)
         self.sessions.kv = await ctx.js.key_value(names.SESSIONS_BUCKET)
@@ -84,16 +95,55 @@ class EnforcerAdapter:
         self.policy = PolicyFollower(self.bpf, ctx.nc, cfg.ssh_service.restricted_session.enabled,
                                      cfg.ssh_service.enhanced_recording.enabled, ctx.counters)
         self._start_tasks(data)
+        await self._loaded()
         self.socket = SessionSocket(socket_path(cfg.data_dir), self.sessions, ctx.counters)
         await self.socket.start()
         log.info("session socket at %s", self.socket.path)
-        for verb, handler, action in (("kill", self._kill, ("session", "delete")),
-                                      ("join", self._join, ("session", "read")),
-                                      ("leave", self._leave, ("session", "read"))):
-            await ctx.add_endpoint(verb, names.enforcer_subject(ctx.server_id, verb), handler, action=action)
+        # Who may join or kill a session depends on its user's roles and the mode asked for:
+        # decided in the handlers (ringfence.auth.may_join), so no rule is required up front.
+        anyone = lambda _call: []  # noqa: E731
+        for verb, handler, body in (("kill", self._kill, KillRequest), ("join", self._join, JoinRequest),
+                                    ("join_input", self._join_input, JoinInput)):
+            await ctx.add_endpoint(verb, names.enforcer_subject(ctx.server_id, verb), handler, request=body,
+                                   action=anyone)
         if simulated.enabled():
             await ctx.add_endpoint("simulate", names.enforcer_subject(ctx.server_id, "simulate"), self._simulate,
                                    action=("session", "update"))
+
+    async def _loaded(self) -> None:
+        """Fail closed: the socket admits no session before the policy is in the maps and the
+        locks, users, roles and cluster settings are known (until then PAM refuses logins)."""
+        assert self.policy is not None
+        pending = {
+            "network restrictions": self.policy.ready, "locks": self.guard.view.ready,
+            "cluster auth preference": self.guard.cap.ready, "users": self.directory.users.ready,
+            "roles": self.directory.roles.ready, "cluster networking config": self.limits.networking.ready,
+        }
+        while waiting := [name for name, ready in pending.items() if not ready.is_set()]:
+            if self.stop_event.is_set():
+                return
+            waits = [asyncio.ensure_future(pending[name].wait()) for name in waiting]
+            done, rest = await asyncio.wait(waits, timeout=10)
+            for w in rest:
+                w.cancel()
+            if not done:
+                log.warning("not admitting sessions yet: still loading %s", ", ".join(waiting))
+
+    def _roles_changed(self) -> None:
+        """Users or roles changed: running sessions take their users' roles now (locks by role,
+        limits and idle timeouts follow)."""
+        if self.sessions is None:
+            return
+        changed = False
+        for info in list(self.sessions.by_sid.values()):
+            roles = self.directory.roles_of(info.user)
+            if roles != info.roles:
+                info.roles = roles
+                self.sessions.store.save(info)
+                changed = True
+                asyncio.get_running_loop().create_task(self.sessions.refresh(info))
+        if changed:
+            asyncio.get_running_loop().create_task(self.guard.sweep())
 
     async def _simulate(self, req) -> bytes:
         """Benchmarks: make the simulated kernel write `events` denied-connect records."""
@@ -129,6 +179,7 @@ class EnforcerAdapter:
     def _session_manager(self, tree: CgroupTree, data: Path) -> SessionManager:
         assert self.ctx is not None and self.bpf is not None
         cfg, ctx = self.ctx.config, self.ctx
+        ssh = cfg.ssh_service
         flags = (SESSION_RESTRICTED if cfg.ssh_service.restricted_session.enabled else 0) | (
             SESSION_RECORDED if cfg.ssh_service.enhanced_recording.enabled else 0
         )
@@ -137,13 +188,20 @@ class EnforcerAdapter:
             bpf=self.bpf,
             store=SessionStore(data / "sessions"),
             emit=self.emit,
-            recorder=Recorder(self.recordings, self._publish_live),
+            recorder=Recorder(self.recordings, lambda chunk: self.joins.on_chunk(chunk)),
             node={"cluster_name": cfg.cluster_name, "server_id": ctx.server_id, "server_hostname": ctx.hostname},
             flags=flags,
             reader_cycles=self._reader_cycles,
             counters=ctx.counters,
             key_owners=lambda: self.directory.key_owners,
             roles_of=self.directory.roles_of,
+            launcher=self.launcher,
+            journal_dir=_private_dir(data / "relays"),
+            settings=SessionSettings(
+                record=ssh.session_recording, stdin_limit=ssh.record_stdin_bytes,
+                trusted_cas=lambda: _trusted_cas(ssh.trusted_user_ca_keys),
+                require_registered=ssh.require_registered_identity,
+            ),
         )
         manager.start(asyncio.get_running_loop())
         return manager
@@ -184,35 +242,59 @@ class EnforcerAdapter:
             *(asyncio.create_task(t, name="directory") for t in self.directory.tasks(stop)),
             *(asyncio.create_task(t, name="locks") for t in self.guard.tasks(stop)),
             *(asyncio.create_task(t, name="limits") for t in self.limits.tasks(stop)),
+            asyncio.create_task(self.joins.expire_loop(stop), name="joins"),
         ]
         for t in self.tasks:
-            t.add_done_callback(_crash_on_failure)
+            t.add_done_callback(self._task_ended)
 
-    async def _join(self, req) -> bytes:
-        assert self.sessions is not None
-        body = decode_json(req.data, JoinRequest)
-        if not self.sessions.join(body.sid, body.user):
-            raise ApiError(f'session "{body.sid}" is not running on {self.ctx.config.nodename}', "not_found")
-        return ok_reply({"sid": body.sid})
+    def _running(self, sid: str) -> SessionInfo:
+        info = self.sessions.by_sid.get(sid) if self.sessions else None
+        if info is None:
+            raise ApiError(f'session "{sid}" is not running on {self.ctx.config.nodename}', "not_found")
+        return info
 
-    async def _leave(self, req) -> bytes:
-        assert self.sessions is not None
-        body = decode_json(req.data, JoinRequest)
-        self.sessions.leave(body.sid, body.user)
-        return ok_reply({"sid": body.sid})
+    async def _roles_of(self, actor: str) -> list[Role] | None:
+        """The verified operator's roles; None when operator_auth is off (everything allowed)."""
+        request_auth = self.ctx.auth
+        if request_auth is None or not request_auth.required:
+            return None
+        user = await request_auth.directory.user(actor)
+        return await request_auth.directory.roles_of(user) if user is not None else []
 
-    def _publish_live(self, sid: str, data: bytes) -> None:
-        assert self.ctx is not None
-        task = asyncio.get_running_loop().create_task(self.ctx.nc.publish(names.live_subject(sid), data))
-        task.add_done_callback(_crash_on_failure)
+    async def _join(self, call: Call[JoinRequest]) -> JoinReply:
+        info = self._running(call.body.sid)
+        roles = await self._roles_of(call.actor)
+        if roles is not None and not may_join(roles, info.roles, call.body.mode):
+            raise ApiError(f'access denied to join session "{info.sid}" as {call.body.mode}', "access_denied")
+        return self.joins.open(info.sid, call.actor, call.body.mode, call.body.box_key)
 
-    async def _kill(self, req) -> bytes:
-        """`ringfence sessions kill SID`: end a session on this node."""
-        assert self.sessions is not None
-        body = decode_json(req.data, KillRequest)
-        if not await self.sessions.terminate(body.sid, body.message or "session terminated by an operator"):
-            raise ApiError(f'session "{body.sid}" is not running on {self.ctx.config.nodename}', "not_found")
-        return ok_reply({"sid": body.sid})
+    async def _join_input(self, call: Call[JoinInput]) -> dict:
+        try:
+            sealed = base64.b64decode(call.body.data, validate=True)
+        except ValueError:
+            raise ApiError("data is not base64", "invalid") from None
+        await self.joins.input(call.body.join_id, call.actor, sealed, call.body.leave)
+        return {}
+
+    async def _kill(self, call: Call[KillRequest]) -> dict:
+        """`ringfence sessions kill SID`: end a session on this node (session delete, or a moderator's join)."""
+        info = self._running(call.body.sid)
+        roles = await self._roles_of(call.actor)
+        if roles is not None and not (is_allowed(roles, "session", "delete") or may_join(roles, info.roles,
+                                                                                          "moderator")):
+            raise ApiError(access_denied("delete", "session"), "access_denied")
+        await self.sessions.terminate(info.sid, call.body.message or "session terminated by an operator")
+        return {"sid": info.sid}
+
+    def _task_ended(self, task: asyncio.Task) -> None:
+        """A watcher (policy, locks, users, spool...) that ends before the enforcer stops takes it
+        down: carrying on without it would enforce what it no longer knows."""
+        if self.stop_event.is_set() or task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.critical("enforcer task %s failed", task.get_name(), exc_info=exc)
+        self.ctx.fail(f"its {task.get_name()} task ended" + (f": {exc!r}" if exc else ""))
 
     def _reader_cycles(self) -> int:
         """Rounds completed by every kernel-record reader (the slowest one counts)."""
@@ -295,6 +377,8 @@ class EnforcerAdapter:
         self.stop_event.set()
         if self.socket:
             await self.socket.stop()
+        if self.sessions:
+            await self.sessions.close()
         # Tasks finish their round and see stop_event; one stuck on a NATS that is
         # gone too (SIGTERM to everything at once) is cancelled, not waited for.
         if self.tasks:
@@ -312,13 +396,27 @@ class EnforcerAdapter:
             self.recordings.close()
         if self.sessions and self.sessions.watcher:
             self.sessions.watcher.close()
+        if getattr(self, "launcher", None):
+            self.launcher.close()
         if self.bpf:
             self.bpf.close()
 
 
-def _crash_on_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception():
-        log.critical("enforcer task %s failed", task.get_name(), exc_info=task.exception())
+def _private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def _trusted_cas(path: str) -> set[bytes]:
+    """The CA keys of ssh_service.trusted_user_ca_keys, read at each login (so edits count at once)."""
+    if not path:
+        return set()
+    try:
+        return ssh_identity.read_trusted_cas(Path(path).read_text())
+    except OSError as exc:
+        log.error("cannot read ssh_service.trusted_user_ca_keys %s (%s): no certificate is trusted", path,
+                  exc.strerror)
+        return set()
 
 
 def make_adapter(_args) -> EnforcerAdapter:

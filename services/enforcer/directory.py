@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
-import msgspec
 from nats.aio.client import Client
 
 from ringfence.contract import names
@@ -14,21 +14,19 @@ from ringfence.runtime.kv_mirror import KvMirror
 from .ssh_identity import normalize_public_key
 
 
-def _decode_user(_key: str, raw: bytes) -> User:
-    return msgspec.json.decode(raw, type=User)
-
-
-def _decode_role(_key: str, raw: bytes) -> Role:
-    return msgspec.json.decode(raw, type=Role)
-
-
 class Directory:
-    def __init__(self, nc: Client) -> None:
-        self.users: KvMirror[User] = KvMirror(nc, names.POLICY_BUCKET, names.USER_KEY_PREFIX + ">", _decode_user,
-                                              self._reindex)
-        self.roles: KvMirror[Role] = KvMirror(nc, names.POLICY_BUCKET, names.ROLE_KEY_PREFIX + ">", _decode_role)
+    def __init__(self, nc: Client, counters: dict | None = None) -> None:
+        self.users: KvMirror[User] = KvMirror(nc, names.POLICY_BUCKET, names.USER_KEY_PREFIX + ">", User,
+                                              self._reindex, counters)
+        self.roles: KvMirror[Role] = KvMirror(nc, names.POLICY_BUCKET, names.ROLE_KEY_PREFIX + ">", Role,
+                                              self._notify, counters)
+        self.on_change: list[Callable[[], None]] = []  # users or roles changed
         self.key_owners: dict[tuple[str, str], str] = {}
         self._by_name: dict[str, User] = {}
+
+    def _notify(self) -> None:
+        for callback in self.on_change:
+            callback()
 
     def _reindex(self) -> None:
         owners, by_name = {}, {}
@@ -39,6 +37,7 @@ class Directory:
                 if key:
                     owners[key] = user.metadata.name
         self.key_owners, self._by_name = owners, by_name
+        self._notify()
 
     def roles_of(self, user: str) -> list[str]:
         found = self._by_name.get(user)

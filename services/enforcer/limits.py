@@ -6,8 +6,9 @@
   back the moment it ends, and renews it while it lasts. A node that dies stops
   renewing: its leases expire after the lease TTL and stop counting.
 - max_sessions: session channels per SSH connection (all on this node).
-- client_idle_timeout: no input and no output on an interactive channel for
-  that long ends the connection with the original's message.
+- client_idle_timeout: no input from the client for that long ends the idle
+  channel (its relay enforces it) or, for a connection with no channel left
+  (ssh -N), the connection, with the original's message. Output does not count.
 Each limit is the smallest non-zero value among the user's roles (and, for the
 idle timeout, the cluster networking config).
 """
@@ -35,6 +36,7 @@ from ringfence.contract.resources import ClusterNetworkingConfig, Role
 from ringfence.durations import format_duration, parse_duration
 from ringfence.runtime.kv_mirror import KvMirror
 
+from . import forwards
 from .session_core import Refusal
 
 log = logging.getLogger(__name__)
@@ -166,10 +168,6 @@ class ConnectionLeases:
 
 
 # --- the enforcer's side -------------------------------------------------------------------------------
-def _decode_networking(_key: str, raw: bytes) -> ClusterNetworkingConfig:
-    return msgspec.json.decode(raw, type=ClusterNetworkingConfig)
-
-
 class SessionLimits:
     def __init__(self, nc: Client, leases: ConnectionLeases, sessions, directory, emit, counters: dict) -> None:
         self.leases = leases
@@ -178,7 +176,7 @@ class SessionLimits:
         self.emit = emit
         self.counters = counters
         self.networking: KvMirror[ClusterNetworkingConfig] = KvMirror(
-            nc, names.POLICY_BUCKET, names.NETWORKING_KEY, _decode_networking, self._networking_changed)
+            nc, names.POLICY_BUCKET, names.NETWORKING_KEY, ClusterNetworkingConfig, self._networking_changed, counters)
         self.cluster_idle_timeout = ""
         counters.setdefault("idle_terminations", 0)
 
@@ -236,24 +234,41 @@ class SessionLimits:
                 except Exception as exc:
                     log.warning("renewing connection leases failed (%s); retrying", exc)
 
+    def idle_of(self, info: SessionInfo) -> tuple[float, str]:
+        """The session's idle timeout and the message that ends it (the relay enforces it per channel)."""
+        timeout = self.idle_timeout(info)
+        return timeout, idle_message(timeout) if timeout else ""
+
     async def idle_loop(self, stop: asyncio.Event) -> None:
+        """Connections (ssh -N tunnels, and whatever runs outside a channel) idle out too:
+        their clock is the client's last input on any channel or forward."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), IDLE_CHECK)
             now = time.monotonic()
-            for sid, link in list(self.sessions.links.items()):
-                info = self.sessions.by_sid.get(sid)
-                if info is None or not info.interactive:
+            overdue: dict[int, tuple[SessionInfo, float]] = {}
+            for info in list(self.sessions.by_sid.values()):
+                if info.kind != "connection" or info.sid in self.sessions.terminating:
                     continue
                 timeout = self.idle_timeout(info)
-                if timeout and now - link.last_io > timeout:
-                    message = idle_message(timeout)
-                    top = info.connection or sid
-                    if top in self.sessions.terminating:
-                        continue
-                    self.counters["idle_terminations"] += 1
-                    self.emit(ClientDisconnect(user=info.user, login=info.login, sid=sid, reason=message))
-                    await self.sessions.terminate(top, message)
+                if timeout and now - self.sessions.last_input(info.sid) > timeout:
+                    overdue[info.cgroup_id] = (info, timeout)
+            if not overdue:
+                continue
+            try:
+                ages = await asyncio.to_thread(forwards.input_ages, set(overdue),
+                                               {i.addr_local for i, _ in overdue.values()})
+            except OSError as exc:
+                log.warning("cannot read the forwards' activity (%s); idle connections wait", exc)
+                continue
+            for cgroup_id, (info, timeout) in overdue.items():
+                if cgroup_id in ages and ages[cgroup_id] < timeout:
+                    self.sessions.activity[info.sid] = now - ages[cgroup_id]
+                    continue
+                message = idle_message(timeout)
+                self.counters["idle_terminations"] += 1
+                self.emit(ClientDisconnect(user=info.user, login=info.login, sid=info.sid, reason=message))
+                await self.sessions.terminate(info.sid, message)
 
     def tasks(self, stop: asyncio.Event) -> list:
         return [self.networking.run(stop), self.renew_loop(stop), self.idle_loop(stop)]

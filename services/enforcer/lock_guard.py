@@ -16,7 +16,6 @@ import datetime as dt
 import logging
 import time
 
-import msgspec
 from nats.aio.client import Client
 
 from ringfence import locking
@@ -34,14 +33,6 @@ log = logging.getLogger(__name__)
 STALENESS_CHECK = 0.5
 
 
-def _decode_lock(_key: str, raw: bytes) -> Lock:
-    return msgspec.json.decode(raw, type=Lock)
-
-
-def _decode_cap(_key: str, raw: bytes) -> ClusterAuthPreference:
-    return msgspec.json.decode(raw, type=ClusterAuthPreference)
-
-
 class LockGuard:
     def __init__(self, nc: Client, sessions: SessionManager, directory: Directory, max_staleness: float,
                  emit, counters: dict) -> None:
@@ -50,9 +41,9 @@ class LockGuard:
         self.max_staleness = max_staleness
         self.emit = emit
         self.counters = counters
-        self.view: KvMirror[Lock] = KvMirror(nc, names.LOCKS_BUCKET, ">", _decode_lock, self._changed)
-        self.cap: KvMirror[ClusterAuthPreference] = KvMirror(nc, names.POLICY_BUCKET, names.CAP_KEY, _decode_cap,
-                                                             self._changed)
+        self.view: KvMirror[Lock] = KvMirror(nc, names.LOCKS_BUCKET, ">", Lock, self._changed, counters)
+        self.cap: KvMirror[ClusterAuthPreference] = KvMirror(nc, names.POLICY_BUCKET, names.CAP_KEY,
+                                                             ClusterAuthPreference, self._changed, counters)
         self.started = time.monotonic()
         self.cluster_mode = "best_effort"
         self.stale_reported = False

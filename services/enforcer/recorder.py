@@ -1,17 +1,18 @@
-"""Interactive channels' terminal streams, as asciicast v2 chunks.
+"""Session recordings, as asciicast v2 chunks.
 
-Each update from a channel's wrapper becomes one RecordingChunk, appended to a
-durable spool (published to JetStream for the audit service to store) and
-published at once on the session's live subject for `ringfence sessions join`.
+A relay journals its session's terminal stream (ringfence/hooks/relay.py:
+`started`, then numbered `rec` lines, then `exit`); each becomes one
+RecordingChunk with a sequence number derived from the journal (header 0,
+rec n -> n + 1, the end after the last rec), so a line read twice makes the
+same chunk. Chunks go to a durable spool (published to JetStream for the
+audit service to store) and at once to the session's joiners (joins.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import msgspec
 from nats.js import JetStreamContext
@@ -27,67 +28,30 @@ log = logging.getLogger(__name__)
 MSG_ID_HEADER = "Nats-Msg-Id"
 
 
-@dataclass
-class _Active:
-    info: SessionInfo
-    header: CastHeader
-    seq: int = 0
-
-
 class Recorder:
-    def __init__(self, spool: Spool, live: Callable[[str, bytes], None]) -> None:
+    def __init__(self, spool: Spool, live: Callable[[RecordingChunk], None]) -> None:
         self.spool = spool
-        self.live = live  # publish on names.live_subject(sid), best effort
-        self.active: dict[str, _Active] = {}
+        self.live = live  # to the session's joiners, as it happens
 
-    def begin(self, info: SessionInfo, width: int, height: int, term: str) -> None:
-        header = CastHeader(width=width, height=height, timestamp=int(time.time()), title=f"{info.user}@"
-                            f"{info.server_hostname} {info.sid}", env={"TERM": term} if term else {})
-        self.active[info.sid] = _Active(info, header)
-
-    def _chunk(self, rec: _Active, events: list[tuple[float, str, str]], end: bool = False) -> RecordingChunk:
-        info = rec.info
+    def _ship(self, info: SessionInfo, seq: int, events: list[tuple[float, str, str]],
+              header: CastHeader | None = None, end: bool = False) -> None:
         chunk = RecordingChunk(
-            sid=info.sid, seq=rec.seq, events=events, header=rec.header if rec.seq == 0 else None, end=end,
-            user=info.user, login=info.login, server_id=info.server_id, server_hostname=info.server_hostname,
-            started=info.started,
+            sid=info.sid, seq=seq, events=events, header=header, end=end, user=info.user, login=info.login,
+            server_id=info.server_id, server_hostname=info.server_hostname, started=info.started,
         )
-        rec.seq += 1
-        return chunk
+        self.spool.append(recording.encode(chunk))
+        self.live(chunk)
 
-    def _ship(self, chunk: RecordingChunk) -> None:
-        data = recording.encode(chunk)
-        self.spool.append(data)
-        self.live(chunk.sid, data)
+    def header(self, info: SessionInfo, width: int, height: int, timestamp: int, term: str) -> None:
+        title = f"{info.user}@{info.server_hostname} {info.sid}"
+        self._ship(info, 0, [], CastHeader(width=width, height=height, timestamp=timestamp, title=title,
+                                           env={"TERM": term} if term else {}))
 
-    def add(self, sid: str, events: list[tuple[float, str, str]]) -> None:
-        rec = self.active.get(sid)
-        if rec:
-            for part in _fitting(events):
-                self._ship(self._chunk(rec, part))
+    def events(self, info: SessionInfo, seq: int, events: list[tuple[float, str, str]]) -> None:
+        self._ship(info, seq, events)
 
-    def finish(self, sid: str) -> None:
-        rec = self.active.pop(sid, None)
-        if rec:
-            self._ship(self._chunk(rec, [], end=True))
-
-
-def _fitting(events: list[tuple[float, str, str]]) -> list[list[tuple[float, str, str]]]:
-    """Split events so every chunk stays under recording.MAX_CHUNK_BYTES (JSON
-    escaping can make terminal output up to six times longer)."""
-    budget = recording.MAX_CHUNK_BYTES // 2
-    parts: list[list[tuple[float, str, str]]] = [[]]
-    size = 0
-    for t, code, data in events:
-        for i in range(0, max(len(data), 1), budget // 6):
-            piece = (t, code, data[i : i + budget // 6])
-            cost = len(msgspec.json.encode(piece))
-            if parts[-1] and size + cost > budget:
-                parts.append([])
-                size = 0
-            parts[-1].append(piece)
-            size += cost
-    return [p for p in parts if p]
+    def finish(self, info: SessionInfo, seq: int) -> None:
+        self._ship(info, seq, [], end=True)
 
 
 class _Envelope(msgspec.Struct):

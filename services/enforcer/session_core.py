@@ -4,11 +4,14 @@ Three kinds of session (SessionInfo.kind):
   local       `ringfence run`: root may name any user and login; any other
               account only itself.
   connection  an SSH connection, opened by sshd's PAM hook (root only) for the
-              sshd process handling it; the user comes from how the client
-              authenticated (certificate key ID, registered key, else login).
-  channel     a shell/command/sftp inside a connection, opened by the
-              ForceCommand wrapper from inside the connection's cgroup; it
-              inherits the connection's identity, so it cannot be forged.
+              sshd process handling it (the hook's parent); the user comes from
+              how the client authenticated (trusted certificate key ID,
+              registered key, else the login).
+  channel     a shell/command/sftp inside a connection, asked for from inside
+              the connection's cgroup (the ForceCommand wrapper). It inherits
+              the connection's identity and facts; the request says only what
+              to run, which runs as the login anyway. So nothing a user's
+              process asks can claim to be someone else or somewhere else.
 A process already in a local session or a channel cannot open another session.
 """
 
@@ -23,7 +26,12 @@ from . import ssh_identity
 
 
 class Refused(Exception):
-    """The session is not opened; the message is shown to the user."""
+    """The session is not opened; the message is shown to the user. `recorded`: a
+    session.rejected event was already written for it."""
+
+    def __init__(self, message: str, recorded: bool = False) -> None:
+        super().__init__(message)
+        self.recorded = recorded
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class Peer:
     session: SessionInfo | None = None
     # A session cgroup of another Ringfence node on this host, or None.
     foreign_session: str | None = None
+    parent: int = 0  # the peer's parent process (sshd, for the PAM hook)
 
 
 @dataclass(frozen=True)
@@ -52,9 +61,9 @@ class Plan:
     kind: str
     user: str
     login: str
-    pid: int  # the process to place in the new cgroup
+    pid: int  # the process to place in the new cgroup (0: a relay starts the program there)
     roles: tuple[str, ...] = ()
-    key_id: str = ""
+    identity: ssh_identity.SshIdentity | None = None
     parent: SessionInfo | None = None  # the connection of a channel
 
 
@@ -69,6 +78,10 @@ def plan_session(
     req: OpenSessionRequest,
     key_owners: Mapping[tuple[str, str], str],
     roles_of: Callable[[str], list[str]],
+    *,
+    has_program: bool,
+    trusted_cas: set[bytes] = frozenset(),
+    require_registered: bool = False,
 ) -> Plan:
     if req.kind == "channel":
         conn = peer.session
@@ -78,20 +91,27 @@ def plan_session(
             raise Refused(f"process {peer.pid} is not inside an SSH connection; channels open only from sshd")
         if peer.uid != 0 and peer.account != conn.login:
             raise Refused(f"{peer.account} cannot open a channel in {conn.login}'s connection")
-        return Plan("channel", conn.user, conn.login, peer.pid, tuple(conn.roles), conn.key_id, conn)
+        if not has_program:
+            raise Refused("a channel needs its stdin, stdout and stderr (SCM_RIGHTS)")
+        return Plan("channel", conn.user, conn.login, 0, tuple(conn.roles), None, conn)
 
     if req.kind == "connection":
         if peer.uid != 0:
             raise Refused("only root (sshd's PAM hook) may open a connection session")
-        if req.pid <= 0 or not req.login:
-            raise Refused("a connection session needs the sshd process id and the login")
-        ident = ssh_identity.resolve(req.auth_info, req.login, key_owners)
-        return Plan("connection", ident.user, req.login, req.pid, tuple(roles_of(ident.user)), ident.key_id)
+        if peer.parent <= 1 or not req.login:
+            raise Refused("a connection session needs sshd as the requester's parent and the login")
+        try:
+            ident = ssh_identity.resolve(req.auth_info, req.login, key_owners, trusted_cas, require_registered)
+        except ssh_identity.UnknownIdentity as exc:
+            raise Refused(str(exc)) from None
+        return Plan("connection", ident.user, req.login, peer.parent, tuple(roles_of(ident.user)), ident)
 
     _refuse_nesting(peer)
-    if req.pid and req.pid != peer.pid and peer.uid != 0:
+    if has_program == bool(req.pid):
+        raise Refused("a local session runs a program (stdin, stdout and stderr as SCM_RIGHTS) or, for root, "
+                      "places a process (pid); give exactly one")
+    if req.pid and peer.uid != 0:
         raise Refused("only root may open a session for another process")
-    pid = req.pid or peer.pid
     login = req.login or peer.account
     user = req.user or login
     if peer.uid != 0 and (login != peer.account or user != peer.account):
@@ -99,4 +119,4 @@ def plan_session(
             f"only root may open a session for another user: you are {peer.account} (uid {peer.uid}), "
             f"asked for user {user!r} login {login!r}"
         )
-    return Plan("local", user, login, pid, tuple(roles_of(user)))
+    return Plan("local", user, login, req.pid, tuple(roles_of(user)))

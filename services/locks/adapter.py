@@ -4,11 +4,11 @@ bucket, and housekeeping that deletes locks once they expire.
 Expiry is not what makes a lock stop: the enforcer evaluates `expires` itself
 at the instant it acts (ringfence.locking). Deleting expired locks keeps the
 bucket and `get locks` tidy and records a lock.deleted event (reason
-"expired"). A KV watcher keeps a view of every lock, whoever wrote it; one
-timer sleeps until the next expiry in that view. A full re-read at start-up
-and every SWEEP_INTERVAL catches anything the watcher missed. Deletes are
-conditional on the revision read, so when several locks services run, one of
-them removes a given lock and records it once.
+"expired"). A KV mirror (runtime/kv_mirror.py) keeps a view of every lock,
+whoever wrote it, re-read in full every 30 s and after a reconnect; one timer
+sleeps until the next expiry in that view. Deletes are conditional on the
+revision seen, so when several locks services run, one of them removes a
+given lock and records it once.
 """
 
 from __future__ import annotations
@@ -19,37 +19,34 @@ import dataclasses
 import datetime as dt
 import logging
 import uuid
+from typing import Any
 
 import msgspec
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, NoStreamResponseError
 from nats.js.kv import KeyValue
-from nats.micro.request import Request
 
 from ringfence import locking
 from ringfence.contract import api, names
 from ringfence.contract import resources as r
+from ringfence.contract.documents import CreateDocuments, decode_create_request
 from ringfence.runtime import kv_batch, kv_read
 from ringfence.runtime.audit_outbox import Outbox
 from ringfence.runtime.audit_publish import publish_change_events
-from ringfence.runtime.service import ServiceContext, request_actor
+from ringfence.runtime.kv_mirror import UNDECODABLE, KvMirror
+from ringfence.runtime.service import Call, ServiceContext
 
 from . import core
 
 log = logging.getLogger(__name__)
 
-SWEEP_INTERVAL = 60.0  # full re-read of the bucket; also the longest the timer sleeps
+TIMER_CAP = 60.0  # the longest the expiry timer sleeps (clocks jump)
 RETRY_AFTER_ERROR = 5.0
 WRONG_LAST_SEQUENCE = 10071  # JetStream: the key moved on since we read it
 
 COUNTERS = ("locks_created", "locks_deleted", "locks_expired", "requests_rejected", "audit_publish_failures",
-            "undecodable_locks", "expiry_errors")
-
-
-def actor_of(req: Request) -> str:
-    """The user the request acts as: its verified operator identity (see ringfence.runtime.service)."""
-    return request_actor(req)
+            "expiry_errors")
 
 
 def utcnow() -> dt.datetime:
@@ -60,27 +57,28 @@ class Adapter:
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.kv: KeyValue = await kv_read.open_bucket(ctx.js, names.LOCKS_BUCKET)
-        # One writer at a time in this process: "created" vs "updated" and the
-        # order of audit events follow the order of the writes.
-        self.write_lock = asyncio.Lock()
-        self.view: dict[str, core.Stored] = {}  # every stored lock, as the watcher and sweeps saw it
         self.view_changed = asyncio.Event()
+        # Every stored lock, whoever wrote it: what the expiry timer looks at.
+        self.view: KvMirror[r.Lock] = KvMirror(ctx.nc, names.LOCKS_BUCKET, ">", r.Lock, self.view_changed.set,
+                                               ctx.counters)
+        self.expired_here: set[tuple[str, int]] = set()  # (name, revision) deleted, until the view sees it
         self.stopping = asyncio.Event()
         for counter in COUNTERS:
             ctx.counters.setdefault(counter, 0)
         self.outbox = Outbox(ctx, names.LOCKS_BUCKET, names.LOCKS)
         await self.outbox.start()  # events of changes a killed predecessor wrote but did not publish
-        await self._sweep()  # expired while no locks service ran
-        self.tasks = [asyncio.create_task(self._watch(), name="locks-watch"),
+        self.tasks = [asyncio.create_task(self.view.run(self.stopping), name="locks-view"),
                       asyncio.create_task(self._expire(), name="locks-expire")]
-        # What each request does, for the role check: (resource, verb) or a resolver.
-        for verb, handler, action in (("create", self.create, self._create_actions),
-                                      ("lock", self.lock, ("lock", "create")),
-                                      ("get", self.get, self._get_actions),
-                                      ("delete", self.delete, ("lock", "delete")),
-                                      ("unlock", self.unlock, ("lock", "delete"))):
+        # Writers are exclusive (ctx.write_lock): "created" vs "updated" and the order of
+        # audit events follow the order of the writes.
+        for verb, handler, request, action, exclusive in (
+                ("create", self.create, decode_create_request, self._create_actions, True),
+                ("lock", self.lock, api.LockRequest, ("lock", "create"), True),
+                ("get", self.get, api.GetRequest, self._get_actions, False),
+                ("delete", self.delete, api.DeleteRequest, ("lock", "delete"), True),
+                ("unlock", self.unlock, api.UnlockRequest, ("lock", "delete"), True)):
             await ctx.add_endpoint(verb, names.api_subject(names.LOCKS_API, verb), self._counted(handler),
-                                   action=action)
+                                   request=request, action=action, exclusive=exclusive)
 
     async def stop(self) -> None:
         self.stopping.set()
@@ -93,76 +91,64 @@ class Adapter:
                 await task
 
     def _counted(self, handler):
-        async def serve(req: Request) -> bytes:
+        async def serve(call: Call) -> Any:
             try:
-                return await handler(req)
+                return await handler(call)
             except api.ApiError:
                 self.ctx.counters["requests_rejected"] += 1
                 raise
 
         return serve
 
-    async def _create_actions(self, req: Request) -> list[tuple[str, str]]:
+    async def _create_actions(self, call: Call[CreateDocuments]) -> list[tuple[str, str]]:
         """create -f: ("lock", "update") for a document replacing a stored lock, else ("lock", "create")."""
-        docs, _ = core.decode_create_request(req.data)
         actions = []
-        for doc in docs:
+        for doc in call.body.docs:
             md = doc.get("metadata") if isinstance(doc, dict) else None
             name = md.get("name") if isinstance(md, dict) else None
-            exists = isinstance(name, str) and core.valid_name(name) and await self._read(name) is not None
+            exists = isinstance(name, str) and core.valid_name(name) and await self._read(name, call) is not None
             actions.append(("lock", "update" if exists else "create"))
         return actions
 
-    async def _get_actions(self, req: Request) -> list[tuple[str, str]]:
-        request = core.decode(req.data, api.GetRequest)
-        return [("lock", "read" if request.name else "list")]
+    async def _get_actions(self, call: Call[api.GetRequest]) -> list[tuple[str, str]]:
+        return [("lock", "read" if call.body.name else "list")]
 
     # --- endpoints ------------------------------------------------------------------
 
-    async def create(self, req: Request) -> bytes:
-        docs, dry_run = core.decode_create_request(req.data)
-        checked = core.check_documents(docs)
-        async with self.write_lock:
-            existing = {d.lock.metadata.name for d in checked if await self._read(d.lock.metadata.name)}
-            changes = core.plan_create(checked, existing, actor_of(req), utcnow())
-            problems = [] if dry_run else await self._apply(changes)
-        return api.ok_reply(api.CreateResult(messages=core.create_messages(changes) + problems))
+    async def create(self, call: Call[CreateDocuments]) -> api.CreateResult:
+        checked = core.check_documents(call.body.docs)
+        existing = {d.lock.metadata.name for d in checked if await self._read(d.lock.metadata.name, call)}
+        changes = core.plan_create(checked, existing, call.actor, utcnow())
+        problems = [] if call.body.dry_run else await self._apply(changes)
+        return api.CreateResult(messages=core.create_messages(changes) + problems)
 
-    async def lock(self, req: Request) -> bytes:
-        request = core.decode(req.data, api.LockRequest)
+    async def lock(self, call: Call[api.LockRequest]) -> api.LockResult:
         name = str(uuid.uuid4())
-        change = core.plan_lock(request, name, actor_of(req), utcnow())
-        async with self.write_lock:
-            problems = await self._apply([change], create_only=True)
-        return api.ok_reply(api.LockResult(name=name, message="\n".join([change.message, *problems])))
+        change = core.plan_lock(call.body, name, call.actor, utcnow())
+        problems = await self._apply([change], create_only=True)
+        return api.LockResult(name=name, message="\n".join([change.message, *problems]))
 
-    async def get(self, req: Request) -> bytes:
-        request = core.decode(req.data, api.GetRequest)
+    async def get(self, call: Call[api.GetRequest]) -> list[r.Lock]:
+        request = call.body
         core.check_kind(request.kind)
         now = utcnow()
         if request.name:
-            stored = await self._read(request.name) if core.valid_name(request.name) else None
-            found = core.get_one(request.name, stored.lock if stored else None, now)
-        else:
-            found = core.listing([s.lock for s in (await self._read_all()).values()], now)
-        return api.ok_reply(found)
+            stored = await self._read(request.name, call) if core.valid_name(request.name) else None
+            return core.get_one(request.name, stored.lock if stored else None, now)
+        return core.listing([s.lock for s in (await self._read_all()).values()], now)
 
-    async def delete(self, req: Request) -> bytes:
-        request = core.decode(req.data, api.DeleteRequest)
+    async def delete(self, call: Call[api.DeleteRequest]) -> api.DeleteResult:
+        request = call.body
         core.check_kind(request.kind)
-        async with self.write_lock:
-            stored = await self._read(request.name) if core.valid_name(request.name) else None
-            change = core.plan_delete(request.name, stored, actor_of(req))
-            problems = await self._apply([change])
-        return api.ok_reply(api.DeleteResult(message="\n".join([change.message, *problems])))
+        stored = await self._read(request.name, call) if core.valid_name(request.name) else None
+        change = core.plan_delete(request.name, stored, call.actor)
+        problems = await self._apply([change])
+        return api.DeleteResult(message="\n".join([change.message, *problems]))
 
-    async def unlock(self, req: Request) -> bytes:
-        request = core.decode(req.data, api.UnlockRequest)
-        async with self.write_lock:
-            changes, message = core.plan_unlock(request.target, await self._read_all(), actor_of(req), utcnow())
-            problems = await self._apply(changes)
-        names_removed = [c.key for c in changes]
-        return api.ok_reply(api.UnlockResult(names=names_removed, message="\n".join([message, *problems])))
+    async def unlock(self, call: Call[api.UnlockRequest]) -> api.UnlockResult:
+        changes, message = core.plan_unlock(call.body.target, await self._read_all(), call.actor, utcnow())
+        problems = await self._apply(changes)
+        return api.UnlockResult(names=[c.key for c in changes], message="\n".join([message, *problems]))
 
     # --- KV ----------------------------------------------------------------------------
 
@@ -170,20 +156,24 @@ class Adapter:
         try:
             return msgspec.json.decode(value or b"", type=r.Lock)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            self.ctx.counters["undecodable_locks"] += 1
+            self.ctx.counters[UNDECODABLE] += 1
             log.error("lock %r in KV does not decode (%s); ignoring it", key, exc)
             return None
 
     # Reads see every write acknowledged before them, also on a cluster (runtime/kv_read.py).
-    async def _read(self, key: str) -> core.Stored | None:
+    async def _read(self, key: str, call: Call | None = None) -> core.Stored | None:
+        """The lock stored under `key`, read once per call (its permission check and its handler share it)."""
+        if call is not None and key in call.reads:
+            return call.reads[key]
         try:
             entry = await kv_read.get(self.kv, key)
         except kv_read.StaleSnapshotError as exc:
             raise api.ApiError(f"cannot read the locks bucket: {exc}", "unavailable") from None
-        if entry is None:
-            return None
-        lock = self._decode(key, entry.value)
-        return core.Stored(lock, entry.revision) if lock else None
+        lock = self._decode(key, entry.value) if entry is not None else None
+        stored = core.Stored(lock, entry.revision) if lock and entry else None
+        if call is not None:
+            call.reads[key] = stored
+        return stored
 
     async def _read_all(self) -> dict[str, core.Stored]:
         """Every lock stored now, with its revision."""
@@ -271,85 +261,45 @@ class Adapter:
 
     # --- expiry housekeeping ----------------------------------------------------------------
 
-    def _see(self, key: str, stored: core.Stored | None, revision: int) -> None:
-        """Fold one observation into the view, never going back to an older revision."""
-        current = self.view.get(key)
-        if current is not None and current.revision > revision:
-            return
-        if stored is None:
-            self.view.pop(key, None)
-        else:
-            self.view[key] = stored
-        self.view_changed.set()
-
-    async def _watch(self) -> None:
-        """Follow the bucket; restart the watcher whenever it fails."""
-        while not self.stopping.is_set():
-            watcher = None
-            try:
-                watcher = await self.kv.watch(">")
-                async for entry in watcher:
-                    if entry is None:
-                        continue
-                    if entry.operation in ("DEL", "PURGE") or not entry.value:
-                        self._see(entry.key, None, entry.revision or 0)
-                    elif lock := self._decode(entry.key, entry.value):
-                        self._see(entry.key, core.Stored(lock, entry.revision or 0), entry.revision or 0)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self.ctx.counters["expiry_errors"] += 1
-                log.exception("locks watcher failed; restarting it in %.0fs", RETRY_AFTER_ERROR)
-                await asyncio.sleep(RETRY_AFTER_ERROR)
-            finally:
-                if watcher is not None:
-                    with contextlib.suppress(Exception):
-                        await watcher.stop()
-
-    async def _sweep(self) -> None:
-        """Re-read the whole bucket into the view, then delete what has expired."""
-        for key, stored in (await self._read_all()).items():
-            self._see(key, stored, stored.revision)
-        await self._expire_now()
+    def _stored_view(self) -> dict[str, core.Stored]:
+        """The view's locks with their revisions, less those this service deleted already."""
+        return {key: core.Stored(lock, rev) for key, lock in self.view.values.items()
+                if (key, rev := self.view.revisions.get(key, 0)) not in self.expired_here}
 
     async def _expire_now(self) -> None:
-        async with self.write_lock:
-            for change in core.plan_expiry(dict(self.view), utcnow()):
+        async with self.ctx.write_lock:
+            for change in core.plan_expiry(self._stored_view(), utcnow()):
+                assert change.last is not None
+                self.expired_here.add((change.key, change.last))
                 try:
                     seq = await kv_batch.write_one(self.ctx.js, names.LOCKS_BUCKET, self._write(change))
                 except APIError as exc:
                     if exc.err_code != WRONG_LAST_SEQUENCE:
+                        self.expired_here.discard((change.key, change.last))
                         raise
-                    # Someone else removed or rewrote it first: their write wins and the
-                    # watcher brings the view up to date.
+                    # Someone else removed or rewrote it first: their write wins, and the
+                    # view catches up with it.
                     log.debug("lock %s moved on before it was expired here", change.key)
-                    if (current := self.view.get(change.key)) and current.revision == change.last:
-                        del self.view[change.key]
                     continue
-                if (current := self.view.get(change.key)) and current.revision == change.last:
-                    del self.view[change.key]
                 self.ctx.counters["locks_expired"] += 1
                 log.info("%s: removed", change.message)
                 warnings = await publish_change_events(self.ctx, [change.event])
                 await self.outbox.published(seq, all_published=not warnings)
+        # Forget deletes the view has seen (the key is gone or holds a newer revision).
+        self.expired_here = {(k, rev) for k, rev in self.expired_here if self.view.revisions.get(k) == rev}
 
     async def _expire(self) -> None:
-        """One timer: sleep until the next expiry in the view (or the next sweep), then act."""
-        loop = asyncio.get_running_loop()
-        next_sweep = loop.time() + SWEEP_INTERVAL
+        """One timer: sleep until the next expiry in the view (at most TIMER_CAP), then act.
+        Locks that expired while no locks service ran go as soon as the view is complete."""
+        await self.view.ready.wait()
         while not self.stopping.is_set():
             try:
                 self.view_changed.clear()
+                await self._expire_now()
                 now = utcnow()
-                due = locking.next_expiry((s.lock for s in self.view.values()), now)
-                delay = core.seconds_until(due, now, max(0.0, next_sweep - loop.time()))
+                due = locking.next_expiry((s.lock for s in self._stored_view().values()), now)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.view_changed.wait(), delay)
-                if loop.time() >= next_sweep:
-                    next_sweep = loop.time() + SWEEP_INTERVAL
-                    await self._sweep()
-                else:
-                    await self._expire_now()
+                    await asyncio.wait_for(self.view_changed.wait(), core.seconds_until(due, now, TIMER_CAP))
             except asyncio.CancelledError:
                 raise
             except Exception:

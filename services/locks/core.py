@@ -24,13 +24,9 @@ import msgspec
 from ringfence import locking
 from ringfence.contract import api, events, strict
 from ringfence.contract import resources as r
+from ringfence.contract.documents import document_label, format_problems, quote, show
 from ringfence.durations import parse_duration
 
-MAX_REQUEST_BYTES = 16 * 1024 * 1024
-MAX_PROBLEMS_SHOWN = 50
-# A request is applied as one atomic write (runtime/kv_batch.py), which holds at most 1000 keys.
-MAX_DOCUMENTS = 1000
-MAX_QUOTED = r.MAX_NAME_LEN + 3  # longer names are invalid; messages show their start
 MAX_HINTS_SHOWN = 5
 
 NO_TARGET = "at least one target field must be set"
@@ -51,27 +47,6 @@ REASON_EXPIRED = "expired"
 # locks services expiring the same lock publish one event (the stream drops
 # the duplicate message id).
 _EXPIRY_NAMESPACE = uuid.UUID("0b8d6a53-2f0e-4e4a-9d3c-6c1f1b7a4e21")
-
-
-def quote(name: str) -> str:
-    """Go's %q: "alice". For names we reject: control characters are escaped, and a name
-    longer than any valid one is cut (an error reply must fit in a NATS message)."""
-    if len(name) > MAX_QUOTED:
-        name = name[: MAX_QUOTED - 3] + "..."
-    return '"' + strict.visible(name.replace("\\", "\\\\").replace('"', '\\"')) + '"'
-
-
-def show(value: Any) -> str:
-    """A value as the user wrote it, quoted when a string, cut when long."""
-    text = f'"{strict.visible(value)}"' if isinstance(value, str) else repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def format_problems(problems: list[str]) -> str:
-    shown = problems[:MAX_PROBLEMS_SHOWN]
-    if len(problems) > len(shown):
-        shown.append(f"... and {len(problems) - len(shown)} more problems")
-    return "\n".join(shown)
 
 
 def plural(n: int, word: str) -> str:
@@ -119,6 +94,29 @@ def check_target(target: r.LockTarget, path_of=document_path, where: str = "") -
     return problems
 
 
+# `ssh-keygen -lf KEY.pub` prints SHA256: and the unpadded base64 of a 32-byte digest.
+_FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
+KEY_TARGETS = {
+    "device": "the key (or the certificate's key) a session logged in with",
+    "mfa_device": "the FIDO security key (sk-ssh-ed25519, sk-ecdsa) a session logged in with",
+}
+
+
+def check_matchable(target: r.LockTarget, path_of=document_path) -> list[str]:
+    """Problems with the targets of a new lock that could never match a session here: a target
+    kind OpenSSH fleets do not have, or a key target that is not a key fingerprint."""
+    problems = []
+    for name, value in target.fields().items():
+        if name in locking.UNMATCHABLE_TARGETS:
+            problems.append(f"{path_of(name)}: {show(value)}: cannot be locked here: "
+                            f"{locking.UNMATCHABLE_TARGETS[name]}")
+        elif name in KEY_TARGETS and not _FINGERPRINT.fullmatch(value):
+            problems.append(f"{path_of(name)}: {show(value)} is not an SSH key fingerprint: {name} locks match "
+                            f"the SHA256 fingerprint of {KEY_TARGETS[name]}, as `ssh-keygen -lf KEY.pub` prints "
+                            "it (SHA256: and 43 characters)")
+    return problems
+
+
 def check_message(message: str, path: str) -> list[str]:
     if len(message) > r.MAX_MESSAGE_LEN:
         return [f"{path}: {len(message)} characters; at most {r.MAX_MESSAGE_LEN} are allowed"]
@@ -146,32 +144,6 @@ def parse_expires(text: str, path: str) -> tuple[str, list[str]]:
 
 
 # --- requests ---------------------------------------------------------------------------
-
-
-def decode(data: bytes, type_: type) -> Any:
-    try:
-        return msgspec.json.decode(data, type=type_)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string: UnicodeDecodeError
-        raise api.ApiError(f"malformed request: {strict.visible(str(exc))}") from None
-    except RecursionError:
-        raise api.ApiError(f"malformed request: {strict.NESTED_TOO_DEEPLY}") from None
-
-
-def decode_create_request(data: bytes) -> tuple[list[Any], bool]:
-    """The untyped documents of a create request, and whether it is a dry run."""
-    if len(data) > MAX_REQUEST_BYTES:
-        raise api.ApiError(
-            f"the request is {len(data)} bytes; at most {MAX_REQUEST_BYTES} ({MAX_REQUEST_BYTES >> 20} MiB) "
-            "are accepted: split the documents into several requests"
-        )
-    request = decode(data, api.CreateRequest)
-    docs = [decode(raw, Any) for raw in request.resources]
-    if not docs:
-        raise api.ApiError("the request contains no documents")
-    if len(docs) > MAX_DOCUMENTS:
-        raise api.ApiError(f"the request contains {len(docs)} documents; at most {MAX_DOCUMENTS} are applied "
-                           "together: split them into several requests")
-    return docs, request.dry_run
 
 
 def check_kind(text: str) -> None:
@@ -203,19 +175,6 @@ class Change:
     last: int | None = None
 
 
-def document_label(position: int, doc: Any) -> str:
-    """`document 2 (lock "x")` from whatever the user wrote, valid or not."""
-    kind = doc.get("kind") if isinstance(doc, dict) else None
-    metadata = doc.get("metadata") if isinstance(doc, dict) else None
-    name = metadata.get("name") if isinstance(metadata, dict) else None
-    if not isinstance(kind, str):
-        return f"document {position}"
-    kind = strict.visible(kind if len(kind) <= 60 else kind[:57] + "...")
-    if isinstance(name, str):
-        return f"document {position} ({kind} {quote(name)})"
-    return f"document {position} ({kind})"
-
-
 def check_document(doc: Any) -> tuple[list[str], r.Lock | None]:
     kind = doc.get("kind") if isinstance(doc, dict) else None
     if isinstance(kind, str) and kind in r.RESOURCE_TYPES and kind not in r.LOCK_KINDS:
@@ -227,7 +186,7 @@ def check_document(doc: Any) -> tuple[list[str], r.Lock | None]:
     assert isinstance(decoded, r.Lock)  # every other kind was turned away above
     spec = decoded.spec
     problems = check_metadata(decoded.metadata)
-    problems += check_target(spec.target, document_path, "spec.target: ")
+    problems += check_target(spec.target, document_path, "spec.target: ") or check_matchable(spec.target)
     problems += check_message(spec.message, "spec.message")
     expires = ""
     if spec.expires:
@@ -326,7 +285,7 @@ def lock_expiry(request: api.LockRequest, now: dt.datetime) -> tuple[str, list[s
 
 def plan_lock(request: api.LockRequest, name: str, actor: str, now: dt.datetime) -> Change:
     """The lock `ringfence lock` asks for, named `name` (a fresh UUID)."""
-    problems = check_target(request.target, flag_path)
+    problems = check_target(request.target, flag_path) or check_matchable(request.target, flag_path)
     problems += check_message(request.message, "--message")
     expires, found = lock_expiry(request, now)
     problems += found

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from ringfence.contract import resources as r
-from ringfence.contract.strict import visible
+from ringfence.contract.documents import show
 from ringfence.durations import parse_duration
 
 from .cidrs import normalise_cidr
@@ -25,12 +25,6 @@ VERBS = ("list", "create", "read", "update", "delete", "*")
 # Names end up in messages, audit events and `KIND/NAME` arguments: no
 # whitespace or control characters, and no "/" so `roles/NAME` is unambiguous.
 _NAME = re.compile(r"[^\s/\x00-\x1f\x7f]+")
-
-
-def show(value: Any) -> str:
-    """A value as the user wrote it, quoted when a string, cut when long."""
-    text = f'"{visible(value)}"' if isinstance(value, str) else repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class Problems:
@@ -62,6 +56,9 @@ def check_metadata(p: Problems, md: r.Metadata) -> None:
         p.add("metadata.description", f"{len(md.description)} characters; at most {r.MAX_MESSAGE_LEN} are allowed")
     if len(md.labels) > r.MAX_LIST_ITEMS:
         p.add("metadata.labels", f"{len(md.labels)} entries; at most {r.MAX_LIST_ITEMS} are allowed")
+    if r.ORIGIN_LABEL in md.labels:
+        p.add(f"metadata.labels.{r.ORIGIN_LABEL}", "is set by the policy service only (for settings from its "
+                                                   "config file); leave it out")
 
 
 def check_duration(p: Problems, text: str, path: str) -> None:
@@ -159,12 +156,18 @@ def check_networking(p: Problems, res: r.ClusterNetworkingConfig) -> r.ClusterNe
     return res
 
 
+def check_recording_config(p: Problems, res: r.SessionRecordingConfig) -> r.SessionRecordingConfig:
+    check_fixed_name(p, res.metadata.name, r.RECORDING_CONFIG_NAME)
+    return res
+
+
 CHECKS: dict[type, Callable[[Problems, Any], Any]] = {
     r.NetworkRestrictions: check_network_restrictions,
     r.Role: check_role,
     r.User: check_user,
     r.ClusterAuthPreference: check_cap,
     r.ClusterNetworkingConfig: check_networking,
+    r.SessionRecordingConfig: check_recording_config,
 }
 
 

@@ -7,6 +7,7 @@ document anywhere means nothing changes.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,24 +15,22 @@ import msgspec
 
 from ringfence.contract import api, events, names, strict
 from ringfence.contract import resources as r
+from ringfence.contract.documents import document_label, format_problems, quote, show
+from ringfence.sshkeys import line_fingerprint
 
 from .checks import check
-
-MAX_REQUEST_BYTES = 16 * 1024 * 1024
-MAX_PROBLEMS_SHOWN = 50  # more would scroll the first (usually the cause) out of sight
-MAX_QUOTED = r.MAX_NAME_LEN + 3  # longer names are invalid; messages show their start
-# A request is applied as one atomic write (runtime/kv_batch.py), which holds at most 1000 keys.
-MAX_DOCUMENTS = 1000
 
 SINGLETON_KEYS = {
     "network_restrictions": names.NETWORK_RESTRICTIONS_KEY,
     "cluster_auth_preference": names.CAP_KEY,
     "cluster_networking_config": names.NETWORKING_KEY,
+    "session_recording_config": names.RECORDING_CONFIG_KEY,
 }
 SINGLETON_NAMES = {
     "network_restrictions": r.NETWORK_RESTRICTIONS_NAME,
     "cluster_auth_preference": r.CAP_NAME,
     "cluster_networking_config": r.NETWORKING_NAME,
+    "session_recording_config": r.RECORDING_CONFIG_NAME,
 }
 NAMED_KEY_PREFIXES = {"role": names.ROLE_KEY_PREFIX, "user": names.USER_KEY_PREFIX}
 NAMED_KEYS = {"role": names.role_key, "user": names.user_key}
@@ -41,6 +40,13 @@ NAMED_KEYS = {"role": names.role_key, "user": names.user_key}
 DEFAULTS: dict[str, r.Resource] = {
     "cluster_auth_preference": r.ClusterAuthPreference(),
     "cluster_networking_config": r.ClusterNetworkingConfig(),
+    "session_recording_config": r.SessionRecordingConfig(),
+}
+# The config file setting (auth_service) that fixes each singleton it can set.
+STATIC_SETTINGS = {
+    "cluster_auth_preference": "auth_service.authentication.locking_mode",
+    "cluster_networking_config": "auth_service.client_idle_timeout",
+    "session_recording_config": "auth_service.session_recording",
 }
 
 NETWORK_RESTRICTIONS_UPDATED = "network restrictions have been updated"
@@ -49,14 +55,8 @@ CAP_UPDATED = "cluster auth preference has been updated"
 CAP_RESET = "cluster auth preference has been reset to defaults"
 NETWORKING_UPDATED = "cluster networking configuration has been updated"
 NETWORKING_RESET = "cluster networking configuration has been reset to defaults"
-
-
-def quote(name: str) -> str:
-    """Go's %q: "alice". For names we reject: control characters are escaped, and a name
-    longer than any valid one is cut (an error reply must fit in a NATS message)."""
-    if len(name) > MAX_QUOTED:
-        name = name[: MAX_QUOTED - 3] + "..."
-    return '"' + strict.visible(name.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+RECORDING_UPDATED = "session recording configuration has been updated"
+RECORDING_RESET = "session recording configuration has been reset to defaults"
 
 
 @dataclass(frozen=True)
@@ -74,32 +74,6 @@ class Change:
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
 
-# --- requests -------------------------------------------------------------------------
-
-
-def decode_create_request(data: bytes) -> tuple[list[Any], bool]:
-    """The untyped documents of a create request, and whether it is a dry run."""
-    if len(data) > MAX_REQUEST_BYTES:
-        raise api.ApiError(
-            f"the request is {len(data)} bytes; at most {MAX_REQUEST_BYTES} ({MAX_REQUEST_BYTES >> 20} MiB) "
-            "are accepted: split the documents into several requests"
-        )
-    try:
-        # Typed decoding keeps each document as raw JSON; strict.convert checks it below.
-        request = msgspec.json.decode(data, type=api.CreateRequest)
-        docs = [msgspec.json.decode(raw) for raw in request.resources]
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string: UnicodeDecodeError
-        raise api.ApiError(f"malformed create request: {exc}") from None
-    except RecursionError:
-        raise api.ApiError(f"malformed create request: {strict.NESTED_TOO_DEEPLY}") from None
-    if not docs:
-        raise api.ApiError("the request contains no documents")
-    if len(docs) > MAX_DOCUMENTS:
-        raise api.ApiError(f"the request contains {len(docs)} documents; at most {MAX_DOCUMENTS} are applied "
-                           "together: split them into several requests")
-    return docs, request.dry_run
-
-
 def canonical_kind(text: str) -> str:
     kind = r.KIND_ALIASES.get(text)
     if kind is None:
@@ -111,19 +85,6 @@ def canonical_kind(text: str) -> str:
 
 
 # --- create ----------------------------------------------------------------------------
-
-
-def document_label(position: int, doc: Any) -> str:
-    """`document 2 (role "x")` from whatever the user wrote, valid or not."""
-    kind = doc.get("kind") if isinstance(doc, dict) else None
-    metadata = doc.get("metadata") if isinstance(doc, dict) else None
-    name = metadata.get("name") if isinstance(metadata, dict) else None
-    if not isinstance(kind, str):
-        return f"document {position}"
-    kind = strict.visible(kind if len(kind) <= 60 else kind[:57] + "...")
-    if isinstance(name, str):
-        return f"document {position} ({kind} {quote(name)})"
-    return f"document {position} ({kind})"
 
 
 def storage_key(res: r.Resource) -> str:
@@ -174,13 +135,6 @@ def check_documents(docs: list[Any]) -> list[Document]:
     return checked
 
 
-def format_problems(problems: list[str]) -> str:
-    shown = problems[:MAX_PROBLEMS_SHOWN]
-    if len(problems) > len(shown):
-        shown.append(f"... and {len(problems) - len(shown)} more problems")
-    return "\n".join(shown)
-
-
 def _defined_roles(docs: list[Document]) -> set[str]:
     return {d.resource.metadata.name for d in docs if isinstance(d.resource, r.Role)}
 
@@ -197,6 +151,7 @@ def plan_create(
     existing_roles: set[str],
     actor: str,
     max_value_bytes: int,
+    static_keys: set[str] | frozenset[str] = frozenset(),
 ) -> list[Change]:
     """One change per document.
 
@@ -204,6 +159,7 @@ def plan_create(
     "created" or "updated"). `existing_roles`: which referenced roles exist.
     Users may name roles that do not exist yet, so that users and roles can be
     created in any order (and a role can be re-created); they get a warning.
+    `static_keys`: singletons the config file sets, which are refused.
     """
     changes: list[Change] = []
     too_big: list[str] = []
@@ -216,6 +172,7 @@ def plan_create(
                 f"{doc.label}: {len(value)} bytes once encoded; NATS carries at most {max_value_bytes} "
                 "per message (max_payload)"
             )
+        refuse_static(res.__struct_config__.tag, storage_key(res), static_keys)  # type: ignore[arg-type]
         existed = storage_key(res) in existing_keys
         message, event = _created(res, existed)
         event.user = actor
@@ -248,6 +205,8 @@ def _created(res: r.Resource, existed: bool) -> tuple[str, events.AuditEvent]:
     if isinstance(res, r.ClusterNetworkingConfig):
         event = events.NetworkingConfigUpdated(client_idle_timeout=res.spec.client_idle_timeout)
         return NETWORKING_UPDATED, event
+    if isinstance(res, r.SessionRecordingConfig):
+        return RECORDING_UPDATED, events.RecordingConfigUpdated(mode=res.spec.mode)
     raise AssertionError(f"unplanned kind {type(res).__name__}")  # check() admits no other kind
 
 
@@ -297,12 +256,13 @@ def get_result(look: Lookup, values: list[bytes]) -> list[msgspec.Raw]:
     return [msgspec.Raw(v) for v in values]
 
 
-def plan_delete(look: Lookup, exists: bool, actor: str) -> Change:
+def plan_delete(look: Lookup, exists: bool, actor: str, static: bool = False) -> Change:
     """Deleting a singleton resets it to defaults and succeeds even when it was
     not set (the end state is what the operator asked for); deleting an absent
     role or user is an error, since the name was probably mistyped."""
     if not look.key:
         raise api.ApiError(f"name the {look.kind} to delete: ringfence rm {look.kind}/NAME")
+    refuse_static(look.kind, look.key, {look.key} if static else set())
     event: events.AuditEvent
     if look.kind == "network_restrictions":
         message, event = NETWORK_RESTRICTIONS_RESET, events.NetworkRestrictionsReset()
@@ -311,6 +271,8 @@ def plan_delete(look: Lookup, exists: bool, actor: str) -> Change:
         message, event = CAP_RESET, events.CapUpdated(locking_mode=default_mode)
     elif look.kind == "cluster_networking_config":
         message, event = NETWORKING_RESET, events.NetworkingConfigUpdated(client_idle_timeout="")
+    elif look.kind == "session_recording_config":
+        message, event = RECORDING_RESET, events.RecordingConfigUpdated(mode=r.SessionRecordingConfigSpec().mode)
     elif not exists:
         raise not_found(look)
     elif look.kind == "role":
@@ -319,3 +281,104 @@ def plan_delete(look: Lookup, exists: bool, actor: str) -> Change:
         message, event = f"user {quote(look.name)} has been deleted", events.UserDeleted(name=look.name)
     event.user = actor
     return Change(look.key, None, message, event)
+
+
+# --- users add / users update ----------------------------------------------------------------
+
+
+def _same_key(line: str, wanted: str) -> bool:
+    """`wanted` names the key `line` holds: the same type and blob, or its SHA256 fingerprint."""
+    if wanted.startswith("SHA256:"):
+        return line_fingerprint(line) == wanted
+    return line.split()[:2] == wanted.split()[:2]
+
+
+def plan_user_update(request: api.UserUpdateRequest, stored: r.User | None, actor: str) -> Change:
+    """`users add` / `users update`: the stored user with only what was asked changed.
+
+    Roles are replaced only with set_roles, keys are added and removed one by one,
+    the operator identity is replaced only by a new one: nothing else is dropped."""
+    name = request.name
+    if stored is None and not request.create:
+        raise api.ApiError(f"user {quote(name)} not found; create it with ringfence users add {name}", "not_found")
+    user = stored or r.User(metadata=r.Metadata(name=name))
+    keys = list(user.spec.ssh_public_keys)
+    problems = []
+    for wanted in request.remove_keys:
+        kept = [line for line in keys if not _same_key(line, wanted)]
+        if len(kept) == len(keys):
+            shown = wanted if wanted.startswith("SHA256:") else line_fingerprint(wanted) or wanted
+            problems.append(f"--remove-key: user {quote(name)} has no key {show(shown)}")
+        keys = kept
+    keys += [line for line in request.add_keys if not any(_same_key(k, line) for k in keys)]
+    spec = msgspec.structs.replace(
+        user.spec, ssh_public_keys=keys,
+        roles=list(request.set_roles) if request.set_roles is not None else user.spec.roles,
+        operator_nkey=request.operator_nkey or user.spec.operator_nkey)
+    updated = msgspec.structs.replace(user, spec=spec)
+    found, updated = check(updated)
+    problems += found
+    if problems:
+        raise api.ApiError(format_problems(problems))
+    verb = "updated" if stored is not None else "created"
+    event = (events.UserUpdated if stored is not None else events.UserCreated)(name=name, roles=list(spec.roles))
+    event.user = actor
+    return Change(names.user_key(name), r.encode(updated), f"user {quote(name)} has been {verb}", event)
+
+
+# --- settings from the config file (auth_service) -------------------------------------------
+
+
+def from_config_file(value: bytes | None) -> bool:
+    """Whether a stored singleton was written from the policy service's config file."""
+    if not value:
+        return False
+    try:
+        res = r.decode(value)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False
+    return getattr(res, "metadata", None) is not None and \
+        res.metadata.labels.get(r.ORIGIN_LABEL) == r.ORIGIN_CONFIG_FILE  # type: ignore[union-attr]
+
+
+def refuse_static(kind: str, key: str, static_keys: set[str]) -> None:
+    """`create -f` and `rm` leave a singleton alone while the config file sets it (as the original)."""
+    if key in static_keys:
+        raise api.ApiError(f"{kind} is set by the policy service's config file ({STATIC_SETTINGS[kind]}): change it "
+                           "there and restart the policy service, or remove it there to manage it with "
+                           "ringfence create -f", "conflict")
+
+
+def static_resources(auth: Any) -> dict[str, r.Resource | None]:
+    """What the config's auth_service section fixes, by storage key (None: left to create -f)."""
+    labels = {r.ORIGIN_LABEL: r.ORIGIN_CONFIG_FILE}
+    mode, idle, recording = auth.authentication.locking_mode, auth.client_idle_timeout, auth.session_recording
+    return {
+        names.CAP_KEY: r.ClusterAuthPreference(
+            metadata=r.Metadata(name=r.CAP_NAME, labels=labels),
+            spec=r.ClusterAuthPreferenceSpec(locking_mode=mode)) if mode else None,
+        names.NETWORKING_KEY: r.ClusterNetworkingConfig(
+            metadata=r.Metadata(name=r.NETWORKING_NAME, labels=labels),
+            spec=r.ClusterNetworkingConfigSpec(client_idle_timeout=idle)) if idle else None,
+        names.RECORDING_CONFIG_KEY: r.SessionRecordingConfig(
+            metadata=r.Metadata(name=r.RECORDING_CONFIG_NAME, labels=labels),
+            spec=r.SessionRecordingConfigSpec(mode=recording)) if recording else None,
+    }
+
+
+def plan_static(desired: dict[str, r.Resource | None], stored: dict[str, bytes | None]) -> list[Change]:
+    """Changes that make the stored singletons what the config file says: written when it sets
+    them and they differ, reset to defaults when it no longer sets what it once did."""
+    changes = []
+    kinds = {key: kind for kind, key in SINGLETON_KEYS.items()}
+    for key, res in desired.items():
+        current = stored.get(key)
+        if res is not None:
+            value = r.encode(res)
+            if value != current:
+                message, event = _created(res, current is not None)
+                changes.append(Change(key, value, f"{message} (from the config file)", event))
+        elif from_config_file(current):
+            change = plan_delete(Lookup(kinds[key], SINGLETON_NAMES[kinds[key]], key=key), True, "")
+            changes.append(dataclasses.replace(change, message=f"{change.message} (no longer in the config file)"))
+    return changes

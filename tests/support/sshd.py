@@ -7,6 +7,7 @@ started through a symlink with a unique name and gets its own /etc/pam.d file
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,21 @@ from .procs import wait_for
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 VENV_BIN = Path(sys.executable).parent
 RINGFENCE = str(VENV_BIN / "ringfence")
+HOOKS = Path(__file__).resolve().parents[2] / "ringfence" / "hooks"
+PYTHON = os.path.realpath(sys.executable)
+STOCK_PAM = Path("/etc/pam.d/sshd")
+
+
+def stock_pam_with(ours: list[str]) -> str:
+    """Debian's /etc/pam.d/sshd with our line right after common-session (before pam_env)."""
+    [line] = ours
+    out = []
+    for stock in STOCK_PAM.read_text().splitlines():
+        out.append(stock)
+        if stock.strip() == "@include common-session":
+            out.append(line)
+    assert line in out, "the stock PAM file lacks @include common-session"
+    return "\n".join(out) + "\n"
 
 
 def keygen(path: Path, comment: str = "") -> Path:
@@ -28,7 +44,7 @@ def keygen(path: Path, comment: str = "") -> Path:
 
 
 class SshServer:
-    def __init__(self, workdir: Path, data_dir: Path, *, forwarding: bool = True) -> None:
+    def __init__(self, workdir: Path, data_dir: Path, *, forwarding: bool = True, extra_config: str = "") -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o755)
@@ -37,6 +53,7 @@ class SshServer:
         self.service = f"rfsshd{uuid.uuid4().hex[:8]}"
         self.pam_file = Path("/etc/pam.d") / self.service
         self.forwarding = forwarding
+        self.extra_config = extra_config  # sshd lines that win over the example's (first match wins)
         self.proc: subprocess.Popen | None = None
         self.users: list[str] = []
         self.ca = keygen(self.dir / "ca", "ringfence-test-ca")
@@ -63,24 +80,21 @@ class SshServer:
     def start(self) -> SshServer:
         hostkey = keygen(self.dir / "hostkey")
         examples = Path(__file__).resolve().parents[2] / "examples"
-        # The shipped PAM line, last in the session stack as the README says.
-        hook = (examples / "pam.d" / "sshd.append").read_text().replace(
-            "/usr/local/bin/ringfence pam-hook", f"{RINGFENCE} pam-hook --data-dir {self.data_dir}")
-        self.pam_file.write_text(
-            "@include common-auth\n"
-            "account required pam_nologin.so\n"
-            "@include common-account\n"
-            "@include common-session\n" + hook
-        )
+        # Debian's stock /etc/pam.d/sshd with the shipped lines where the README puts them.
+        ours = [line.replace("/opt/ringfence/ringfence/hooks", str(HOOKS)).replace("/usr/bin/python3", PYTHON)
+                .replace("/var/lib/ringfence", str(self.data_dir))
+                for line in (examples / "pam.d" / "sshd.lines").read_text().splitlines()
+                if line and not line.startswith("#")]
+        self.pam_file.write_text(stock_pam_with(ours))
         config = self.dir / "sshd_config"
         example = (examples / "sshd_config.d" / "ringfence.conf").read_text()
         config.write_text(
             f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {hostkey}\nPidFile {self.dir}/sshd.pid\n"
             f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
-            f"TrustedUserCAKeys {self.ca}.pub\nStrictModes no\n"
-            + example.replace("/usr/local/bin/ringfence ssh-session",
-                              f"{RINGFENCE} ssh-session --data-dir {self.data_dir}")
-            + ("AllowTcpForwarding yes\n" if self.forwarding else "")
+            f"TrustedUserCAKeys {self.ca}.pub\nStrictModes no\nSubsystem sftp /usr/lib/openssh/sftp-server\n"
+            + ("AllowTcpForwarding yes\n" if self.forwarding else "") + self.extra_config
+            + example.replace("/opt/ringfence/ringfence/hooks", str(HOOKS)).replace("/usr/bin/python3", PYTHON)
+            .replace("/var/lib/ringfence", str(self.data_dir))
         )
         Path("/run/sshd").mkdir(exist_ok=True)
         link = self.dir / self.service

@@ -1,0 +1,118 @@
+"""Attack 4 (issue 11) and issue 13: escape recording and the idle timeout.
+
+On main the user's own wrapper owned the terminal: `ssh -T host 'script -q -c
+bash /dev/null'` was an interactive shell that was never recorded and never
+timed out, `ssh -N -L` tunnels never idled out, output (a background printf)
+kept a session "active", and one idle channel ended its multiplexed siblings.
+Now a root relay records every channel and times out each on the client's
+input only; a connection with no channel idles out on its forwards' input.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.adversarial.conftest import cli, log_events
+from tests.support.procs import wait_for
+from tests.test_ssh_sessions import Terminal, _connectable, free_port
+
+pytestmark = pytest.mark.bpf
+
+MESSAGE = "Client exceeded idle timeout of 2s"
+
+
+def idle_timeout(hostile, value: str = "2s") -> None:
+    doc = hostile.tmp / "networking.yaml"
+    doc.write_text("kind: cluster_networking_config\nversion: v2\nmetadata:\n"
+                   f"  name: cluster-networking-config\nspec:\n  client_idle_timeout: {value}\n")
+    assert cli(hostile.url, "create", "-f", str(doc)).returncode == 0
+    wait_for(lambda: f"cluster client_idle_timeout: {value}" in hostile.node.log(), what="the timeout to apply")
+
+
+def test_a_shell_inside_ssh_T_is_recorded(hostile):
+    login, key = hostile.server.add_user()
+    result = subprocess.run([*hostile.server.ssh_argv(login, key, "-T"), "script -q -c bash /dev/null"],
+                            input='echo "S""ID=$RINGFENCE_SESSION_ID"\necho secret-$((6*7))\nexit\n',
+                            capture_output=True, text=True, timeout=60)
+    sid = re.search(r"SID=([0-9a-f-]{36})", result.stdout).group(1)  # script's pty echoes the input too
+    assert "secret-42" in result.stdout
+
+    def played():
+        r = cli(hostile.url, "play", sid, "--speed", "1000")
+        return r.stdout if r.returncode == 0 and "secret-42" in r.stdout else None
+
+    wait_for(played, timeout=30, what="the recording of the ssh -T shell")
+
+
+def test_ssh_N_tunnels_idle_out_unless_the_client_sends(hostile):
+    idle_timeout(hostile)
+    login, key = hostile.server.add_user()
+    target = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(target.accept()[0]), daemon=True).start()
+
+    busy_port = free_port()
+    busy = subprocess.Popen(hostile.server.ssh_argv(login, key, "-N", "-L",
+                                                    f"{busy_port}:127.0.0.1:{target.getsockname()[1]}"))
+    idle = subprocess.Popen(hostile.server.ssh_argv(login, key, "-N", "-L", f"{free_port()}:127.0.0.1:9"))
+    try:
+        wait_for(lambda: _connectable(busy_port), what="the tunnel")
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", busy_port)) as through:
+            while time.monotonic() - started < 6:
+                through.sendall(b"keystroke\n")  # the client's input, forwarded: activity
+                time.sleep(0.5)
+            assert busy.poll() is None, "a tunnel the client is using was cut"
+        idle.wait(10)  # the idle tunnel ended on its own
+        assert time.monotonic() - started < 10
+    finally:
+        for p in (busy, idle):
+            p.kill()
+        target.close()
+    wait_for(lambda: [e for e in log_events(hostile.data_dir) if e["event"] == "client.disconnect"
+                      and e["reason"] == MESSAGE and e["login"] == login], what="client.disconnect")
+
+
+def test_output_does_not_keep_a_session_alive(hostile):
+    idle_timeout(hostile)
+    login, key = hostile.server.add_user()
+    term = Terminal(hostile.server.ssh_argv(login, key, "-tt"))
+    term.read_until("$ ")
+    term.type("while true; do printf .; sleep 0.3; done\n")
+    started = time.monotonic()
+    term.read_until(MESSAGE, timeout=15)
+    assert time.monotonic() - started < 8
+    term.close()
+
+
+def test_one_idle_channel_does_not_end_its_active_sibling(hostile):
+    idle_timeout(hostile, "3s")
+    login, key = hostile.server.add_user()
+    control = hostile.tmp / "cm.sock"
+    mux = ["-o", "ControlMaster=auto", "-o", f"ControlPath={control}", "-o", "ControlPersist=60"]
+    master = subprocess.Popen(hostile.server.ssh_argv(login, key, *mux, "-N"))
+    try:
+        wait_for(control.exists, what="the control master")
+        active = Terminal(hostile.server.ssh_argv(login, key, *mux, "-tt"))
+        idle = Terminal(hostile.server.ssh_argv(login, key, *mux, "-tt"))
+        active.read_until("$ ")
+        idle.read_until("$ ")
+        for i in range(10):  # 5 s of typing on one channel while the other sits idle
+            active.type(f"echo tick{i}\n")
+            active.read_until(f"tick{i}\r\n")
+            time.sleep(0.5)
+        assert MESSAGE.replace("2s", "3s") in idle.read_until("idle timeout", timeout=5)
+        active.type("echo still-here\n")
+        active.read_until("still-here\r\n")
+        active.type("exit\n")
+        assert active.close() == 0
+        idle.close()
+    finally:
+        subprocess.run(["ssh", "-o", f"ControlPath={control}", "-O", "exit", "x"], capture_output=True)
+        master.kill()
