@@ -270,7 +270,8 @@ async def _tail_durable(js, durable: str, types: set[str], fmt: str) -> None:
         return Settle.all_of(batch)
 
     consumer = PullConsumer(js, stream=names.AUDIT_STREAM, subjects=names.AUDIT_SUBJECTS,
-                            config=tail_consumer_config(durable), batch=TAIL_BATCH, handle=handle, label=durable)
+                            config=tail_consumer_config(durable), batch=TAIL_BATCH, handle=handle, in_order=True,
+                            label=durable)
     await consumer.start()
     print(f"following audit events with durable consumer {durable} (Ctrl-C to stop; the next run with "
           "this name resumes where it stopped)", file=sys.stderr, flush=True)

@@ -112,6 +112,8 @@ def _cli_permissions() -> dict:
         f"{JS_API}.CONSUMER.CREATE.{audit}.*.>",
         f"{JS_API}.CONSUMER.MSG.NEXT.{audit}.*",
         f"$JS.ACK.{audit}.>",
+        f"{JS_API}.STREAM.MSG.GET.{audit}",  # what a killed run was handed, read in order
+
     ]
     return {
         "publish": {"allow": publish, "deny": [names.AUDIT_SUBJECTS, names.RECORDING_SUBJECTS, "$KV.>"]},

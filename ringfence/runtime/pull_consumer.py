@@ -2,15 +2,17 @@
 (ack or nak), stop. The audit service's two consumers (events, recordings) and
 `ringfence events tail --durable` use it.
 
-Gaps (optional, with a position file): a consumer counts a message handed to a fetch
-as delivered even when the fetch never arrives (the process killed while holding it,
-or the NATS node its connection went through dying with it in flight); JetStream
-resends it only after ack_wait, after newer ones. A consumer that must keep stream
-order remembers the stream sequence it expects next (`position`, a file) and reads
-any sequence a batch skips straight from the stream, from its leader, before handing
-the batch on; the late redelivery is then a duplicate for the handler to drop.
+Gaps (`in_order`): a consumer counts a message handed to a fetch as delivered even
+when the fetch never arrives (the process killed while holding it, or the NATS node
+its connection went through dying with it in flight); JetStream resends it only after
+ack_wait, after newer ones. An in-order consumer remembers the stream sequence it
+expects next (`position`: kept in a file when given, else taken from the consumer's
+ack floor whenever it binds) and reads any sequence a batch skips straight from the
+stream, from its leader, before handing the batch on; the late redelivery is then a
+duplicate for the handler to drop.
 
-Acks: with AckPolicy.ALL one ack per batch settles everything delivered before it too.
+Acks: with AckPolicy.ALL one ack per batch settles everything delivered before it too,
+which is only safe in order: it would also settle a lost fetch's messages.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def delivered(msg: Msg) -> Delivered:
 
 class PullConsumer:
     def __init__(self, js: JetStreamContext, *, stream: str, subjects: str, config: ConsumerConfig, batch: int,
-                 handle: Handler, idle: Idle | None = None, fetch_wait: float = 1.0,
+                 handle: Handler, idle: Idle | None = None, fetch_wait: float = 1.0, in_order: bool = False,
                  position: Path | None = None, label: str = "") -> None:
         self.js = js
         self.stream = stream
@@ -105,6 +107,9 @@ class PullConsumer:
         self.handle = handle
         self.idle = idle
         self.fetch_wait = fetch_wait
+        if config.ack_policy == AckPolicy.ALL and not in_order:
+            raise ValueError("AckPolicy.ALL acks a lost fetch's messages too: use it with in_order=True")
+        self.in_order = in_order
         self.position_path = position
         self.position = read_position(position) if position else None  # stream sequence expected next
         self.label = label or config.durable_name or stream
@@ -139,6 +144,11 @@ class PullConsumer:
                              self.label, config.durable_name, self.position)
         self._sub = await self.js.pull_subscribe(self.subjects, durable=config.durable_name, stream=self.stream,
                                                  config=config)
+        if self.in_order and self.position_path is None:
+            # What an earlier run (or connection) acked last: anything after it still pending
+            # was handed to a fetch that may never arrive.
+            floor = (await self.js.consumer_info(self.stream, config.durable_name)).ack_floor.stream_seq
+            self.position = floor + 1 if floor else None
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
@@ -172,18 +182,19 @@ class PullConsumer:
 
     async def _deliver(self, msgs: list[Msg]) -> None:
         received = [delivered(m) for m in msgs]
-        if self.position_path is not None:
+        if self.in_order:
             missing = missing_sequences(self.position, [d.stream_seq for d in received])
             if missing:
                 filled = await self._read_from_stream(missing)
                 self.gaps_filled += len(filled)
                 received = sorted(filled + received, key=lambda d: d.stream_seq)
         settle = await self.handle(received)
-        if settle.done and self.position_path is not None:
+        if settle.done and self.in_order:
             newest = max((d.stream_seq for d in received), default=0)
             if newest and (self.position is None or newest >= self.position):
                 self.position = newest + 1
-                await asyncio.to_thread(write_position, self.position_path, self.position)
+                if self.position_path is not None:
+                    await asyncio.to_thread(write_position, self.position_path, self.position)
         await self.settle(settle)
         if not settle.done:
             await asyncio.sleep(RETRY_PAUSE)

@@ -99,8 +99,8 @@ class Adapter:
         self.search_index = SearchIndex(directory / INDEX_FILE, lambda day: daily_path(directory, day))
         self.consumer = PullConsumer(ctx.js, stream=names.AUDIT_STREAM, subjects=names.AUDIT_SUBJECTS,
                                      config=consumer_config(instance), batch=MAX_FETCH, handle=self._handle,
-                                     idle=self._idle, fetch_wait=FETCH_WAIT, position=directory / STREAM_POSITION,
-                                     label="audit")
+                                     idle=self._idle, fetch_wait=FETCH_WAIT, in_order=True,
+                                     position=directory / STREAM_POSITION, label="audit")
         await self.consumer.start()
         await ctx.add_endpoint("search", names.api_subject(names.AUDIT_API, "search"), self._search,
                                action=("event", "list"))
