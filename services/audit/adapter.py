@@ -141,7 +141,8 @@ class Adapter:
         return outcome
 
     def _housekeeping(self, idle: bool) -> None:
-        """In the writer's thread: midnight rollover when idle, retention, disk use."""
+        """In the writer's thread: midnight rollover when idle, retention, disk use. Never raises:
+        a batch already written must be acked whatever happens here."""
         assert self.ctx is not None and self.writer is not None
         counters = self.ctx.counters
         try:
@@ -149,13 +150,13 @@ class Adapter:
                 self.writer.tick()
             removed = self.writer.retention_step()
             counters["retention_files_removed"] += len(removed.files_removed)
+            if time.monotonic() >= self._next_disk_use:
+                self._next_disk_use = time.monotonic() + DISK_USE_EVERY
+                use = disk_use(self.writer.directory, self.recordings.directory)
+                counters.update(log_bytes=use.log, index_bytes=use.index, recordings_bytes=use.recordings)
         except Exception:  # e.g. cannot create the new day's file; tried again at the next batch or idle
             counters["retention_errors"] += 1
-            log.exception("audit: rolling over or removing old days failed")
-        if time.monotonic() >= self._next_disk_use:
-            self._next_disk_use = time.monotonic() + DISK_USE_EVERY
-            use = disk_use(self.writer.directory, self.recordings.directory)
-            counters.update(log_bytes=use.log, index_bytes=use.index, recordings_bytes=use.recordings)
+            log.exception("audit: rolling over, removing old days or measuring disk use failed")
 
     async def _search(self, req: Request) -> bytes:
         assert self.ctx is not None and self.search_index is not None
