@@ -48,7 +48,7 @@ REPLY_MAX_BYTES = 1 << 20  # keep replies small even where NATS allows more; nex
 DISK_USE_EVERY = 30.0  # seconds between measurements of the log's disk use
 
 COUNTERS = ("written", "duplicates_skipped", "rejected", "write_errors", "gaps_filled", "retention_files_removed",
-            "retention_errors")
+            "housekeeping_errors")
 GAUGES = ("log_bytes", "index_bytes", "recordings_bytes")
 STREAM_POSITION = "stream_position"  # in the log dir: the stream sequence expected next
 INSTANCE_FILE = "audit_instance"  # in the data dir: names this service's durable consumers
@@ -155,7 +155,7 @@ class Adapter:
                 use = disk_use(self.writer.directory, self.recordings.directory)
                 counters.update(log_bytes=use.log, index_bytes=use.index, recordings_bytes=use.recordings)
         except Exception:  # e.g. cannot create the new day's file; tried again at the next batch or idle
-            counters["retention_errors"] += 1
+            counters["housekeeping_errors"] += 1
             log.exception("audit: rolling over, removing old days or measuring disk use failed")
 
     async def _search(self, req: Request) -> bytes:

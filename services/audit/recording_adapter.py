@@ -42,6 +42,7 @@ COUNTERS = (
     "recording_gaps_skipped",
     "recording_write_errors",
     "recordings_removed",
+    "recording_retention_errors",
 )
 GAUGES = ("recording_chunks_held",)
 
@@ -126,7 +127,7 @@ class RecordingConsumer:
         try:
             removed = await asyncio.to_thread(self.store.remove_older_than, (time.time() - seconds) * 1000)
         except Exception:
-            self.ctx.counters["retention_errors"] = self.ctx.counters.get("retention_errors", 0) + 1
+            self.ctx.counters["recording_retention_errors"] += 1
             log.exception("recordings: removing recordings older than the retention failed")
             return
         self.ctx.counters["recordings_removed"] += len(removed)
