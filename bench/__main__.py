@@ -7,9 +7,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import audit, fleet, locks, restricted
+from bench import audit, cli, fleet, locks, restricted
 
-BENCHMARKS = {"restricted": restricted.main, "locks": locks.main, "audit": audit.main, "fleet": fleet.main}
+BENCHMARKS = {"restricted": restricted.main, "locks": locks.main, "audit": audit.main, "fleet": fleet.main,
+              "cli": cli.main}
 
 
 def main(argv: list[str]) -> int:

@@ -34,7 +34,7 @@ from pathlib import Path
 import msgspec
 import nats
 
-from bench.audit_data import DAY_MS, Fleet, Generator
+from bench.audit_data import DAY_MS, SERVER_ID, Fleet, Generator
 from ringfence.contract import api, names
 from ringfence.contract.auditlog import daily_files
 from ringfence.contract.batches import COUNT_HEADER, batch_msg_id, encode_batch
@@ -162,7 +162,7 @@ async def _publish(url: str, lines: list[bytes], per_message: int) -> None:
         for i in range(0, len(lines), per_message):
             chunk = lines[i : i + per_message]
             pending.append(await js.publish_async(
-                names.AUDIT_BATCH_SUBJECT, encode_batch(chunk),
+                names.audit_batch_subject(SERVER_ID), encode_batch(chunk),
                 headers={COUNT_HEADER: str(len(chunk)), MSG_ID_HEADER: batch_msg_id(chunk)}))
             if len(pending) >= 32:
                 await asyncio.gather(*pending)
@@ -193,8 +193,8 @@ def end_to_end(url: str, directory: Path, n: int, per_message: int, pid: int) ->
     """(events/s, events per CPU second of the audit service, lost, written twice) for `n`
     new events published `per_message` per message."""
     marker = f"e2e-{per_message}-{time.time_ns()}"
-    events = [SessionNetwork(user="e2e", sid=marker, program="scan", dst_addr="10.9.8.7", dst_port=i % 65536)
-              for i in range(n)]
+    events = [SessionNetwork(user="e2e", sid=marker, program="scan", dst_addr="10.9.8.7", dst_port=i % 65536,
+                             server_id=SERVER_ID) for i in range(n)]
     lines = [encode_event(e) for e in events]
     last = daily_files(directory)[-1]
     offset = last.stat().st_size

@@ -14,10 +14,12 @@ import random
 import uuid
 from dataclasses import dataclass
 
+from ringfence.contract import names
 from ringfence.contract.events import EVENT_TYPES, encode_event
 from services.audit.writer import Incoming
 
 DAY_MS = 86_400_000
+SERVER_ID = "4951c001-8dad-4e21-abb6-c03f69b72d2e"  # the node every event comes from
 START = dt.datetime(2026, 1, 5, tzinfo=dt.UTC)
 SESSIONS_PER_BLOCK = 50
 EVENTS_PER_SESSION = 100
@@ -67,7 +69,7 @@ FIELDS = {  # what the kernel events carry, for lines of a realistic size
 def _template(event_type: str) -> bytes:
     """The encoded event with %s where uid, time, user and sid go."""
     sample = EVENT_TYPES[event_type](uid="UID", time="TIME", user="USER", login="ubuntu", sid="SID",
-                                     cluster_name="bench", server_id="4951c001-8dad-4e21-abb6-c03f69b72d2e",
+                                     cluster_name="bench", server_id=SERVER_ID,
                                      server_hostname="node-17", **FIELDS.get(event_type, {}))
     line = encode_event(sample).replace(b"%", b"%%")
     for name in (b"UID", b"TIME", b"USER", b"SID"):
@@ -116,5 +118,5 @@ class Generator:
         out = []
         for i in range(first, min(self.fleet.total, first + count)):
             data, kind, t = self.line(i)
-            out.append(Incoming(data, f"ringfence.audit.{kind}", i + 1, t))
+            out.append(Incoming(data, names.audit_subject(SERVER_ID, kind), i + 1, t))
         return out

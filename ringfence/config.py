@@ -18,6 +18,10 @@
     operator_auth: required       # or off: accept unsigned control requests (tests, migration)
     nats_nkey: /path/to/seed.nk   # NATS nkey seed this process connects with (default: none)
     nats_replicas: 1              # copies of every stream and bucket: 1, or 3/5 on a NATS cluster
+    nats_tls_ca: /path/ca.pem     # CA that signed the NATS server's certificate (tls:// URLs)
+    metrics_listen: ""            # HOST:PORT to serve Prometheus /metrics on (default: off)
+    node_auth_issuer: ""          # policy service: account nkey seed signing joined nodes' credentials
+    nats_system_nkey: ""          # policy service: NATS system-account seed, to cut off a removed node
     audit:
       retention: 90d              # daily log files, their index rows and recordings; empty: keep all
 
@@ -34,10 +38,8 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Literal
 
 import msgspec
-import yaml
 from msgspec import Struct, field
 
 from . import teleport_yaml
@@ -56,13 +58,18 @@ ENV_OPERATOR_AUTH = "RINGFENCE_OPERATOR_AUTH"
 ENV_NATS_NKEY = "RINGFENCE_NATS_NKEY"
 ENV_NATS_REPLICAS = "RINGFENCE_NATS_REPLICAS"
 ENV_CONFIG_WARNED = "RINGFENCE_CONFIG_WARNED"  # set by `ringfence up` for its children: it printed the warnings
+ENV_NATS_TLS_CA = "RINGFENCE_NATS_TLS_CA"
+ENV_METRICS_LISTEN = "RINGFENCE_METRICS_LISTEN"
+ENV_NODE_AUTH_ISSUER = "RINGFENCE_NODE_AUTH_ISSUER"
+ENV_NATS_SYSTEM_NKEY = "RINGFENCE_NATS_SYSTEM_NKEY"
 
 OPERATOR_AUTH_MODES = ("required", "off")
 LOCKING_MODES = ("best_effort", "strict")
 RECORDING_MODES = ("node", "node-sync", "off")
 NATS_REPLICAS = (1, 3, 5)  # JetStream replication: a quorum needs an odd count
 
-_NODENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NODENAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}"
+_NODENAME = re.compile(f"^{NODENAME_PATTERN}$")
 
 
 class ConfigError(ValueError):
@@ -88,10 +95,6 @@ class SSHService(Struct, forbid_unknown_fields=True):
     restricted_session: RestrictedSession = field(default_factory=RestrictedSession)
     # How long a connection lease (max_connections) of a node that died keeps counting.
     connection_lease_ttl: str = "30s"
-    # Session recordings, as the original's session_recording: "node" (recorded on this
-    # node, uploaded as the session runs), "node-sync" (a session whose recording cannot
-    # be written ends, with a message) or "off".
-    session_recording: Literal["node", "node-sync", "off"] = "node"
     # Bytes of a remote command's stdin kept in its recording (the rest is counted).
     record_stdin_bytes: int = 65536
     # Certificates name the Ringfence user (their key ID) only when signed by a CA
@@ -149,6 +152,15 @@ class Config(Struct, forbid_unknown_fields=True):
     # on a NATS cluster of at least that many servers. Services raise existing
     # streams to it; they never lower it.
     nats_replicas: int = 1
+    # CA certificate (PEM) the NATS server's TLS certificate must chain to; empty: the system's CAs.
+    nats_tls_ca: str = ""
+    # HOST:PORT where this process serves Prometheus metrics at /metrics; empty: none.
+    metrics_listen: str = ""
+    # Policy service only. The account nkey seed (SA...) that signs joined nodes' NATS user JWTs
+    # (auth callout); empty: nodes cannot join through this service.
+    node_auth_issuer: str = ""
+    # Policy service only. A NATS system-account user seed: disconnects a removed node at once.
+    nats_system_nkey: str = ""
     audit: AuditSettings = field(default_factory=AuditSettings)
 
     @property
@@ -189,8 +201,15 @@ def _validate(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: nats_replicas: {cfg.nats_replicas}: use {', '.join(map(str, NATS_REPLICAS))}"
         )
-    if cfg.nats_nkey and not os.path.isabs(cfg.nats_nkey):
-        cfg.nats_nkey = os.path.abspath(cfg.nats_nkey)
+    for key in ("nats_nkey", "nats_tls_ca", "node_auth_issuer", "nats_system_nkey"):
+        value = getattr(cfg, key)
+        if value and not os.path.isabs(value):
+            setattr(cfg, key, os.path.abspath(value))
+    if cfg.metrics_listen:
+        try:
+            parse_listen(cfg.metrics_listen)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: metrics_listen: {exc}") from None
     from .durations import parse_duration
 
     durations = {
@@ -228,6 +247,8 @@ def _validate(cfg: Config, source: str) -> None:
 def parse_config(text: str, source: str, warnings: list[str] | None = None) -> Config:
     """The config in `text`; a teleport.yaml is translated first, and what it ignores is
     appended to `warnings` (one line each)."""
+    import yaml  # here: most runs have no config file, and the CLI starts faster without it
+
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -260,6 +281,7 @@ def load_config(
     nats_nkey: str | None = None,
     nats_replicas: int | None = None,
     warnings: list[str] | None = None,
+    metrics_listen: str | None = None,
 ) -> Config:
     """Load the configuration with flag > environment > file > default precedence; what a
     teleport.yaml sets that Ringfence ignores is appended to `warnings`."""
@@ -281,6 +303,10 @@ def load_config(
         "nodename": nodename or os.environ.get(ENV_NODENAME),
         "nats_nkey": nats_nkey or os.environ.get(ENV_NATS_NKEY),
         "operator_auth": os.environ.get(ENV_OPERATOR_AUTH),
+        "nats_tls_ca": os.environ.get(ENV_NATS_TLS_CA),
+        "metrics_listen": metrics_listen or os.environ.get(ENV_METRICS_LISTEN),
+        "node_auth_issuer": os.environ.get(ENV_NODE_AUTH_ISSUER),
+        "nats_system_nkey": os.environ.get(ENV_NATS_SYSTEM_NKEY),
     }
     mode = overrides["operator_auth"]
     if mode and mode not in OPERATOR_AUTH_MODES:
@@ -314,4 +340,6 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def dump_config(cfg: Config) -> str:
+    import yaml
+
     return yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False)

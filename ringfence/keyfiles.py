@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .auth import AuthError, Identity, format_identity, parse_identity
+if TYPE_CHECKING:  # imported where used: a CLI command that signs nothing does not load nacl
+    from .auth import Identity
 
 
 def write_secret(path: Path, text: str) -> Path:
@@ -29,11 +31,15 @@ def write_secret(path: Path, text: str) -> Path:
 
 
 def write_identity(path: Path, identity: Identity) -> Path:
+    from .auth import format_identity
+
     return write_secret(path, format_identity(identity))
 
 
 def read_identity(path: Path) -> Identity:
-    """The identity in `path`; OSError when unreadable, AuthError when it is not one."""
+    """The identity in `path`; OSError when unreadable, auth.AuthError when it is not one."""
+    from .auth import parse_identity
+
     return parse_identity(Path(path).read_text(), str(path))
 
 
@@ -41,4 +47,4 @@ def readable(path: Path) -> bool:
     return os.access(path, os.R_OK) and Path(path).is_file()
 
 
-__all__ = ["AuthError", "read_identity", "readable", "write_identity", "write_secret"]
+__all__ = ["read_identity", "readable", "write_identity", "write_secret"]

@@ -19,6 +19,7 @@ from ringfence.contract.auditlog import daily_files, event_lines
 from ringfence.contract.events import Exec, LockCreated, SessionCommand, SessionNetwork, encode_event, now_rfc3339
 from ringfence.runtime.audit_publish import publish_event
 from services.audit.writer import AuditWriter, Incoming
+from tests.support.nats import TEST_NODE
 from tests.support.procs import ROOT, wait_for
 from tests.test_audit_flow import counters
 
@@ -40,6 +41,7 @@ async def publish(url: str, events) -> None:
     try:
         js = nc.jetstream()
         for e in events:
+            e.server_id = e.server_id or TEST_NODE
             await publish_event(js, e)
     finally:
         await nc.close()

@@ -18,6 +18,7 @@ from ringfence.contract.events import Exec, SessionNetwork
 from ringfence.contract.streams import ensure_streams
 from ringfence.runtime.audit_publish import MSG_ID_HEADER, publish_event
 from services.audit.adapter import consumer_config, instance_id
+from tests.support.nats import TEST_NODE
 from tests.support.procs import wait_for
 
 # The event of the seed's Step 4, as the enforcer publishes it.
@@ -59,6 +60,7 @@ async def publish(url: str, events) -> None:
     try:
         js = nc.jetstream()
         for e in events:
+            e.server_id = e.server_id or TEST_NODE
             await publish_event(js, e)
     finally:
         await nc.close()
@@ -113,9 +115,9 @@ def test_a_published_event_is_written_with_every_field_of_the_seed_sample(nats_s
 
 def test_the_same_uid_under_another_message_id_is_written_once(nats_server, data_dir, services):
     services("audit")
-    event = Exec(uid=str(uuid.uuid4()), command="ls")
+    event = Exec(uid=str(uuid.uuid4()), command="ls", server_id=TEST_NODE)
     data = msgspec.json.encode(event)
-    subject = names.audit_subject("exec")
+    subject = names.audit_subject(TEST_NODE, "exec")
     # A different msg id gets past the stream's duplicate window: the writer must catch it.
     asyncio.run(publish_raw(nats_server.url, [(subject, data, event.uid), (subject, data, "another-id")]))
     asyncio.run(publish(nats_server.url, [Exec(command="after")]))
@@ -131,8 +133,8 @@ def test_garbage_is_dead_lettered_and_later_events_still_flow(nats_server, data_
         publish_raw(
             nats_server.url,
             [
-                (names.audit_subject("session.network"), b"\x00\xffnot json", "g1"),
-                (names.audit_subject("session.teleport"), b'{"event":"session.teleport","uid":"x"}', "g2"),
+                (names.audit_subject(TEST_NODE, "session.network"), b"\x00\xffnot json", "g1"),
+                (names.audit_subject(TEST_NODE, "session.teleport"), b'{"event":"session.teleport","uid":"x"}', "g2"),
             ],
         )
     )

@@ -20,7 +20,7 @@ from ringfence.contract.auditlog import daily_files, event_lines
 from ringfence.contract.batches import COUNT_HEADER, batch_msg_id, encode_batch
 from ringfence.contract.events import LockCreated, SessionCommand, SessionNetwork, encode_event
 from ringfence.runtime.audit_publish import MSG_ID_HEADER, publish_encoded
-from tests.support.nats import NatsCluster
+from tests.support.nats import TEST_NODE, NatsCluster
 from tests.support.procs import ROOT, ServiceProcess, wait_for
 
 REPLICAS = {"RINGFENCE_NATS_REPLICAS": "3"}
@@ -31,7 +31,8 @@ def events(tag: str, n: int) -> list:
     made = []
     for i in range(n):
         kind = (SessionNetwork, SessionCommand, LockCreated)[i % 3]
-        made.append(kind(sid=sids[i % 3] if kind is not LockCreated else "", user=f"{tag}-user{i % 4}"))
+        made.append(kind(sid=sids[i % 3] if kind is not LockCreated else "", user=f"{tag}-user{i % 4}",
+                         server_id=TEST_NODE))
     return made
 
 
@@ -45,7 +46,7 @@ async def _publish(url: str, batch: list) -> None:
         await publish_encoded(js, lines[:half])
         for i in range(half, len(lines), 50):
             chunk = lines[i : i + 50]
-            await js.publish(names.AUDIT_BATCH_SUBJECT, encode_batch(chunk),
+            await js.publish(names.audit_batch_subject(TEST_NODE), encode_batch(chunk),
                              headers={COUNT_HEADER: str(len(chunk)), MSG_ID_HEADER: batch_msg_id(chunk)}, timeout=20)
     finally:
         await nc.close()

@@ -22,6 +22,7 @@ from services.audit.index import INDEX_FILE, SearchIndex
 from services.audit.logfiles import daily_path
 from services.audit.recordings import EXPIRED_SUFFIX, ChunkIn, RecordingStore
 from services.audit.writer import AuditWriter, Incoming
+from tests.support.nats import TEST_NODE
 from tests.support.procs import ROOT, wait_for
 from tests.test_audit_flow import counters
 
@@ -36,8 +37,10 @@ def at(day: int, hour: int = 12) -> dt.datetime:
 def denial(uid: str, when: dt.datetime) -> Incoming:
     """A denial stored in the stream at `when` (its day decides its file)."""
     stamp = when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    event = SessionNetwork(uid=uid, sid="S", user="alice", time=stamp, dst_port=int(when.timestamp()) % 65536)
-    return Incoming(encode_event(event), "ringfence.audit.session.network", 0, int(when.timestamp() * 1000))
+    event = SessionNetwork(uid=uid, sid="S", user="alice", time=stamp, dst_port=int(when.timestamp()) % 65536,
+                           server_id=TEST_NODE)
+    return Incoming(encode_event(event), names.audit_subject(TEST_NODE, event.event_type()), 0,
+                    int(when.timestamp() * 1000))
 
 
 def verify(data_dir):
@@ -117,8 +120,8 @@ def test_a_bad_retention_is_refused_with_the_value(value, message, tmp_path):
 
 def _chunk(sid: str, seq: int, started: str, end: bool = False) -> ChunkIn:
     c = RecordingChunk(sid=sid, seq=seq, end=end, events=[(1.0, "o", "x\n")], user="alice", started=started,
-                       header=CastHeader() if seq == 0 else None)
-    return ChunkIn(recording.encode(c), names.recording_subject(sid), seq + 1, f"{sid}:{seq}")
+                       header=CastHeader() if seq == 0 else None, server_id=TEST_NODE)
+    return ChunkIn(recording.encode(c), names.recording_subject(TEST_NODE, sid), seq + 1, f"{sid}:{seq}")
 
 
 def test_old_recordings_go_and_a_removal_cut_short_is_finished_at_start(tmp_path):

@@ -23,6 +23,7 @@ from ringfence.contract.batches import COUNT_HEADER, batch_msg_id, encode_batch
 from ringfence.contract.events import Exec, SessionNetwork, encode_event
 from ringfence.contract.streams import ensure_streams
 from ringfence.runtime.audit_publish import MSG_ID_HEADER, publish_event
+from tests.support.nats import TEST_NODE
 from tests.support.procs import ROOT, wait_for
 from tests.test_nats_security import _as, secured  # noqa: F401 - the fixture
 
@@ -63,10 +64,12 @@ async def _publish(url: str, events, batch: int = 0) -> None:
     try:
         js = nc.jetstream()
         await ensure_streams(js)
+        for e in events:
+            e.server_id = e.server_id or TEST_NODE
         if batch:
             for i in range(0, len(events), batch):
                 lines = [encode_event(e) for e in events[i : i + batch]]
-                await js.publish(names.AUDIT_BATCH_SUBJECT, encode_batch(lines),
+                await js.publish(names.audit_batch_subject(TEST_NODE), encode_batch(lines),
                                  headers={COUNT_HEADER: str(len(lines)), MSG_ID_HEADER: batch_msg_id(lines)})
         else:
             for e in events:
@@ -137,7 +140,7 @@ def test_the_cli_credential_may_keep_its_own_durable_consumer(secured, tmp_path)
     tail = Tail(server.url, "siem", tmp_path / "tail.out", "--nats-nkey", seeds["cli"])
     try:
         async def emit(nc):
-            await publish_event(nc.jetstream(), Exec(uid="secured-1", command="ls"))
+            await publish_event(nc.jetstream(), Exec(uid="secured-1", command="ls", server_id=TEST_NODE))
 
         asyncio.run(_as(server.url, seeds["enforcer"], emit))
         wait_for(lambda: tail.uids() == ["secured-1"], 15, what="the event through the CLI's own consumer")

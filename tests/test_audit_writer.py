@@ -9,9 +9,11 @@ import stat
 import msgspec
 import pytest
 
+from ringfence.contract import names
 from ringfence.contract.auditlog import GENESIS_HASH, daily_files, event_lines, parse_anchor, verify_files
 from ringfence.contract.events import Exec, SessionCommand, SessionNetwork, encode_event
 from services.audit.writer import AuditWriter, Incoming
+from tests.support.nats import TEST_NODE
 
 DAY1 = dt.datetime(2021, 7, 22, 23, 59, 58, tzinfo=dt.UTC)
 
@@ -25,7 +27,9 @@ class Clock:
 
 
 def msg(event) -> Incoming:
-    return Incoming(encode_event(event), "ringfence.audit." + event.event_type(), 1)
+    """As published: on the subject of the node the event names."""
+    event.server_id = event.server_id or TEST_NODE
+    return Incoming(encode_event(event), names.audit_subject(event.server_id, event.event_type()), 1)
 
 
 def open_writer(directory, clock=None) -> AuditWriter:
@@ -108,7 +112,7 @@ def test_rollover_at_midnight_moves_the_link_and_chains_the_new_day(tmp_path):
 def test_garbage_is_dead_lettered_and_the_rest_of_the_batch_written(tmp_path):
     d = tmp_path / "log"
     w = open_writer(d)
-    out = w.write_batch([Incoming(b"\x00garbage", "ringfence.audit.x", 9), msg(Exec(uid="u1"))])
+    out = w.write_batch([Incoming(b"\x00garbage", names.audit_subject(TEST_NODE, "x"), 9), msg(Exec(uid="u1"))])
     w.close()
     assert (out.written, out.rejected) == (1, 1)
     [record] = lines(d / "rejected.log")

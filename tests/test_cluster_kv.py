@@ -186,7 +186,7 @@ def test_kv_writes_and_audit_publishes_wait_out_the_election_after_their_leader_
             seq = await kv_batch.write_all(nc, names.POLICY_BUCKET, [kv_batch.KvWrite("k", b"v")])
             assert seq > 0
             written = time.monotonic() - started
-            await publish_event_retrying(js, LockCreated(uid=str(uuid.uuid4()), name="x"))
+            await publish_event_retrying(js, LockCreated(uid=str(uuid.uuid4()), name="x", server_id="node-1"))
             info = await js.stream_info(names.AUDIT_STREAM)
             assert info.state.messages == 1
             return written

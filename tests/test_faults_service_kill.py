@@ -152,7 +152,7 @@ def test_a_change_written_without_its_event_gets_it_when_the_service_starts(nats
     from ringfence.contract.streams import ensure_streams
     from ringfence.runtime import kv_batch
 
-    event = RoleCreated(name="orphan", user="alice")
+    event = RoleCreated(name="orphan", user="alice", server_id="a-control-plane")  # stamped, as services do
 
     async def write_as_if_killed():
         nc = await nats.connect(nats_server.url)

@@ -134,7 +134,7 @@ def test_decode_incoming_rejects_every_nasty_body_with_a_reason():
 
 
 @FAST
-@given(chunk_bodies(), st.sampled_from(["", names.recording_subject("s-1"), "ringfence.recording.other"]))
+@given(chunk_bodies(), st.sampled_from(["", names.recording_subject("n", "s-1"), "ringfence.recording.other"]))
 def test_decode_recording_chunk(data, subject):
     try:
         recording.decode(data)
@@ -212,7 +212,7 @@ def test_recording_store_handles_random_bodies_without_raising(bodies):
         store = RecordingStore(Path(tmp) / "recordings", clock=lambda: 1714557600.0, gap_wait=0)
         store.start()
         try:
-            batch = [ChunkIn(b, names.recording_subject("s-1"), i, i) for i, b in enumerate(bodies, 1)]
+            batch = [ChunkIn(b, names.recording_subject("n", "s-1"), i, i) for i, b in enumerate(bodies, 1)]
             out = store.write_batch(batch)
             settled = set(out.ack) | set(out.nak)
             held = {i for i in range(1, len(batch) + 1)} - settled

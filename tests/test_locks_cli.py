@@ -333,10 +333,10 @@ def test_an_expired_lock_leaves_get_locks_at_its_expiry(nats_server, services):
     services("locks")
     url = nats_server.url
     keep = lock(url, "--user", "bob")
-    until = utcnow() + dt.timedelta(seconds=2)
+    until = utcnow() + dt.timedelta(seconds=6)  # the CLI takes a second or more to start on a loaded host
     name = lock(url, "--user", "alice", "--expires", locking.format_time(until))
     assert [row[0] for row in table(url)] == [keep, name]
-    wait_for(lambda: [row[0] for row in table(url)] == [keep], 10, interval=0.1, what="the lock to expire")
+    wait_for(lambda: [row[0] for row in table(url)] == [keep], 15, interval=0.1, what="the lock to expire")
     seen_gone = utcnow()
     assert seen_gone >= until
     assert seen_gone - until < dt.timedelta(seconds=2)
@@ -364,9 +364,9 @@ def test_locks_that_expired_while_no_service_ran_are_removed_at_start(nats_serve
 def test_two_locks_services_record_an_expiry_once(nats_server, services):
     services("locks", "locks")
     url = nats_server.url
-    names_ = [lock(url, "--user", f"u{i}", "--expires", locking.format_time(utcnow() + dt.timedelta(seconds=1)))
-              for i in range(3)]
-    wait_for(lambda: not stored(url), 10, what="the locks to expire")
+    until = utcnow() + dt.timedelta(seconds=8)  # three CLI runs must finish before it
+    names_ = [lock(url, "--user", f"u{i}", "--expires", locking.format_time(until)) for i in range(3)]
+    wait_for(lambda: not stored(url), 20, what="the locks to expire")
     time.sleep(0.5)
     deleted = [e["name"] for e in audit_events(url) if e["event"] == "lock.deleted"]
     assert sorted(deleted) == sorted(names_)

@@ -187,6 +187,10 @@ def test_rm_resets_network_restrictions_and_deletes_roles(nats_server, services,
     assert kv_value(url, names.NETWORK_RESTRICTIONS_KEY) is None
     assert cli(url, "rm", "network_restrictions").stdout == reset.stdout  # resetting again is fine
     assert "every destination is allowed" in cli(url, "get", "network_restrictions", "--format", "text").stdout
+    # YAML says so too, on stderr: stdout stays what `create -f` reads back (here: nothing).
+    empty = cli(url, "get", "network_restrictions")
+    assert (empty.returncode, empty.stdout) == (0, "")
+    assert empty.stderr == "no network restrictions: every destination is allowed\n"
 
     gone = cli(url, "rm", "roles/locksmith")
     assert gone.returncode == 0 and gone.stdout == 'role "locksmith" has been deleted\n'

@@ -18,7 +18,7 @@ from services.audit.core import Rejected
 
 
 def enc(**kw) -> bytes:
-    return msgspec.json.encode({"sid": "s-1", "seq": 0, **kw})
+    return msgspec.json.encode({"sid": "s-1", "seq": 0, "server_id": "n1", **kw})
 
 
 @pytest.mark.parametrize(
@@ -32,7 +32,8 @@ def enc(**kw) -> bytes:
         (enc(sid="../x"), "", 'sid: "../x" is not a valid session id'),
         (enc(sid="a.b"), "", "is not a valid session id"),
         (enc(sid=""), "", "is not a valid session id"),
-        (enc(), "ringfence.recording.s-2", "does not match the subject"),
+        (enc(), "ringfence.recording.n1.s-2", "does not match the subject"),
+        (enc(server_id="n2"), "ringfence.recording.n1.s-1", "does not match the subject"),
         (enc(seq=-1), "", "seq: -1 is out of range"),
         (enc(seq=3, header={}), "", "only seq 0 may carry the header"),
         (enc(header={"version": 1}), "", "header.version: 1"),
@@ -48,7 +49,7 @@ def test_bad_chunks_are_rejected_with_the_reason(data, subject, reason):
 
 def test_good_chunks_decode():
     chunk = rc.decode_chunk(enc(header={"width": 120}, events=[[0, "o", "$ "], [0.5, "r", "80x24"]], end=True),
-                            names.recording_subject("s-1"))
+                            names.recording_subject("n1", "s-1"))
     assert chunk.header == CastHeader(width=120)
     assert chunk.events == [(0.0, "o", "$ "), (0.5, "r", "80x24")]
     assert rc.decode_chunk(recording.encode(RecordingChunk(sid=str(_uuid()), seq=7))).seq == 7

@@ -45,7 +45,8 @@ def cast_file(data_dir, sid: str):
 
 
 def chunk_msg(chunk: RecordingChunk, msg_id: str | None = None) -> tuple[str, bytes, str]:
-    return names.recording_subject(chunk.sid), recording.encode(chunk), msg_id or recording.msg_id(chunk)
+    subject = names.recording_subject(chunk.server_id or "srv-1", chunk.sid)
+    return subject, recording.encode(chunk), msg_id or recording.msg_id(chunk)
 
 
 async def publish_raw(url: str, items: list[tuple[str, bytes, str]]) -> None:
@@ -247,15 +248,17 @@ def test_a_gap_that_never_fills_is_skipped_and_a_missing_header_is_supplied(nats
 def test_bad_chunks_are_dead_lettered_and_good_ones_still_flow(nats_server, data_dir, services):
     services("audit")
     url = nats_server.url
-    big = RecordingChunk(sid="big-1", seq=0, header=CastHeader(),
+    big = RecordingChunk(sid="big-1", seq=0, header=CastHeader(), server_id="srv-1",
                          events=[(0.0, "o", "x" * (recording.MAX_CHUNK_BYTES + 1))])
     items = [
-        (names.recording_subject("junk-1"), b"\x00\xffnot json", "j1"),
+        (names.recording_subject("srv-1", "junk-1"), b"\x00\xffnot json", "j1"),
         chunk_msg(big),
-        (names.recording_subject("other-1"), recording.encode(RecordingChunk(sid="mismatch-1", seq=0)), "m1"),
-        chunk_msg(RecordingChunk(sid="hdr-1", seq=1, header=CastHeader())),
-        chunk_msg(RecordingChunk(sid="neg-1", seq=0, events=[(-1.0, "o", "x")])),
-        (names.recording_subject("dots"), recording.encode(RecordingChunk(sid="../../etc/passwd", seq=0)), "t1"),
+        (names.recording_subject("srv-1", "other-1"),
+         recording.encode(RecordingChunk(sid="mismatch-1", seq=0, server_id="srv-1")), "m1"),
+        chunk_msg(RecordingChunk(sid="hdr-1", seq=1, header=CastHeader(), server_id="srv-1")),
+        chunk_msg(RecordingChunk(sid="neg-1", seq=0, events=[(-1.0, "o", "x")], server_id="srv-1")),
+        (names.recording_subject("srv-1", "dots"),
+         recording.encode(RecordingChunk(sid="../../etc/passwd", seq=0, server_id="srv-1")), "t1"),
     ]
     asyncio.run(publish_raw(url, items))
     publish(url, session("good-1", EVENTS))

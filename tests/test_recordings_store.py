@@ -27,6 +27,7 @@ def chunk(sid: str, seq: int, end: bool = False, **kw) -> RecordingChunk:
         kw.setdefault("header", CastHeader(width=90))
         kw.setdefault("user", "alice")
         kw.setdefault("started", "2024-05-01T10:00:00.000Z")
+    kw.setdefault("server_id", "n1")
     return RecordingChunk(sid=sid, seq=seq, end=end, events=[(float(seq), "o", f"{sid}:{seq}\n")], **kw)
 
 
@@ -35,7 +36,8 @@ _stream_seq = [0]
 
 def msg(c: RecordingChunk) -> ChunkIn:
     _stream_seq[0] += 1
-    return ChunkIn(recording.encode(c), names.recording_subject(c.sid), _stream_seq[0], f"{c.sid}:{c.seq}")
+    subject = names.recording_subject(c.server_id or "n1", c.sid)
+    return ChunkIn(recording.encode(c), subject, _stream_seq[0], f"{c.sid}:{c.seq}")
 
 
 def outputs(directory, sid: str) -> list[str]:

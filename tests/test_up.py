@@ -5,22 +5,22 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import signal
 import socket
 import stat
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import nats
 import pytest
 
 from ringfence.runtime import nats_security
-from services.enforcer.uninstall import uninstall
 from tests.support.nats import free_port
 from tests.support.procs import ROOT, wait_for
+from tests.support.stack import UpStack
 
 RINGFENCE = [sys.executable, "-m", "ringfence.cli.main"]
 
@@ -57,45 +57,26 @@ def status(url: str, data_dir: Path | None = None) -> subprocess.CompletedProces
                           capture_output=True, text=True, cwd=ROOT, timeout=30)
 
 
-@pytest.fixture
-def nodename():
-    """A node name of its own, so the enforcer's cgroup tree and pinned maps are removed afterwards."""
-    name = f"up{uuid.uuid4().hex[:8]}"
-    yield name
-    uninstall(name, kill_sessions=True)
-
-
-def start_up(tmp_path: Path, port: int, nodename: str, *extra: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RINGFENCE_")}
-    env["RINGFENCE_NODENAME"] = nodename
-    return subprocess.Popen(
-        [*RINGFENCE, "up", "--data-dir", str(tmp_path / "data"), "--nats-port", str(port),
-         "--web-listen", "127.0.0.1:0", *extra],  # any free port: tests run side by side
-        cwd=ROOT, env=env, stdout=open(tmp_path / "up.log", "wb"), stderr=subprocess.STDOUT,
-    )
-
-
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
-def test_up_runs_all_four_and_stops_without_leftovers(tmp_path, stop_signal, nodename):
-    port = free_port()
-    url = f"nats://127.0.0.1:{port}"
-    up = start_up(tmp_path, port, nodename)
+def test_up_runs_all_four_and_stops_without_leftovers(tmp_path, stop_signal):
+    stack = UpStack(tmp_path)
     try:
-        result = wait_for(lambda: (r := status(url, tmp_path / "data")).returncode == 0 and r, timeout=60,
-                          what="`ringfence status` to see all four services")
+        stack.start()  # `status` found the stack through the data dir alone (the URL up recorded)
+        url_file = stack.data_dir / "nats_url"
+        assert url_file.read_text() == f"nats://127.0.0.1:{stack.port}\n"
+        assert stat.S_IMODE(url_file.stat().st_mode) == 0o600
+        result = status(f"nats://127.0.0.1:{stack.port}", stack.data_dir)
         for name in ("policy", "locks", "enforcer", "audit"):
             assert f"\n{name} " in "\n" + result.stdout, result.stdout
         assert "all 4 services running" in result.stdout
-        children = descendants(up.pid)
+        children = descendants(stack.proc.pid)
         assert len(children) >= 5, children  # nats-server and four services
-        assert (tmp_path / "data" / "nats" / "jetstream").is_dir()  # JetStream store under the data dir
-        up.send_signal(stop_signal)
-        assert up.wait(30) == 0, (tmp_path / "up.log").read_text()[-3000:]
+        assert (stack.data_dir / "nats" / "jetstream").is_dir()  # JetStream store under the data dir
+        assert stack.stop(stop_signal) == 0, stack.log()[-3000:]
         wait_for(lambda: not any(alive(p) for p in children), timeout=10, what="children to exit")
     finally:
-        if up.poll() is None:
-            up.kill()
-    log = (tmp_path / "up.log").read_text()
+        stack.cleanup()
+    log = stack.log()
     assert "policy  | " in log and "enforcer| " in log  # output prefixed per service
 
 
@@ -106,19 +87,16 @@ def test_status_names_missing_services(nats_server, services):
     assert "missing: locks, enforcer" in result.stdout
 
 
-def test_sigkilled_up_takes_its_children_along(tmp_path, nodename):
-    port = free_port()
-    up = start_up(tmp_path, port, nodename)
+def test_sigkilled_up_takes_its_children_along(tmp_path):
+    stack = UpStack(tmp_path)
     try:
-        wait_for(lambda: status(f"nats://127.0.0.1:{port}", tmp_path / "data").returncode == 0, timeout=60,
-                 what="all services")
-        children = descendants(up.pid)
-        up.kill()
-        up.wait()
+        stack.start()
+        children = descendants(stack.proc.pid)
+        stack.proc.kill()
+        stack.proc.wait()
         wait_for(lambda: not any(alive(p) for p in children), timeout=15, what="orphans to exit")
     finally:
-        if up.poll() is None:
-            up.kill()
+        stack.cleanup()
 
 
 def test_status_without_nats_is_a_clear_error():
@@ -166,19 +144,21 @@ def free_cluster_ports(size: int = 3) -> int:
     raise AssertionError("no free block of ports")
 
 
-def test_up_cluster_runs_three_nats_nodes_with_every_stream_replicated_three_times(tmp_path, nodename):
+def test_up_cluster_runs_three_nats_nodes_with_every_stream_replicated_three_times(tmp_path):
     port = free_cluster_ports()
     urls = ",".join(f"nats://127.0.0.1:{port + i}" for i in range(3))
-    data = tmp_path / "data"
-    up = start_up(tmp_path, port, nodename, "--cluster", "3")
+    stack = UpStack(tmp_path, "--cluster", "3", port=port)
+    data, nodename, up = stack.data_dir, stack.nodename, None
     try:
-        result = wait_for(lambda: (r := status(urls, data)).returncode == 0 and r, timeout=90,
-                          what="`ringfence status` to see all four services on the cluster")
+        stack.start(timeout=90)
+        up = stack.proc
+        assert (data / "nats_url").read_text() == urls + "\n"  # the CLI here reaches every node
+        result = status(urls, data)
         assert "all 4 services running" in result.stdout
         children = descendants(up.pid)
         servers = [p for p in children if "nats-server" in _cmdline(p)]
         assert len(servers) == 3, [_cmdline(p) for p in children]
-        log = (tmp_path / "up.log").read_text()
+        log = stack.log()
         assert f"embedded NATS cluster of 3 nodes with JetStream on {urls}" in log
         for i in (1, 2, 3):
             assert f"nats{i}   | " in log
@@ -210,12 +190,10 @@ def test_up_cluster_runs_three_nats_nodes_with_every_stream_replicated_three_tim
                                   text=True, cwd=ROOT, timeout=60)
         # read-after-write on the cluster: the lock just made is found
         assert unlocked.returncode == 0 and "removed 1 lock" in unlocked.stdout, unlocked.stdout + unlocked.stderr
-        up.send_signal(signal.SIGTERM)
-        assert up.wait(60) == 0, (tmp_path / "up.log").read_text()[-3000:]
+        assert stack.stop(signal.SIGTERM, timeout=60) == 0, stack.log()[-3000:]
         wait_for(lambda: not any(alive(p) for p in children), timeout=15, what="children to exit")
     finally:
-        if up.poll() is None:
-            up.kill()
+        stack.cleanup()
 
 
 def _cmdline(pid: int) -> str:
@@ -246,3 +224,34 @@ def test_up_cluster_refuses_an_external_nats(tmp_path):
     )
     assert result.returncode == 1
     assert "--cluster runs its own local NATS nodes" in result.stderr
+
+
+def test_sigterm_stops_each_service_within_2s_cleanly(tmp_path):
+    """A clean stop: every service exits within 2 s of its SIGTERM, nothing in the log but
+    what a stop says (no traceback, no warning), and the enforcer's socket is gone."""
+    stack = UpStack(tmp_path)
+    session = None
+    try:
+        stack.start()
+        # Something to let go of: an open session (it outlives the enforcer, by design).
+        run_log = tmp_path / "run.log"
+        session = subprocess.Popen([*RINGFENCE, "run", "--user", "demo", "--login", "root", "--", "sleep", "60"],
+                                   cwd=ROOT, env=stack.env, stdout=open(run_log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+
+        def opened() -> bool:
+            assert session.poll() is None, f"ringfence run exited: {run_log.read_text()}"
+            return re.search(r"session \S+ opened: local, user demo", stack.log()) is not None
+
+        wait_for(opened, timeout=30, what="the session to open")
+        assert (stack.data_dir / "enforcer.sock").is_socket()
+        assert stack.stop(signal.SIGTERM) == 0
+    finally:
+        stack.cleanup()  # ends the session too
+        if session is not None:
+            session.wait(15)
+    log = stack.log()
+    took = {name: float(t) for name, t in re.findall(r"^up +\| (\w+) stopped in ([\d.]+)s \(exit code 0\)$", log, re.M)}
+    assert set(took) >= {"policy", "locks", "enforcer", "audit", "nats"}, log[-3000:]
+    assert all(t <= 2.0 for t in took.values()), took
+    assert not re.search(r"Traceback|never retrieved| WARNING | ERROR ", log), log[-3000:]
+    assert not (stack.data_dir / "enforcer.sock").exists()

@@ -284,6 +284,8 @@ async def get(args: argparse.Namespace) -> int:
     elif args.format == "yaml":
         if docs:
             print(yaml.safe_dump_all(docs, sort_keys=False, allow_unicode=True), end="")
+        else:  # on stderr: what stdout holds stays exactly what `create -f` reads back
+            print(nothing_found(kind), file=sys.stderr)
     else:
         print_text(kind, docs)
     return 0
@@ -292,11 +294,13 @@ async def get(args: argparse.Namespace) -> int:
 async def rm(args: argparse.Namespace) -> int:
     kind, name = parse_target(args.target, args.name)
     if kind in NAMED_KINDS and not name:
-        plural = {"role": "roles", "user": "users", "lock": "locks"}[kind]
-        raise CliError(f"name the {kind} to remove: ringfence rm {plural}/NAME")
+        raise CliError(f"name the {kind} to remove: ringfence rm {PLURALS[kind]}/NAME")
     result = await _request(args, "delete", api.DeleteRequest(kind=kind, name=name), api.DeleteResult)
     print(result.message)
     return 0
+
+
+PLURALS = {"role": "roles", "user": "users", "lock": "locks"}
 
 
 # --- text tables ------------------------------------------------------------------------------
@@ -338,9 +342,15 @@ def _rows(kind: str, items: list[Any]) -> tuple[list[str], list[list[str]]]:
     return ["Client Idle Timeout"], [[x.spec.client_idle_timeout or "none"] for x in items]
 
 
+def nothing_found(kind: str) -> str:
+    if kind == "network_restrictions":
+        return "no network restrictions: every destination is allowed"
+    return f"no {PLURALS.get(kind, kind)} found"
+
+
 def print_text(kind: str, docs: list[Any]) -> None:
-    if kind == "network_restrictions" and not docs:
-        print("no network restrictions: every destination is allowed")
+    if kind == "network_restrictions" and not docs:  # other kinds: the table's header, no rows
+        print(nothing_found(kind))
         return
     try:
         items = [msgspec.convert(d, resources.AnyResource) for d in docs]

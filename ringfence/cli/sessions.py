@@ -1,4 +1,4 @@
-"""`ringfence sessions ls [--ended]` and `ringfence play SID`.
+"""`ringfence sessions ls [--ended]` and `ringfence sessions play SID` (alias: `ringfence play SID`).
 
 `sessions` is a command group. To add a subcommand (e.g. `sessions join`,
 `sessions kill`), either add an entry to SUBCOMMANDS below (the marked place),
@@ -278,6 +278,22 @@ def run_play(args: argparse.Namespace) -> int:
     return 0
 
 
+PLAY_HELP = ("Replay a session recording to stdout at its own pace (divided by --speed). "
+             "--format cast writes the asciicast v2 file instead, for `asciinema play`.")
+
+
+def configure_play(p: argparse.ArgumentParser) -> None:
+    p.description = PLAY_HELP
+    p.add_argument("sid", metavar="SID", help="session id (see `ringfence sessions ls --ended`)")
+    p.add_argument("--speed", type=float, default=1.0, help="play N times faster (default 1)")
+    p.add_argument("--max-idle", type=float, metavar="SECONDS", help="shorten longer pauses to SECONDS")
+    p.add_argument("--format", choices=["text", "cast"], default="text",
+                   help="text: replay the output; cast: print the raw asciicast v2 recording")
+
+
+SUBCOMMANDS.append(Subcommand("play", "replay a recorded session", configure_play, run_play))
+
+
 # --- parser ------------------------------------------------------------------------------------------------
 
 
@@ -285,7 +301,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p = sub.add_parser(
         "sessions",
         help="active sessions and their recordings",
-        description="Active sessions across the fleet (`sessions ls`) and stored recordings (`sessions ls --ended`).",
+        description="Active sessions across the fleet (`sessions ls`), stored recordings (`sessions ls --ended`, "
+        "`sessions play SID`), watching and ending a live session (`sessions join`, `sessions kill`).",
     )
     ssub = p.add_subparsers(dest="sessions_command", metavar="SUBCOMMAND", required=True)
     for s in SUBCOMMANDS:
@@ -293,16 +310,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         s.configure(sp)
         sp.set_defaults(func=s.func)
 
-    play = sub.add_parser(
-        "play",
-        parents=[common],
-        help="replay a recorded session",
-        description="Replay a session recording to stdout at its own pace (divided by --speed). "
-        "--format cast writes the asciicast v2 file instead, for `asciinema play`.",
-    )
-    play.add_argument("sid", metavar="SID", help="session id (see `ringfence sessions ls --ended`)")
-    play.add_argument("--speed", type=float, default=1.0, help="play N times faster (default 1)")
-    play.add_argument("--max-idle", type=float, metavar="SECONDS", help="shorten longer pauses to SECONDS")
-    play.add_argument("--format", choices=["text", "cast"], default="text",
-                      help="text: replay the output; cast: print the raw asciicast v2 recording")
+    # `ringfence play` is the same command as `sessions play`, kept for those who learnt it first.
+    play = sub.add_parser("play", parents=[common], help="replay a recorded session (same as `sessions play`)")
+    configure_play(play)
     play.set_defaults(func=run_play)

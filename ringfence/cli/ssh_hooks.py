@@ -8,11 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
+from .. import node_setup
 from .client import config_from
-
-HOOKS = Path(__file__).resolve().parents[1] / "hooks"
 
 
 def interpreter() -> str:
@@ -20,16 +18,12 @@ def interpreter() -> str:
     return os.path.realpath(sys.executable)
 
 
-def hook_command(name: str, data_dir: str) -> str:
-    return f"{interpreter()} -I -S {HOOKS / name} --data-dir {data_dir}"
-
-
 def force_command(data_dir: str) -> str:
-    return f"ForceCommand {hook_command('ssh_session.py', data_dir)}"
+    return node_setup.force_command(interpreter(), data_dir)
 
 
 def pam_line(data_dir: str) -> str:
-    return f"session requisite pam_exec.so quiet stdout {hook_command('pam_hook.py', data_dir)}"
+    return node_setup.pam_line(interpreter(), data_dir)
 
 
 def show(args: argparse.Namespace) -> int:

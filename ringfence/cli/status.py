@@ -11,11 +11,16 @@ from nats.aio.client import Client
 from ..contract import names
 from .client import open_client
 
-DISCOVERY_WAIT = 1.0  # seconds to collect replies; every instance answers within it
+DISCOVERY_WAIT = 1.0  # seconds to collect replies at most; every instance answers within it
+# Once each of the four services has answered, a pause this long with no new answer ends the
+# wait: instances answer together (one round trip each), so the rest of the second is idle.
+QUIET = 0.05
 
 
-async def discover(nc: Client, verb: str = "INFO", wait: float = DISCOVERY_WAIT) -> list[dict]:
-    """Ask every service on the bus ($SRV.<verb>) and gather the answers."""
+async def discover(nc: Client, verb: str = "INFO", wait: float = DISCOVERY_WAIT,
+                   quiet: float | None = QUIET) -> list[dict]:
+    """Ask every service on the bus ($SRV.<verb>) and gather the answers for `wait` seconds,
+    or (with `quiet`) until all four services have answered and no other answer follows."""
     replies: list[dict] = []
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
@@ -24,6 +29,8 @@ async def discover(nc: Client, verb: str = "INFO", wait: float = DISCOVERY_WAIT)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while (left := deadline - loop.time()) > 0:
+        if quiet is not None and not missing_services(_ours(replies)):
+            left = min(left, quiet)
         try:
             msg = await sub.next_msg(timeout=left)
         except Exception:  # nats TimeoutError: no more answers within the wait
@@ -33,6 +40,10 @@ async def discover(nc: Client, verb: str = "INFO", wait: float = DISCOVERY_WAIT)
         except ValueError:
             continue
     await sub.unsubscribe()
+    return _ours(replies)
+
+
+def _ours(replies: list[dict]) -> list[dict]:
     return [r for r in replies if str(r.get("name", "")).startswith(names.SERVICE_NAME_PREFIX)]
 
 
@@ -45,7 +56,10 @@ async def run(args: argparse.Namespace) -> int:
     nc = await open_client(args)
     try:
         verb = "STATS" if args.stats else "INFO"
-        instances = await discover(nc, verb, args.wait)
+        if args.wait is None:
+            instances = await discover(nc, verb)
+        else:
+            instances = await discover(nc, verb, args.wait, quiet=None)
     finally:
         await nc.close()
     instances.sort(key=lambda i: (i["name"], i.get("metadata", {}).get("nodename", ""), i["id"]))
@@ -93,5 +107,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.add_argument("--stats", action="store_true", help="include each instance's counters")
-    p.add_argument("--wait", type=float, default=DISCOVERY_WAIT, help="seconds to wait for answers")
+    p.add_argument("--wait", type=float, metavar="SECONDS",
+                   help=f"wait this long for answers (default: until all four services have answered and "
+                   f"{QUIET * 1000:.0f} ms pass without another, at most {DISCOVERY_WAIT:.0f} s)")
     p.set_defaults(func=run)

@@ -180,6 +180,11 @@ class SessionInfo(Struct, omit_defaults=True):
     uid: int = -1  # the login's uid on this node
     relay: bool = False  # a relay runs the program (journal under the enforcer's relays dir)
     last_login: str = ""  # connection: sshd's "Last login" line of the previous login (shown by the relay)
+    recording: Literal["node", "node-sync", "off", ""] = ""  # the session_recording mode it started with
+
+    @property
+    def recorded(self) -> bool:
+        return self.recording in ("node", "node-sync")
 
 
 JoinMode = Literal["observer", "peer", "moderator"]

@@ -2,7 +2,7 @@
 
 A producer with many events (the enforcer's kernel records: a port scan is
 thousands of denials a second) publishes them in batches instead of one
-message per event, on `names.AUDIT_BATCH_SUBJECT` (inside the audit stream's
+message per event, on `names.audit_batch_subject(server_id)` (inside the audit stream's
 subjects, so the audit stream stores them and its durable consumer gets them).
 
 The message:
@@ -83,8 +83,8 @@ def message_events(subject: str, data: bytes, headers: dict[str, str] | None) ->
     """The encoded events one message of the audit stream carries: a batch's, or the
     message itself. BatchError when a batch message is malformed. For every reader of
     the stream (the audit writer, `ringfence events tail`)."""
-    from .names import AUDIT_BATCH_SUBJECT
+    from .names import AUDIT_BATCH, audit_subject_parts
 
-    if subject == AUDIT_BATCH_SUBJECT:
+    if audit_subject_parts(subject)[1] == AUDIT_BATCH:
         return decode_batch(data, (headers or {}).get(COUNT_HEADER))
     return [data]

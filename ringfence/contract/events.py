@@ -290,6 +290,34 @@ class LockViewStale(AuditEvent, tag="lock.view_stale"):
     reason: str = ""
 
 
+# --- fleet membership ----------------------------------------------------------------------
+class JoinTokenCreated(AuditEvent, tag="join_token.create"):
+    CODE = "RF4000I"
+    token_id: str = ""  # the start of the token's sha256; the token itself is never recorded
+    type: str = ""
+    expires: str = ""
+
+
+class JoinTokenDeleted(AuditEvent, tag="join_token.delete"):
+    CODE = "RF4001I"
+    token_id: str = ""
+    reason: str = ""  # "deleted" (tokens rm) or "used" (a node joined with it)
+
+
+class NodeJoined(AuditEvent, tag="node.join"):
+    CODE = "RF4002I"
+    node: str = ""
+    node_server_id: str = ""  # server_id is the control-plane node that wrote the event
+    nkey: str = ""
+    token_id: str = ""
+
+
+class NodeRemoved(AuditEvent, tag="node.delete"):
+    CODE = "RF4003I"
+    node: str = ""
+    node_server_id: str = ""
+
+
 EVENT_TYPES: dict[str, type[AuditEvent]] = {}
 
 

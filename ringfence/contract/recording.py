@@ -1,7 +1,7 @@
 """Session recordings on the wire: asciicast v2 in chunks.
 
 The enforcer publishes the terminal stream of each interactive session on
-names.recording_subject(sid) (JetStream, stream RECORDINGS_STREAM), message
+names.recording_subject(server_id, sid) (JetStream, stream RECORDINGS_STREAM), message
 id "<sid>:<seq>"; the enforcer also sends each chunk's output, sealed, to the
 session's joiners (services/enforcer/joins.py). The audit service stores them as one asciicast
 v2 file per session: the header line, then one `[time, code, data]` line per

@@ -6,7 +6,6 @@ comes first creates them, the others find them as they are.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from nats.errors import NoRespondersError
@@ -15,6 +14,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NotFoundError, ServiceUnavailableError
 
+from ..runtime.retrying import retrying
 from . import names
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def bucket_configs(replicas: int = 1) -> list[KeyValueConfig]:
             bucket=names.LEASES_BUCKET, history=1, replicas=replicas, max_value_size=MAX_EVENT_BYTES
         ),
         KeyValueConfig(bucket=names.AUDIT_CURSOR_BUCKET, history=1, replicas=replicas, max_value_size=64),
+        KeyValueConfig(bucket=names.NODE_STATUS_BUCKET, history=1, replicas=replicas, max_value_size=4096),
     ]
 
 
@@ -106,7 +107,9 @@ async def _ensure(js: JetStreamContext, replicas: int) -> None:
         else:
             had = info.config.num_replicas or 1
             cfg.num_replicas = max(had, replicas)
-            await js.update_stream(cfg)
+            # Only when something differs: a joined node's credential may read streams, not change them.
+            if _differs(info.config, cfg):
+                await js.update_stream(cfg)
             if cfg.num_replicas > had:
                 log.info("stream %s: replicas raised from %d to %d", cfg.name, had, cfg.num_replicas)
     for kv in bucket_configs(replicas):
@@ -129,33 +132,39 @@ async def ensure_streams_ready(js: JetStreamContext, replicas: int = 1, *, timeo
     """ensure_streams(), retried while JetStream cannot take it yet: a cluster that has no
     meta leader yet, or fewer servers up than `replicas`. `timeout` None: wait for ever
     (warning every ~10 s). Anything else, and the last error at the deadline, is raised."""
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
-    attempt = 0
-    while True:
-        try:
-            await ensure_streams(js, replicas)
-            return
-        except (APIError, NoRespondersError, NatsTimeoutError, TimeoutError) as exc:
-            if isinstance(exc, APIError) and not _transient(exc):
-                raise
-            if deadline is not None and loop.time() >= deadline:
-                raise
-            attempt += 1
-            if attempt == 1 or attempt % max(1, round(10 / retry_every)) == 0:
-                log.warning("JetStream not ready for %d replica%s yet (%s); retrying. A cluster may be "
-                            "electing its leader or have fewer servers up than that; a server without "
-                            "JetStream never will be: start it with --jetstream", replicas,
-                            "s" if replicas > 1 else "", _describe(exc))
-            await asyncio.sleep(retry_every)
+    def not_ready(exc: BaseException) -> bool:
+        if isinstance(exc, APIError):
+            return _transient(exc)
+        return isinstance(exc, (NoRespondersError, NatsTimeoutError, TimeoutError))
+
+    what = (f"JetStream not ready for {replicas} replica{'s' if replicas > 1 else ''} yet (a cluster may be "
+            "electing its leader or have fewer servers up than that; a server without JetStream never will "
+            "be: start it with --jetstream)")
+    await retrying(lambda: ensure_streams(js, replicas), retry_if=not_ready, deadline=timeout, pause=retry_every,
+                   what=what)
+
+
+_COMPARED = ("subjects", "retention", "storage", "max_age", "max_msg_size", "duplicate_window", "num_replicas",
+             "discard")
+
+
+def _differs(current: StreamConfig, wanted: StreamConfig) -> bool:
+    """A setting we ask for that the stream does not have (settings we leave open are not compared)."""
+    for name in _COMPARED:
+        want = getattr(wanted, name)
+        if want is None:
+            continue
+        have = getattr(current, name)
+        if isinstance(want, float) or isinstance(have, float):
+            if have is None or abs(float(have) - float(want)) > 1e-3:
+                return True
+        elif (sorted(have or []) if name == "subjects" else have) != (sorted(want) if name == "subjects" else want):
+            return True
+    return False
 
 
 def _transient(exc: APIError) -> bool:
     return exc.err_code in TRANSIENT or isinstance(exc, ServiceUnavailableError) or exc.code == 503
-
-
-def _describe(exc: Exception) -> str:
-    return getattr(exc, "description", None) or repr(exc)
 
 
 # Buckets whose services write several keys for one request, all or none (runtime/kv_batch.py).

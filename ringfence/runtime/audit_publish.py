@@ -10,6 +10,7 @@ from nats.js import JetStreamContext
 
 from ..contract import names
 from ..contract.events import AuditEvent, encode_event
+from .retrying import LEADER_WAIT, retrying
 from .service import ServiceContext
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ async def publish_event(js: JetStreamContext, event: AuditEvent, timeout: float 
     """Publish and wait for JetStream's ack. The event uid is the message id, so a
     retry after a lost ack is dropped by the stream's duplicate window."""
     await js.publish(
-        names.audit_subject(event.event_type()),
+        names.audit_subject(event.server_id, event.event_type()),
         encode_event(event),
         timeout=timeout,
         headers={MSG_ID_HEADER: event.uid},
@@ -37,8 +38,8 @@ async def publish_event(js: JetStreamContext, event: AuditEvent, timeout: float 
 
 
 # How long a control service keeps trying to publish an event before it reports it lost:
-# longer than a stream leader election after a cluster node died (4-9 s).
-PUBLISH_WAIT = 12.0
+# a stream leader election after a cluster node died.
+PUBLISH_WAIT = LEADER_WAIT
 RETRY_PAUSE = 0.2
 
 
@@ -49,15 +50,8 @@ async def publish_event_retrying(js: JetStreamContext, event: AuditEvent, wait: 
     dropped by the stream's duplicate window."""
     loop = asyncio.get_running_loop()
     until = loop.time() + wait
-    while True:
-        left = until - loop.time()
-        try:
-            await publish_event(js, event, timeout=max(0.5, min(5.0, left)))
-            return
-        except Exception:
-            if loop.time() + RETRY_PAUSE >= until:
-                raise
-            await asyncio.sleep(RETRY_PAUSE)
+    await retrying(lambda: publish_event(js, event, timeout=max(0.5, min(5.0, until - loop.time()))),
+                   retry_if=(Exception,), deadline=wait, pause=RETRY_PAUSE)
 
 
 async def publish_change_events(ctx: ServiceContext, events: list[AuditEvent]) -> list[str]:
@@ -85,6 +79,7 @@ async def publish_change_events(ctx: ServiceContext, events: list[AuditEvent]) -
 class _Envelope(msgspec.Struct):
     event: str
     uid: str
+    server_id: str
 
 
 _envelope = msgspec.json.Decoder(_Envelope)
@@ -99,7 +94,8 @@ async def publish_encoded(js: JetStreamContext, lines: list[bytes], timeout: flo
         env = _envelope.decode(line)
         futures.append(
             await js.publish_async(
-                names.audit_subject(env.event), line, headers={MSG_ID_HEADER: env.uid}, wait_stall=timeout
+                names.audit_subject(env.server_id, env.event), line, headers={MSG_ID_HEADER: env.uid},
+                wait_stall=timeout,
             )
         )
     await asyncio.wait_for(asyncio.gather(*futures), timeout)

@@ -12,7 +12,6 @@ KeyValue writes them, so watchers see the same entries either way.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import uuid
@@ -26,14 +25,11 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError
 
+from .retrying import LEADER_WAIT, retrying
+
 log = logging.getLogger(__name__)
 
 MAX_WRITES = 1000  # the server's limit on messages in one atomic batch
-# How long a write waits for its stream to have a leader again. On a cluster, the
-# streams the dead node led get new leaders 4-9 s after it died (raft election
-# timeouts; measured 3.5-7.4 s); meanwhile nothing answers their subjects and nothing
-# is stored.
-LEADER_WAIT = 12.0
 RETRY_PAUSE = 0.1
 WRONG_LAST_SEQUENCE = 10071  # JetStream: an expected revision did not match
 
@@ -101,24 +97,11 @@ async def while_leaderless(attempt: Callable[[], Awaitable[T]], leader_wait: flo
     """`attempt()`, made again while it fails because nothing answers the stream's subjects
     (no leader, e.g. during an election after a node died: such a try stored nothing),
     for up to `leader_wait` seconds."""
-    loop = asyncio.get_running_loop()
-    until = loop.time() + leader_wait
-    waited = False
-    while True:
-        try:
-            result = await attempt()
-            if waited:
-                log.info("the stream has a leader again; write done")
-            return result
-        except (NoRespondersError, NoStreamResponseError, _Unconfirmed) as exc:
-            if loop.time() >= until:
-                if isinstance(exc, _Unconfirmed):
-                    raise WriteOutcomeUnknown(str(exc)) from None
-                raise
-            if not waited:
-                log.warning("no stream leader answers yet (%r); retrying for up to %.0fs", exc, leader_wait)
-                waited = True
-            await asyncio.sleep(RETRY_PAUSE)
+    try:
+        return await retrying(attempt, retry_if=(NoRespondersError, NoStreamResponseError, _Unconfirmed),
+                              deadline=leader_wait, pause=RETRY_PAUSE, what="no stream leader answers the write yet")
+    except _Unconfirmed as exc:
+        raise WriteOutcomeUnknown(str(exc)) from None
 
 
 class _Unconfirmed(Exception):

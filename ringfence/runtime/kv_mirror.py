@@ -77,7 +77,7 @@ class KvMirror(Generic[T]):
                 # A watch waiting out its heartbeat must not hold up the service's stop by a second.
                 await unless_stopped(stop, self._watch_once(kv, stop))
             except Exception as exc:
-                log.warning("watch of %s/%s stopped (%s); restarting", self.bucket, self.key_filter, exc)
+                log.warning("watch of %s/%s stopped (%r); restarting", self.bucket, self.key_filter, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
 

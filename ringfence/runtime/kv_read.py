@@ -20,7 +20,6 @@ With one server both are what nats-py does anyway, plus one request per snapshot
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -29,11 +28,13 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError, Ser
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from .kv_watch import watchable_bucket
+from .retrying import LEADER_WAIT, retrying
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_DEADLINE = 12.0  # seconds: longer than a leader election (4-9 s), within the CLI's request timeout
+SNAPSHOT_DEADLINE = LEADER_WAIT  # seconds: a leader election, within the CLI's request timeout
 RETRY_PAUSE = 0.05
+_NOT_ANSWERING = (NatsTimeoutError, TimeoutError, ServiceUnavailableError)  # no leader, or no replica yet
 SNAPSHOT_CONSUMER_TTL = 10.0  # seconds
 
 
@@ -50,17 +51,16 @@ async def open_bucket(js: JetStreamContext, bucket: str) -> KeyValue:
 async def get(kv: KeyValue, key: str, deadline: float = SNAPSHOT_DEADLINE) -> KeyValue.Entry | None:
     """The key's entry (None when it has no value), from a bucket opened with open_bucket();
     retried while the stream has no leader, within `deadline`."""
-    loop = asyncio.get_running_loop()
-    until = loop.time() + deadline
-    while True:
+    async def attempt() -> KeyValue.Entry | None:
         try:
             return await kv.get(key)
         except (KeyNotFoundError, KeyDeletedError):
             return None
-        except (NatsTimeoutError, TimeoutError, ServiceUnavailableError) as exc:
-            if loop.time() >= until:
-                raise StaleSnapshotError(f"no answer for {kv._name}/{key} within {deadline:.0f}s ({exc!r})") from None
-            await asyncio.sleep(RETRY_PAUSE)
+
+    try:
+        return await retrying(attempt, retry_if=_NOT_ANSWERING, deadline=deadline, pause=RETRY_PAUSE)
+    except _NOT_ANSWERING as exc:
+        raise StaleSnapshotError(f"no answer for {kv._name}/{key} within {deadline:.0f}s ({exc!r})") from None
 
 
 async def newest_seq(js: JetStreamContext, stream: str, subject: str) -> int:
@@ -77,26 +77,23 @@ async def snapshot(js: JetStreamContext, kv: KeyValue, key_filter: str = ">",
     """{key: entry} of every key under `key_filter` that has a value now, including every
     write acknowledged before the call. StaleSnapshotError when none could be taken in time."""
     bucket = kv._name
-    stream = f"KV_{bucket}"
-    loop = asyncio.get_running_loop()
-    until = loop.time() + deadline
-    attempt = 0
-    last_problem = ""
-    while True:
-        attempt += 1
-        try:
-            wanted = await newest_seq(js, stream, f"$KV.{bucket}.{key_filter}")
-            found, newest = await _watch_once(kv, key_filter)
-            if newest >= wanted:
-                if attempt > 1:
-                    log.debug("%s/%s: complete snapshot after %d attempts", bucket, key_filter, attempt)
-                return found
-            last_problem = f"a replica answered up to revision {newest} of {wanted}"
-        except (NatsTimeoutError, TimeoutError, ServiceUnavailableError) as exc:
-            last_problem = repr(exc)
-        if loop.time() >= until:
-            raise StaleSnapshotError(f"no current view of bucket {bucket} within {deadline:.0f}s ({last_problem})")
-        await asyncio.sleep(RETRY_PAUSE)
+
+    async def attempt() -> dict[str, KeyValue.Entry]:
+        wanted = await newest_seq(js, f"KV_{bucket}", f"$KV.{bucket}.{key_filter}")
+        found, newest = await _watch_once(kv, key_filter)
+        if newest < wanted:
+            raise _Behind(f"a replica answered up to revision {newest} of {wanted}")
+        return found
+
+    try:
+        return await retrying(attempt, retry_if=(*_NOT_ANSWERING, _Behind), deadline=deadline, pause=RETRY_PAUSE)
+    except (*_NOT_ANSWERING, _Behind) as exc:
+        problem = str(exc) if isinstance(exc, _Behind) else repr(exc)
+        raise StaleSnapshotError(f"no current view of bucket {bucket} within {deadline:.0f}s ({problem})") from None
+
+
+class _Behind(Exception):
+    """The watch was answered by a replica that has not applied the newest writes yet."""
 
 
 async def _watch_once(kv: KeyValue, key_filter: str) -> tuple[dict[str, KeyValue.Entry], int]:

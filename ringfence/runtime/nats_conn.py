@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import shutil
+import ssl
 import sys
 from pathlib import Path
 
@@ -15,6 +16,12 @@ from nats.errors import NoServersError
 log = logging.getLogger(__name__)
 
 
+# A drain that takes longer (a subscription whose messages nobody reads) is given up by
+# nats-py itself, reported through error_cb, and the connection closed: cancelling a drain
+# from outside instead leaves an unretrieved _GatheringFuture traceback in the log.
+DRAIN_TIMEOUT = 1.0
+
+
 async def connect(
     urls: list[str],
     name: str,
@@ -22,6 +29,8 @@ async def connect(
     connect_timeout: float = 2.0,
     retry_forever: bool = True,
     nkey_seed: str | None = None,
+    tls_ca: str | None = None,
+    counters: dict[str, int] | None = None,
     **options,
 ) -> Client:
     """Connect, and keep reconnecting for as long as the process lives.
@@ -29,11 +38,16 @@ async def connect(
     With `retry_forever`, a server that is not up yet is waited for (services
     may start before NATS); the CLI passes False to fail fast with a clear error.
     `nkey_seed`: path of an nkey seed file to authenticate with (NatsCredentialError
-    when it cannot be read); without it the connection is anonymous.
+    when it cannot be read); without it the connection is anonymous. `tls_ca`: the CA
+    file the server's certificate must chain to (tls:// URLs; default: the system's CAs).
+    `counters`: where nats_reconnects is counted (a service's ctx.counters).
     """
     if nkey_seed:
         check_seed_file(nkey_seed)
         options["nkeys_seed"] = nkey_seed
+    if tls_ca or any(u.startswith("tls://") for u in urls):
+        options["tls"] = tls_context(tls_ca)
+    options.setdefault("drain_timeout", DRAIN_TIMEOUT)
 
     async def on_error(exc: Exception) -> None:
         if retry_forever:  # the CLI reports its single failure itself
@@ -45,6 +59,8 @@ async def connect(
         log.warning("nats: disconnected from %s", urls)
 
     async def on_reconnect() -> None:
+        if counters is not None:
+            counters["nats_reconnects"] = counters.get("nats_reconnects", 0) + 1
         log.info("nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else urls)
 
     nc = Client()
@@ -72,8 +88,16 @@ async def connect(
                 raise
             attempt += 1
             if attempt == 1 or attempt % 20 == 0:
-                log.warning("nats: cannot connect to %s yet (%s); retrying", ",".join(urls), exc)
+                log.warning("nats: cannot connect to %s yet (%r); retrying", ",".join(urls), exc)
             await asyncio.sleep(min(2.0, 0.2 * attempt))
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """Verifies the server's certificate and name (hostname or IP in the URL)."""
+    try:
+        return ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise NatsCredentialError(f"cannot use {ca_file} as the NATS CA certificate: {exc}") from None
 
 
 class NatsCredentialError(Exception):
@@ -159,8 +183,10 @@ def nats_server_binary() -> str:
 
 
 async def wait_closed(nc: Client, timeout: float = 5.0) -> None:
+    """Drain and close. The drain gives up by itself after the connection's drain_timeout;
+    `timeout` is the backstop for a server that stops answering the final flush."""
     try:
-        await asyncio.wait_for(nc.drain(), timeout)
+        await asyncio.wait_for(nc.drain(), max(timeout, nc.options.get("drain_timeout", 0) + 1))
     except Exception:  # already closed, or the server is gone: nothing left to flush
         if not nc.is_closed:
             await nc.close()

@@ -46,7 +46,15 @@ log = logging.getLogger(__name__)
 Action = tuple[str, str]  # (resource, verb), e.g. ("lock", "create")
 # Given the decoded request (a runtime.service.Call; the raw Request for endpoints not converted yet).
 ActionResolver = Callable[[Any], Awaitable[Iterable[Action]]]
-ActionSpec = Action | ActionResolver | None
+
+
+class SelfAuthorized:
+    """An endpoint whose request carries its own proof (a join token checked by the handler):
+    no operator identity is asked for. Use only where the handler refuses everything else."""
+
+
+SELF_AUTHORIZED = SelfAuthorized()
+ActionSpec = Action | ActionResolver | SelfAuthorized | None
 # An endpoint registered without an action: only roles allowing every verb on every resource.
 ADMIN_ONLY: tuple[Action, ...] = ((auth.WILDCARD, auth.WILDCARD),)
 

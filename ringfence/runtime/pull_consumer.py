@@ -142,6 +142,13 @@ class PullConsumer:
                                                  opt_start_seq=self.position)
                     log.info("%s: creating consumer %s at stream sequence %d (where this log stopped)",
                              self.label, config.durable_name, self.position)
+        if self._sub is not None:
+            # A binding being replaced is released first: its leftover status messages would
+            # otherwise sit unread and hold up draining the connection.
+            try:
+                await self._sub.unsubscribe()
+            except Exception as exc:  # already gone with the connection
+                log.debug("%s: releasing the old pull subscription: %s", self.label, exc)
         self._sub = await self.js.pull_subscribe(self.subjects, durable=config.durable_name, stream=self.stream,
                                                  config=config)
         if self.in_order and self.position_path is None:

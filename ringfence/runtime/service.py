@@ -56,9 +56,11 @@ from ..contract.api import ApiError, error_reply, ok_reply
 from ..contract.documents import decode_request
 from ..contract.streams import StreamSetupError, ensure_streams_ready
 from ..durations import parse_duration
+from . import nats_security
 from .logs import setup_logging
+from .metrics import MetricsServer
 from .nats_conn import NatsCredentialError, connect, wait_closed
-from .operator_auth import ActionSpec, OperatorDirectory, RequestAuth, resolve_actions
+from .operator_auth import SELF_AUTHORIZED, ActionSpec, Operator, OperatorDirectory, RequestAuth, resolve_actions
 from .stopping import unless_stopped
 
 log = logging.getLogger(__name__)
@@ -108,8 +110,10 @@ class ServiceContext:
     js: JetStreamContext
     hostname: str
     server_id: str
-    # Counters shown under each endpoint's `data` in $SRV.STATS.
+    # Counters shown under each endpoint's `data` in $SRV.STATS and as Prometheus metrics.
     counters: dict[str, int] = field(default_factory=dict)
+    # Levels read when asked (spool depth, lock view age, ...): $SRV.STATS and metrics too.
+    gauges: dict[str, Callable[[], float]] = field(default_factory=dict)
     auth: RequestAuth | None = None
     # One writer at a time in this process: endpoints registered exclusive=True (and the
     # service's own housekeeping) hold it from the permission check to the last write.
@@ -142,15 +146,17 @@ class ServiceContext:
 
         async def serve(req: Request) -> None:
             try:
-                operator = await request_auth.authenticate(req)
+                # A self-authorized endpoint (a join with its token) asks for no operator identity.
+                operator = Operator("") if action is SELF_AUTHORIZED else await request_auth.authenticate(req)
                 served: Any = req  # what the resolver and the handler get
                 if decode is not None:
                     served = Call(operator.actor, decode(req.data or b""))
                 else:
                     req._ringfence_actor = operator.actor  # type: ignore[attr-defined]
                 async with self.write_lock if exclusive else contextlib.nullcontext():
-                    actions = await resolve_actions(action, served)
-                    await request_auth.authorize(operator, actions, req.subject)
+                    if action is not SELF_AUTHORIZED:
+                        actions = await resolve_actions(action, served)
+                        await request_auth.authorize(operator, actions, req.subject)
                     result = await handler(served)
                 body = result if isinstance(result, bytes) else ok_reply(result)
             except ApiError as exc:
@@ -208,6 +214,9 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="NATS nkey seed file to authenticate with (env RINGFENCE_NATS_NKEY)")
     parser.add_argument("--nats-replicas", type=int, metavar="N",
                         help="copies of every stream and bucket: 1, 3 or 5 (env RINGFENCE_NATS_REPLICAS)")
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (env RINGFENCE_METRICS_LISTEN; "
+                             "default off)")
 
 
 def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Adapter], argv=None, *,
@@ -227,7 +236,8 @@ def run_service(short_name: str, make_adapter: Callable[[argparse.Namespace], Ad
     warnings: list[str] = []
     try:
         config = load_config(args.config, data_dir=args.data_dir, nats_url=args.nats_url, nodename=args.nodename,
-                             nats_nkey=args.nats_nkey, nats_replicas=args.nats_replicas, warnings=warnings)
+                             nats_nkey=args.nats_nkey, nats_replicas=args.nats_replicas, warnings=warnings,
+                             metrics_listen=args.metrics_listen)
     except ConfigError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -297,6 +307,16 @@ STOP_TIMEOUT = 8.0  # a service asked to stop is gone within this, even if NATS 
 LEFTOVER_GRACE = 2.0
 
 
+def read_gauges(gauges: dict[str, Callable[[], float]]) -> dict[str, float]:
+    values = {}
+    for name, read in gauges.items():
+        try:
+            values[name] = round(float(read()), 3)
+        except Exception:
+            log.exception("gauge %s failed", name)
+    return values
+
+
 class StartupError(Exception):
     """A service cannot start; the message says why and what to do."""
 
@@ -312,8 +332,12 @@ async def _serve(short_name: str, config: Config, adapter: Adapter, reads_only: 
         loop.add_signal_handler(sig, stop.set)
 
     Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    server_id = server_id_for(config.data_dir)
+    # Replies under this node's own inbox prefix: a joined node may receive nothing else.
+    counters: dict[str, int] = {"nats_reconnects": 0}
     nc = await connect(config.nats_urls, f"ringfence-{short_name}@{config.nodename}",
-                       nkey_seed=config.nats_nkey or None)
+                       nkey_seed=config.nats_nkey or None, tls_ca=config.nats_tls_ca or None,
+                       inbox_prefix=nats_security.node_inbox(server_id), counters=counters)
     js = nc.jetstream()
     ready = _streams_made(js, reads_only, stop) if reads_only else _streams_ready(js, config.nats_replicas, stop)
     if not await ready:
@@ -325,7 +349,8 @@ async def _serve(short_name: str, config: Config, adapter: Adapter, reads_only: 
         nc=nc,
         js=js,
         hostname=socket.gethostname(),
-        server_id=server_id_for(config.data_dir),
+        server_id=server_id,
+        counters=counters,
         _stop=stop,
     )
     directory_stop = asyncio.Event()
@@ -338,8 +363,8 @@ async def _serve(short_name: str, config: Config, adapter: Adapter, reads_only: 
         ctx.auth = RequestAuth("off", None, ctx.counters)
         log.warning("operator_auth is off: control requests are accepted without a signature or a role check")
 
-    def stats_data(_endpoint: Any) -> dict[str, int]:
-        return dict(ctx.counters)
+    def stats_data(_endpoint: Any) -> dict[str, float]:
+        return {**ctx.counters, **read_gauges(ctx.gauges)}
 
     ctx._micro = await micro.add_service(
         nc,
@@ -354,8 +379,15 @@ async def _serve(short_name: str, config: Config, adapter: Adapter, reads_only: 
         },
         stats_handler=stats_data,
     )
+    metrics = MetricsServer(config.metrics_listen, ctx.counters, ctx.gauges,
+                            {"service": short_name, "node": config.nodename}) if config.metrics_listen else None
     try:
         await adapter.start(ctx)
+        if metrics:
+            try:
+                metrics.start()
+            except OSError as exc:
+                raise StartupError(str(exc)) from None
         log.info("%s service ready (nats %s, data %s)", short_name, ",".join(config.nats_urls), config.data_dir)
         await stop.wait()
         log.info("%s service stopping", short_name)
@@ -365,6 +397,8 @@ async def _serve(short_name: str, config: Config, adapter: Adapter, reads_only: 
         except TimeoutError:
             log.error("%s service did not stop within %.0fs; exiting anyway", short_name, STOP_TIMEOUT)
         finally:
+            if metrics:
+                metrics.stop()
             directory_stop.set()
             for task in directory_tasks:
                 task.cancel()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from ringfence.contract import names
 from ringfence.contract.api import MAX_SEARCH_LIMIT, ApiError, SearchRequest
 from ringfence.contract.events import EVENT_TYPES, AuditEvent, decode_event
 from ringfence.contract.streams import MAX_EVENT_BYTES
@@ -36,8 +37,11 @@ def _sent(data: bytes, key: bytes, value: str, field: str) -> bool:
     return bool(value) and (key + _encode(value) in data or bool(getattr(_probe.decode(data), field)))
 
 
-def decode_incoming(data: bytes) -> tuple[AuditEvent, int]:
-    """Decode one message into (event, its time in ms since the epoch), or raise Rejected saying why."""
+def decode_incoming(data: bytes, subject: str = "") -> tuple[AuditEvent, int]:
+    """Decode one event into (event, its time in ms since the epoch), or raise Rejected saying
+    why. With the `subject` of its message (a batch's for each of its events): an event must
+    name the node it was published by (a node's NATS credential publishes only under its own
+    server_id, so it cannot pass for another node)."""
     if len(data) > MAX_EVENT_BYTES:
         raise Rejected(f"event is {len(data)} bytes; the limit is {MAX_EVENT_BYTES}")
     try:
@@ -51,6 +55,8 @@ def decode_incoming(data: bytes) -> tuple[AuditEvent, int]:
         raise Rejected("event has no uid")
     if not _sent(data, b'"time":', event.time, "time"):
         raise Rejected("event has no time")
+    if subject and names.audit_subject_parts(subject)[0] != event.server_id:
+        raise Rejected(f'server_id "{event.server_id[:80]}" is not the node of the subject {subject[:200]}')
     try:
         # Searched by, and part of how a redelivery is recognised: it must be a time.
         return event, parse_time_ms(event.time)

@@ -56,8 +56,9 @@ def decode_chunk(data: bytes, subject: str = "") -> RecordingChunk:
         raise Rejected(f"not a valid recording chunk: {exc}") from None
     if not recording.is_valid_sid(chunk.sid):
         raise Rejected(f'sid: "{chunk.sid[:200]}" is not a valid session id')
-    if subject and subject != names.recording_subject(chunk.sid):
-        raise Rejected(f'sid "{chunk.sid[:200]}" does not match the subject {subject[:200]}')
+    if subject and not _subject_matches(subject, chunk):
+        raise Rejected(f'sid "{chunk.sid[:200]}" of node "{chunk.server_id[:80]}" does not match the subject '
+                       f"{subject[:200]} (a node publishes only its own sessions' chunks)")
     if chunk.seq < 0 or chunk.seq >= 1 << 53:
         raise Rejected(f"seq: {chunk.seq} is out of range")
     if chunk.header is not None and chunk.seq != 0:
@@ -70,6 +71,15 @@ def decode_chunk(data: bytes, subject: str = "") -> RecordingChunk:
         if not code:
             raise Rejected(f"events[{i}]: empty event code")
     return chunk
+
+
+def _subject_matches(subject: str, chunk: RecordingChunk) -> bool:
+    """The chunk names the node and session of its subject: a node's NATS credential publishes only
+    under its own server_id, so a chunk claiming another node's session is refused."""
+    try:
+        return subject == names.recording_subject(chunk.server_id, chunk.sid)
+    except ValueError:  # a server_id no subject can carry
+        return False
 
 
 # --- ordering ---------------------------------------------------------------------------------

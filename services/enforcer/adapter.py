@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 import msgspec
@@ -14,18 +15,20 @@ import msgspec
 from ringfence.auth import access_denied, is_allowed, may_join
 from ringfence.contract import names
 from ringfence.contract.api import ApiError, JoinInput, JoinReply, JoinRequest, KillRequest, SessionInfo, ok_reply
-from ringfence.contract.events import AuditEvent, EventsLost, encode_event
-from ringfence.contract.resources import Role
+from ringfence.contract.events import AuditEvent, ClientDisconnect, EventsLost, encode_event
+from ringfence.contract.resources import Role, SessionRecordingConfig
 from ringfence.durations import parse_duration
 from ringfence.runtime import kv_read
 from ringfence.runtime.audit_publish import publish_encoded, stamp
+from ringfence.runtime.kv_mirror import KvMirror
 from ringfence.runtime.service import Call, ServiceContext, StartupError
 
-from . import kernel, simulated, ssh_identity
+from . import kernel, node_status, simulated, ssh_identity
 from .cgroups import CgroupTree
 from .directory import Directory
 from .joins import Joins
-from .limits import ConnectionLeases, SessionLimits
+from .leases import ConnectionLeases
+from .limits import SessionLimits
 from .lock_guard import LockGuard
 from .netevents import NetRecord, to_event
 from .policy_follower import PolicyFollower
@@ -43,6 +46,7 @@ from .spool import Spool
 log = logging.getLogger(__name__)
 
 LOST_REPORT_INTERVAL = 5.0
+NODE_SYNC_MAX_LAG = 15.0  # recordings undelivered this long end node-sync sessions
 STOP_TIMEOUT = 5.0
 
 
@@ -62,6 +66,7 @@ class EnforcerAdapter:
         self.policy: PolicyFollower | None = None
         self.stop_event = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
+        self._stuck_since = 0.0  # monotonic: since when recordings have not moved
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
@@ -73,16 +78,18 @@ class EnforcerAdapter:
         self.spool = Spool(data / "spool")
         self.recordings = Spool(data / "recordings-spool")
         self.directory = Directory(ctx.nc, ctx.counters)
-        self.launcher = RelayLauncher(tree.mount / "ringfence" / f"{cfg.nodename}.relays")
+        self.recording_config: KvMirror[SessionRecordingConfig] = KvMirror(
+            ctx.nc, names.POLICY_BUCKET, names.RECORDING_CONFIG_KEY, SessionRecordingConfig, counters=ctx.counters)
+        self.launcher = RelayLauncher(tree.mount / "ringfence" / f"{cfg.nodename}.relays", data / "relays.log")
         await self.launcher.start()
         self.sessions = self._session_manager(tree, data)
         self.guard = LockGuard(ctx.nc, self.sessions, self.directory, parse_duration(cfg.lock_view_max_staleness),
                                self.emit, ctx.counters)
         leases = ConnectionLeases(await kv_read.open_bucket(ctx.js, names.LEASES_BUCKET), ctx.server_id,
-                                  parse_duration(cfg.ssh_service.connection_lease_ttl))
+                                  parse_duration(cfg.ssh_service.connection_lease_ttl), ctx.js)
         self.limits = SessionLimits(ctx.nc, leases, self.sessions, self.directory, self.emit, ctx.counters)
         # Limits take a lease (which may wait for one): a lock that arrived meanwhile still counts.
-        self.sessions.checks += [self.guard.check, self.limits.check, self.guard.check]
+        self.sessions.checks += [self.guard.check, self._recording_check, self.limits.check, self.guard.check]
         self.sessions.end_hooks.append(self.limits.on_end)
         self.sessions.idle_of = self.limits.idle_of
         self.joins = Joins(ctx.nc, ctx.server_id, self.sessions, ctx.counters)
@@ -118,6 +125,7 @@ class EnforcerAdapter:
             "network restrictions": self.policy.ready, "locks": self.guard.view.ready,
             "cluster auth preference": self.guard.cap.ready, "users": self.directory.users.ready,
             "roles": self.directory.roles.ready, "cluster networking config": self.limits.networking.ready,
+            "session recording config": self.recording_config.ready,
         }
         while waiting := [name for name, ready in pending.items() if not ready.is_set()]:
             if self.stop_event.is_set():
@@ -128,6 +136,43 @@ class EnforcerAdapter:
                 w.cancel()
             if not done:
                 log.warning("not admitting sessions yet: still loading %s", ", ".join(waiting))
+
+    def _recording_mode(self) -> str:
+        found = self.recording_config.values.get(names.RECORDING_CONFIG_KEY)
+        return found.spec.mode if found else "node"
+
+    def _recordings_stuck(self) -> str:
+        """Why recordings cannot be stored now (node-sync refuses and ends sessions), or ""."""
+        assert self.recordings is not None
+        if self._stuck_since and time.monotonic() - self._stuck_since > NODE_SYNC_MAX_LAG:
+            return (f"session recordings have not reached the audit service for {NODE_SYNC_MAX_LAG:g}s; "
+                    "the session ends (session_recording mode node-sync)")
+        return ""
+
+    async def _recording_check(self, info: SessionInfo) -> str | None:
+        """Admission: under node-sync, no session starts that could not be recorded."""
+        if info.kind != "connection" and self._recording_mode() == "node-sync":
+            return self._recordings_stuck() or None
+        return None
+
+    async def _watch_recording_delivery(self, stop: asyncio.Event) -> None:
+        """node-sync: a session whose recording cannot be stored ends, with a message."""
+        assert self.recordings is not None and self.sessions is not None
+        delivered = self.recordings.delivered
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            if self.recordings.delivered != delivered or not self.recordings.pending_bytes():
+                delivered, self._stuck_since = self.recordings.delivered, 0.0
+                continue
+            self._stuck_since = self._stuck_since or time.monotonic()
+            reason = self._recordings_stuck()
+            if not reason:
+                continue
+            for info in list(self.sessions.by_sid.values()):
+                if info.recording == "node-sync" and info.sid not in self.sessions.terminating:
+                    self.emit(ClientDisconnect(user=info.user, login=info.login, sid=info.sid, reason=reason))
+                    await self.sessions.terminate(info.sid, reason)
 
     def _roles_changed(self) -> None:
         """Users or roles changed: running sessions take their users' roles now (locks by role,
@@ -189,7 +234,9 @@ class EnforcerAdapter:
             store=SessionStore(data / "sessions"),
             emit=self.emit,
             recorder=Recorder(self.recordings, lambda chunk: self.joins.on_chunk(chunk)),
-            node={"cluster_name": cfg.cluster_name, "server_id": ctx.server_id, "server_hostname": ctx.hostname},
+            # The configured node name, as the original reports its nodename (the NODE column of
+            # `sessions ls`, the sessions' events); it defaults to the host name.
+            node={"cluster_name": cfg.cluster_name, "server_id": ctx.server_id, "server_hostname": cfg.nodename},
             flags=flags,
             reader_cycles=self._reader_cycles,
             counters=ctx.counters,
@@ -198,7 +245,7 @@ class EnforcerAdapter:
             launcher=self.launcher,
             journal_dir=_private_dir(data / "relays"),
             settings=SessionSettings(
-                record=ssh.session_recording, stdin_limit=ssh.record_stdin_bytes,
+                record=self._recording_mode, stdin_limit=ssh.record_stdin_bytes,
                 trusted_cas=lambda: _trusted_cas(ssh.trusted_user_ca_keys),
                 require_registered=ssh.require_registered_identity,
             ),
@@ -232,20 +279,39 @@ class EnforcerAdapter:
 
     def _start_tasks(self, data: Path) -> None:
         assert self.ctx is not None and self.spool is not None and self.recordings is not None
-        js, stop = self.ctx.js, self.stop_event
+        stop = self.stop_event
         self.tasks = [
             asyncio.create_task(self.policy.run(stop), name="policy"),
-            asyncio.create_task(self.spool.run(lambda lines: publish_encoded(js, lines), stop), name="spool"),
-            asyncio.create_task(self.recordings.run(lambda lines: publish_chunks(js, lines), stop),
-                                name="recordings"),
+            asyncio.create_task(self.spool.run(self._publish_events, stop), name="spool"),
+            asyncio.create_task(self.recordings.run(self._publish_recordings, stop), name="recordings"),
             asyncio.create_task(self._report_lost(data / "lost_reported"), name="lost"),
             *(asyncio.create_task(t, name="directory") for t in self.directory.tasks(stop)),
             *(asyncio.create_task(t, name="locks") for t in self.guard.tasks(stop)),
             *(asyncio.create_task(t, name="limits") for t in self.limits.tasks(stop)),
             asyncio.create_task(self.joins.expire_loop(stop), name="joins"),
+            asyncio.create_task(self.recording_config.run(stop), name="recording-config"),
+            asyncio.create_task(self._watch_recording_delivery(stop), name="recording-delivery"),
+            asyncio.create_task(node_status.report(self.ctx, self.guard.view_age, stop), name="node-status"),
         ]
         for t in self.tasks:
             t.add_done_callback(self._task_ended)
+        self.ctx.gauges.update({
+            "spool_pending_bytes": self.spool.pending_bytes,
+            "spool_age_seconds": self.spool.age,
+            "lock_view_staleness_seconds": self.guard.view_age,
+            "leases_held": lambda: len(self.limits.leases.held),
+            "policy_apply_seconds": lambda: self.policy.apply_seconds if self.policy else 0.0,
+        })
+
+    async def _publish_events(self, lines: list[bytes]) -> None:
+        assert self.ctx is not None
+        await publish_encoded(self.ctx.js, lines)
+        self.ctx.counters["events_published"] = self.ctx.counters.get("events_published", 0) + len(lines)
+
+    async def _publish_recordings(self, lines: list[bytes]) -> None:
+        assert self.ctx is not None
+        await publish_chunks(self.ctx.js, lines)
+        self.ctx.counters["recording_bytes"] = self.ctx.counters.get("recording_bytes", 0) + sum(map(len, lines))
 
     def _running(self, sid: str) -> SessionInfo:
         info = self.sessions.by_sid.get(sid) if self.sessions else None

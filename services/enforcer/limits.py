@@ -1,10 +1,8 @@
 """Session control (seed 002): max_connections, max_sessions, client_idle_timeout.
 
-- max_connections: SSH connections per user across the whole fleet. One KV key
-  per user holds the user's connection leases; a connection takes a lease with
-  compare-and-set (so two nodes can never both take the last slot), gives it
-  back the moment it ends, and renews it while it lasts. A node that dies stops
-  renewing: its leases expire after the lease TTL and stop counting.
+- max_connections: SSH connections per user across the whole fleet, as leases
+  each node keeps under its own keys (leases.py: how two nodes never both take
+  the last slot); a lease is given back the moment its connection ends.
 - max_sessions: session channels per SSH connection (all on this node).
 - client_idle_timeout: no input from the client for that long ends the idle
   channel (its relay enforces it) or, for a connection with no channel left
@@ -21,13 +19,7 @@ import logging
 import time
 from collections.abc import Iterable
 
-import msgspec
-from msgspec import Struct
 from nats.aio.client import Client
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoStreamResponseError, ServiceUnavailableError
-from nats.js.kv import KeyValue
 
 from ringfence.contract import names
 from ringfence.contract.api import SessionInfo
@@ -37,18 +29,12 @@ from ringfence.durations import format_duration, parse_duration
 from ringfence.runtime.kv_mirror import KvMirror
 
 from . import forwards
+from .leases import ConnectionLeases
 from .session_core import Refusal
 
 log = logging.getLogger(__name__)
 
 IDLE_CHECK = 0.5
-CAS_ATTEMPTS = 50
-LEADER_WAIT = 6.0  # within the 10 s the PAM hook waits for admission (ringfence/cli/ssh_hooks.py)
-# A full count is looked at again for this long before a connection is refused: the
-# ssh client of a connection that just ended exits before its sshd has torn the
-# connection down, so `ssh host a; ssh host b` at max_connections 1 would race it.
-SLOT_WAIT = 1.5
-SLOT_RETRY = 0.05
 
 
 # --- pure ---------------------------------------------------------------------------------------------
@@ -73,98 +59,6 @@ def too_many_channels(user: str, limit: int) -> Refusal:
 
 def idle_message(timeout: float) -> str:
     return f"Client exceeded idle timeout of {format_duration(timeout)}"
-
-
-class Lease(Struct):
-    sid: str
-    server_id: str
-    expires: float  # unix seconds
-
-
-class UserLeases(Struct):
-    leases: list[Lease] = msgspec.field(default_factory=list)
-
-
-def live_leases(leases: list[Lease], now: float, excluding: str = "") -> list[Lease]:
-    return [lease for lease in leases if lease.expires > now and lease.sid != excluding]
-
-
-# --- fleet-wide leases -------------------------------------------------------------------------------
-class ConnectionLeases:
-    def __init__(self, kv: KeyValue, server_id: str, ttl: float) -> None:
-        self.kv = kv
-        self.server_id = server_id
-        self.ttl = ttl  # seconds a dead node's leases keep counting (ssh_service.connection_lease_ttl)
-        self.held: dict[str, str] = {}  # sid -> user, leases this node holds
-
-    async def _change(self, user: str, change) -> bool:
-        """Apply `change(live leases) -> new list | None` with compare-and-set; None means refused.
-        Gets go to the stream leader (the bucket is opened with kv_read.open_bucket), so a
-        replica a moment behind does not make every attempt fail; while the stream elects a
-        leader (a NATS node died) the change waits up to LEADER_WAIT."""
-        key = names.lease_key(user)
-        until = time.monotonic() + LEADER_WAIT
-        conflicts = 0
-        while True:
-            try:
-                try:
-                    entry = await self.kv.get(key)
-                    revision, current = entry.revision, msgspec.json.decode(entry.value, type=UserLeases).leases
-                except KeyNotFoundError as exc:
-                    marker = getattr(exc, "entry", None)
-                    revision, current = (marker.revision if marker else 0), []
-                new = change(live_leases(current, time.time()))
-                if new is None:
-                    return False
-                await self.kv.update(key, msgspec.json.encode(UserLeases(new)), last=revision)
-                return True
-            except KeyWrongLastSequenceError:
-                # Another node changed it first, or an update whose ack was lost did: read again.
-                conflicts += 1
-                if conflicts >= CAS_ATTEMPTS:
-                    raise RuntimeError(f"the connection leases of {user} stayed contended for {CAS_ATTEMPTS} "
-                                       "attempts") from None
-                await asyncio.sleep(0.002)
-            except (NatsTimeoutError, NoRespondersError, NoStreamResponseError, ServiceUnavailableError):
-                if time.monotonic() >= until:
-                    raise
-                await asyncio.sleep(0.1)
-
-    async def acquire(self, user: str, sid: str, limit: int, wait: float = SLOT_WAIT) -> bool:
-        """Take a lease for `sid` if fewer than `limit` are live, waiting up to `wait`
-        seconds for one to be given back."""
-        def take(live: list[Lease]) -> list[Lease] | None:
-            if any(lease.sid == sid for lease in live):  # taken by an attempt whose ack was lost
-                return live
-            if len(live) >= limit:
-                return None
-            return [*live, Lease(sid, self.server_id, time.time() + self.ttl)]
-
-        until = time.monotonic() + wait
-        while not (taken := await self._change(user, take)) and time.monotonic() < until:
-            await asyncio.sleep(SLOT_RETRY)
-        if taken:
-            self.held[sid] = user
-        return taken
-
-    async def release(self, sid: str) -> None:
-        user = self.held.pop(sid, None)
-        if user:
-            await self._change(user, lambda live: [lease for lease in live if lease.sid != sid])
-
-    async def renew(self) -> None:
-        """Extend every lease this node holds (and put back any that was pruned)."""
-        by_user: dict[str, set[str]] = {}
-        for sid, user in self.held.items():
-            by_user.setdefault(user, set()).add(sid)
-        for user, sids in by_user.items():
-            expires = time.time() + self.ttl
-
-            def extend(live: list[Lease], sids=sids, expires=expires) -> list[Lease]:
-                others = [lease for lease in live if lease.sid not in sids]
-                return others + [Lease(sid, self.server_id, expires) for sid in sorted(sids)]
-
-            await self._change(user, extend)
 
 
 # --- the enforcer's side -------------------------------------------------------------------------------
@@ -222,7 +116,7 @@ class SessionLimits:
             try:
                 await self.leases.release(info.sid)
             except Exception as exc:  # it expires after the lease TTL anyway
-                log.warning("cannot release the connection lease of %s now (%s)", info.sid, exc)
+                log.warning("cannot release the connection lease of %s now (%r)", info.sid, exc)
 
     async def renew_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -232,7 +126,7 @@ class SessionLimits:
                 try:
                     await self.leases.renew()
                 except Exception as exc:
-                    log.warning("renewing connection leases failed (%s); retrying", exc)
+                    log.warning("renewing connection leases failed (%r); retrying", exc)
 
     def idle_of(self, info: SessionInfo) -> tuple[float, str]:
         """The session's idle timeout and the message that ends it (the relay enforces it per channel)."""
@@ -259,7 +153,7 @@ class SessionLimits:
                 ages = await asyncio.to_thread(forwards.input_ages, set(overdue),
                                                {i.addr_local for i, _ in overdue.values()})
             except OSError as exc:
-                log.warning("cannot read the forwards' activity (%s); idle connections wait", exc)
+                log.warning("cannot read the forwards' activity (%r); idle connections wait", exc)
                 continue
             for cgroup_id, (info, timeout) in overdue.items():
                 if cgroup_id in ages and ages[cgroup_id] < timeout:

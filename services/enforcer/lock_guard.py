@@ -56,10 +56,13 @@ class LockGuard:
         roles = [self.directory.role(r) for r in info.roles]
         return locking.locking_mode(self.cluster_mode, [r.spec.options.lock for r in roles if r])
 
+    def view_age(self) -> float:
+        """Seconds since the lock view was last confirmed current."""
+        return time.monotonic() - (self.view.synced_at or self.started)
+
     def stale(self) -> bool:
         """The lock view has not been confirmed current for longer than allowed."""
-        last = self.view.synced_at or self.started
-        return time.monotonic() - last > self.max_staleness
+        return self.view_age() > self.max_staleness
 
     def verdict(self, info: SessionInfo) -> str | None:
         """Why this session may not run, or None."""

@@ -41,6 +41,8 @@ class PolicyFollower:
             nc, names.POLICY_BUCKET, names.NETWORK_RESTRICTIONS_KEY, NetworkRestrictions, self._mirror_changed,
             counters)
         self._pending = asyncio.Event()
+        self.applied_at = 0.0  # monotonic time of the last confirmed sync
+        self.apply_seconds = 0.0  # how long the last change took to reach the maps
         self._lock = asyncio.Lock()
         self.changed = asyncio.Event()  # set after every applied change (tests, benchmarks)
         self.ready = asyncio.Event()  # the stored policy (or its absence) is in the maps
@@ -64,6 +66,7 @@ class PolicyFollower:
             self.counters["policy_applied_ms"] = int(time.time() * 1000)  # wall clock: fleet benchmarks
             self.counters["policy_updates"] += 1
             self.counters["policy_entries"] = len(self.current)
+            self.apply_seconds = time.perf_counter() - started
             log.info("network restrictions revision %d applied: %s, %d map updates in %.1f ms",
                      revision, "allow all" if resource is None or not self.enabled else
                      f"{len(resource.spec.allow)} allow / {len(resource.spec.deny)} deny",

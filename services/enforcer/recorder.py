@@ -57,6 +57,7 @@ class Recorder:
 class _Envelope(msgspec.Struct):
     sid: str
     seq: int
+    server_id: str
 
 
 _envelope = msgspec.json.Decoder(_Envelope)
@@ -68,6 +69,6 @@ async def publish_chunks(js: JetStreamContext, lines: list[bytes], timeout: floa
     for line in lines:
         env = _envelope.decode(line)
         futures.append(await js.publish_async(
-            names.recording_subject(env.sid), line, headers={MSG_ID_HEADER: f"{env.sid}:{env.seq}"},
+            names.recording_subject(env.server_id, env.sid), line, headers={MSG_ID_HEADER: f"{env.sid}:{env.seq}"},
             wait_stall=timeout))
     await asyncio.wait_for(asyncio.gather(*futures), timeout)

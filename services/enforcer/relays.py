@@ -38,8 +38,9 @@ class RelayError(RuntimeError):
 class RelayLauncher:
     """One relayd for this enforcer: started at start-up, asked to fork a relay per session."""
 
-    def __init__(self, cgroup: Path) -> None:
+    def __init__(self, cgroup: Path, log_path: Path) -> None:
         self.cgroup = cgroup
+        self.log_path = log_path  # relays outlive the enforcer: they must not hold its output pipes
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
         self._lock = asyncio.Lock()
@@ -47,10 +48,12 @@ class RelayLauncher:
 
     def _start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(RELAYD), "--fd", str(theirs.fileno()), "--cgroup", str(self.cgroup)],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-        )
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(RELAYD), "--fd", str(theirs.fileno()), "--cgroup", str(self.cgroup)],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            )
         theirs.close()
         ours.settimeout(10)
         self.sock, self._buf = ours, b""

@@ -32,6 +32,7 @@ from pathlib import Path
 import msgspec
 from nats.js.kv import KeyValue
 
+from ringfence.contract import names
 from ringfence.contract import relay as wire
 from ringfence.contract.api import OpenSessionReply, OpenSessionRequest, SessionInfo
 from ringfence.contract.events import (
@@ -76,7 +77,7 @@ EVENT_UID_NAMESPACE = uuid.UUID("6c1f3a52-33b1-4c6c-9d59-5f3b0e9f6a10")
 class SessionSettings:
     """This node's configuration for what sessions run (from ringfence/config.py)."""
 
-    record: wire.RecordMode = "node"
+    record: Callable[[], wire.RecordMode] = lambda: "node"  # the session_recording_config resource
     stdin_limit: int = 65536
     trusted_cas: Callable[[], set[bytes]] = frozenset
     require_registered: bool = False
@@ -299,6 +300,7 @@ class SessionManager:
         except KeyError:
             raise Refused(f"no such login {plan.login!r} on this host") from None
         info.interactive = os.isatty(fds[0])
+        info.recording = self.settings.record()  # fixed for the session's life
         info.term = req.env.get("TERM", "")[:64]
         try:
             if plan.kind == "channel":
@@ -323,7 +325,7 @@ class SessionManager:
         spec = programs.relay_spec(
             info, account=program["account"], path=program["path"], argv=program["argv"], env=program["env"],
             interactive=info.interactive, take_terminal=program["take_terminal"], sftp=program["sftp"],
-            record=self.settings.record, stdin_limit=self.settings.stdin_limit, idle_timeout=timeout,
+            record=info.recording, stdin_limit=self.settings.stdin_limit, idle_timeout=timeout,
             idle_message=message, cgroup=self.tree.path(info.cgroup), journal_dir=self.journal_dir,
             requester=program["requester"], banner=program["banner"],
         )
@@ -380,8 +382,7 @@ class SessionManager:
 
     def _on_journal(self, info: SessionInfo, relayed: _Relayed, line: wire.JournalLine) -> None:
         uid = event_uid(info.sid, line.n)
-        recorded = self.settings.record != "off" and not programs.is_sftp(info.command if info.kind == "channel"
-                                                                          else [])
+        recorded = info.recorded and not programs.is_sftp(info.command if info.kind == "channel" else [])
         if isinstance(line, wire.Started):
             info.pid = line.pid
             if recorded:
@@ -516,7 +517,7 @@ class SessionManager:
         await self._run_end_hooks(info)
         if self.kv:
             with contextlib.suppress(Exception):
-                await self.kv.delete(sid)
+                await self.kv.delete(names.session_key(info.server_id, sid))
         log.info("session %s ended", sid)
 
     async def _run_end_hooks(self, info: SessionInfo) -> None:
@@ -578,9 +579,9 @@ class SessionManager:
         if self.kv is None:
             return
         try:
-            await self.kv.put(info.sid, msgspec.json.encode(info))
+            await self.kv.put(names.session_key(info.server_id, info.sid), msgspec.json.encode(info))
         except Exception as exc:  # the listing is best effort; the session is already enforced
-            log.warning("cannot publish session %s to the sessions bucket: %s", info.sid, exc)
+            log.warning("cannot publish session %s to the sessions bucket: %r", info.sid, exc)
 
     async def publish_all(self) -> None:
         for info in list(self.by_sid.values()):

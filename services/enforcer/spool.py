@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class Spool:
         self.cursor = self._read_cursor()
         self.delivered = 0
         self.appended = 0
+        self.drained_at = time.monotonic()  # when it last held nothing undelivered
 
     def _read_cursor(self) -> int:
         try:
@@ -71,6 +73,10 @@ class Spool:
 
     def pending_bytes(self) -> int:
         return self.path.stat().st_size - self.cursor
+
+    def age(self) -> float:
+        """Seconds the oldest undelivered line may have waited (0 when nothing waits)."""
+        return time.monotonic() - self.drained_at if self.pending_bytes() > 0 else 0.0
 
     def _read_batch(self) -> tuple[list[bytes], int]:
         lines: list[bytes] = []
@@ -105,6 +111,7 @@ class Spool:
             while not stop.is_set():
                 lines, end = await asyncio.to_thread(self._read_batch)
                 if not lines:
+                    self.drained_at = time.monotonic()
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), 1.0)

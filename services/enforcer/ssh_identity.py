@@ -15,10 +15,11 @@ login, unless ssh_service.require_registered_identity refuses the login.
 from __future__ import annotations
 
 import base64
-import hashlib
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from ringfence.sshkeys import fingerprint
 
 # Length-prefixed fields between the nonce and the serial, per certificate type
 # (PROTOCOL.certkeys): the public key's own fields.
@@ -114,11 +115,6 @@ def certificate_key_id(key: AuthKey) -> str | None:
     """The key ID of an OpenSSH user certificate, or None if it is not one."""
     cert = parse_certificate(key)
     return (cert.key_id or None) if cert else None
-
-
-def fingerprint(blob: bytes) -> str:
-    """SHA256:... as ssh-keygen -l prints it."""
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 def normalize_public_key(line: str) -> tuple[str, str] | None:

@@ -18,6 +18,7 @@ from ringfence.runtime.audit_publish import publish_change_events
 from ringfence.runtime.service import Call, ServiceContext
 
 from . import core
+from .fleet import Fleet
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,12 @@ class Adapter:
                                request=api.DeleteRequest, action=self._delete_actions, exclusive=True)
         await ctx.add_endpoint("update_user", names.api_subject(names.POLICY_API, "update_user"), self.update_user,
                                request=api.UserUpdateRequest, action=self._update_user_actions, exclusive=True)
+        self.fleet = Fleet(self)
+        await self.fleet.start()
 
     async def stop(self) -> None:
+        if hasattr(self, "fleet"):
+            await self.fleet.stop()
         if hasattr(self, "outbox"):
             await self.outbox.stop()
 
@@ -158,18 +163,23 @@ class Adapter:
         its event, then publish the events; warnings for events not published yet."""
         try:
             seq = await kv_batch.write_all(self.ctx.nc, names.POLICY_BUCKET,
-                                           [kv_batch.KvWrite(c.key, c.value, event=self.outbox.header(c.event))
+                                           [kv_batch.KvWrite(c.key, c.value, last=c.last,
+                                                             event=self.outbox.header(c.event) if c.event else None)
                                             for c in changes])
         except (kv_batch.WriteOutcomeUnknown, NoRespondersError) as exc:
             raise api.ApiError(kv_batch.unconfirmed_message(exc, "policy", "ringfence get"), "unavailable") from None
         except kv_batch.BatchError as exc:
+            if exc.err_code == kv_batch.WRONG_LAST_SEQUENCE:
+                raise api.ApiError("nothing was changed: another request changed the same entries meanwhile; "
+                                   "try again", "conflict") from None
             raise api.ApiError(f"nothing was changed: the NATS server refused the write ({exc})",
                                "unavailable") from None
         for change in changes:
             self.ctx.counters["changes_applied"] += 1
-            log.info("%s (actor %r)", change.message, change.event.user)
+            if change.event:
+                log.info("%s (actor %r)", change.message, change.event.user)
         # Events after every write: the audit log never records a change that did not happen.
-        warnings = await publish_change_events(self.ctx, [change.event for change in changes])
+        warnings = await publish_change_events(self.ctx, [change.event for change in changes if change.event])
         await self.outbox.published(seq, all_published=not warnings)
         return warnings
 

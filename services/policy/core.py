@@ -70,8 +70,9 @@ class Change:
     key: str
     value: bytes | None  # None deletes the key
     message: str
-    event: events.AuditEvent
+    event: events.AuditEvent | None  # None: a key written alongside another change (no event of its own)
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    last: int | None = None  # only if the key is still at this revision (0: only if it has none)
 
 
 def canonical_kind(text: str) -> str:

@@ -41,10 +41,6 @@ REQUEST_TIMEOUT = 25.0  # as the CLI's: a request may wait out a NATS leader ele
 COUNTERS = ("sign_ins", "sign_in_refused", "requests", "requests_refused", "live_chunks_dropped")
 
 
-def _decode_session(_key: str, raw: bytes) -> SessionInfo:
-    return msgspec.json.decode(raw, type=SessionInfo)
-
-
 class Console:
     """Everything the pages ask of the fleet, each as the signed-in operator."""
 
@@ -65,7 +61,7 @@ class Console:
         self.ctx = ctx
         for name in COUNTERS:
             ctx.counters.setdefault(name, 0)
-        self.active = KvMirror(ctx.nc, names.SESSIONS_BUCKET, ">", _decode_session)
+        self.active = KvMirror(ctx.nc, names.SESSIONS_BUCKET, ">", SessionInfo, counters=ctx.counters)
         # The fleet's active sessions, as `ringfence sessions ls` reads them, kept current.
         self.tasks.append(asyncio.create_task(self.active.run(self.stop_event), name="sessions"))
         await ctx.add_endpoint("offer", names.api_subject(names.WEB_API, "offer"), self._offer, action=_anyone)
@@ -192,7 +188,8 @@ class Console:
 
     def find_session(self, sid: str) -> SessionInfo:
         assert self.active is not None
-        info = self.active.values.get(core.check_sid(sid))
+        sid = core.check_sid(sid)  # keys name the node too (names.session_key)
+        info = next((i for i in self.active.values.values() if i.sid == sid), None)
         if info is None:
             raise ConsoleError(f'no active session "{sid}" (it ended, or is not known yet)', 404)
         return info

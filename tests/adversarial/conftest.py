@@ -44,7 +44,7 @@ def as_user(login: str, relative: str, content: str, mode: int = 0o644) -> Path:
 @pytest.fixture
 def hostile(nats_server, data_dir, services, enforcer, sshd, tmp_path):
     """A restricted node (127.0.0.5 denied) with sshd wired as the README says."""
-    services("policy", "audit")
+    services("policy", "locks", "audit")
     trusted = tmp_path / "trusted_user_ca_keys"
     trusted.write_text("")
     node = enforcer(config=f"ssh_service:\n  trusted_user_ca_keys: {trusted}\n")

@@ -10,11 +10,14 @@ input only; a connection with no channel idles out on its forwards' input.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +51,12 @@ def test_a_shell_inside_ssh_T_is_recorded(hostile):
         return r.stdout if r.returncode == 0 and "secret-42" in r.stdout else None
 
     wait_for(played, timeout=30, what="the recording of the ssh -T shell")
+    # The cast file is asciicast v2 as asciinema itself reads it.
+    cast = hostile.tmp / "shell.cast"
+    cast.write_text(cli(hostile.url, "play", sid, "--format", "cast").stdout)
+    shown = subprocess.run([sys.executable, "-m", "asciinema", "cat", str(cast)], capture_output=True, text=True,
+                           timeout=30)
+    assert shown.returncode == 0 and "secret-42" in shown.stdout, shown.stderr
 
 
 def test_ssh_N_tunnels_idle_out_unless_the_client_sends(hostile):
@@ -116,3 +125,39 @@ def test_one_idle_channel_does_not_end_its_active_sibling(hostile):
     finally:
         subprocess.run(["ssh", "-o", f"ControlPath={control}", "-O", "exit", "x"], capture_output=True)
         master.kill()
+
+
+def test_the_user_cannot_signal_or_trace_the_relay(hostile):
+    """On main the recorder was the user's own process: `kill` or ptrace stopped the recording.
+    The relay that runs the session's program is root's and outside the session."""
+    login, key = hostile.server.add_user()
+    # $PPID is the shell's parent: the relay.
+    probe = ("python3 -c \"import ctypes, sys; libc = ctypes.CDLL(None, use_errno=True); "
+             "r = libc.ptrace(16, int(sys.argv[1]), 0, 0); print('ptrace', r, ctypes.get_errno())\" $PPID; "
+             "kill -9 $PPID; echo kill=$?; echo still-recorded-$((6*7))")
+    result = hostile.server.ssh(login, key, probe)
+    assert "ptrace -1 1" in result.stdout  # PTRACE_ATTACH: EPERM
+    assert "kill=1" in result.stdout and "still-recorded-42" in result.stdout, (result.stdout, result.stderr)
+    sid = wait_for(lambda: [e["sid"] for e in log_events(hostile.data_dir) if e["event"] == "exec"
+                            and e["login"] == login], what="the exec event")[0]
+    wait_for(lambda: "still-recorded-42" in cli(hostile.url, "play", sid, "--speed", "1000").stdout,
+             what="the recording to have it all")
+
+
+def test_a_process_left_by_bashrc_cannot_use_the_terminal_behind_the_relays_back(hostile):
+    """~/.bashrc runs before the wrapper with sshd's terminal: a process it leaves behind could
+    write to (and read from) it unrecorded. The relay takes the terminal over: the device becomes
+    root's and every other open file of it is hung up."""
+    login, key = hostile.server.add_user()
+    from tests.adversarial.conftest import as_user
+    as_user(login, ".bashrc", "(sleep 3; echo UNRECORDED-$((1+1)) >&2; echo wrote=$? > /tmp/" + login + ".bg) &\n")
+    term = Terminal(hostile.server.ssh_argv(login, key, "-tt"))
+    term.read_until("$ ")
+    wait_for(lambda: os.path.exists(f"/tmp/{login}.bg"), timeout=15, what="the background writer")
+    term.type("echo done-$((3+4))\n")
+    shown = term.read_until("done-7")
+    term.type("exit\n")
+    term.close()
+    assert "UNRECORDED-2" not in shown
+    assert Path(f"/tmp/{login}.bg").read_text().strip() != "wrote=0"
+    os.unlink(f"/tmp/{login}.bg")

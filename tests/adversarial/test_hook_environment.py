@@ -45,7 +45,7 @@ def test_pam_environment_cannot_run_code_as_root_or_move_the_enforcer(hostile, t
     fake = f"{home}/fake"
     as_user(login, ".pam_environment",
             f"PYTHONPATH DEFAULT={home}/x\nLD_PRELOAD DEFAULT={home}/evil.so\nRINGFENCE_DATA_DIR DEFAULT={fake}\n"
-            f"PYTHONHOME DEFAULT={home}/x\nPYTHONSTARTUP DEFAULT={home}/x/sitecustomize.py\n")
+            f"PYTHONSTARTUP DEFAULT={home}/x/sitecustomize.py\n")
     # A socket the user serves where RINGFENCE_DATA_DIR points: it must never be asked.
     server = subprocess.Popen(["su", "-s", "/bin/sh", login, "-c",
                                f"mkdir -p {fake} && python3 -c \"import socket; s=socket.socket(socket.AF_UNIX); "

@@ -45,7 +45,7 @@ def test_a_certificate_from_the_users_own_ca_names_nobody(hostile):
     assert cli(hostile.url, "lock", "--user=alice", "--message=stolen laptop").returncode == 0
     refused = wait_for(lambda: (r := hostile.server.ssh(login, key, SHOW, "-o", f"CertificateFile={cert}"))
                        .returncode != 0 and r, what="the lock to refuse the certificate login")
-    assert "stolen laptop" in refused.stderr
+    assert "stolen laptop" in refused.stdout + refused.stderr
     assert not [e for e in log_events(hostile.data_dir) if e["user"] == "victim"]
 
 
@@ -62,7 +62,8 @@ def test_require_registered_identity_refuses_unknown_keys(nats_server, data_dir,
     server = sshd(node)
     login, key = server.add_user()
     result = server.ssh(login, key, SHOW)
-    assert result.returncode != 0 and "is not registered to any Ringfence user" in result.stderr, result
+    said = result.stdout + result.stderr  # sshd prints PAM's messages on the session's stdout
+    assert result.returncode != 0 and "is not registered to any Ringfence user" in said, result
     assert "user=" not in result.stdout
     rejected = wait_for(lambda: [e for e in log_events(data_dir) if e["event"] == "session.rejected"],
                         what="session.rejected")

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from ringfence.runtime.nats_conn import cluster_block, nats_server_binary, write_server_config
 
+# The node a test's hand-made events and chunks come from (subjects name the publishing node).
+TEST_NODE = "test-node"
+
 
 def free_port() -> int:
     with socket.socket() as s:
