@@ -233,3 +233,19 @@ def test_a_log_from_before_anchors_and_its_old_index_are_taken_over(tmp_path):
     assert (out.written, out.duplicates_skipped) == (1, 1)  # the old lines were indexed again
     assert [(e["uid"], e["ei"]) for e in all_lines(d)] == [("old0", 0), ("old1", 1), ("old2", 2), ("new", 3)]
     assert verify_files(daily_files(d)).verified == 4
+
+
+def test_each_event_of_a_batch_must_name_the_node_of_its_subject(tmp_path):
+    from ringfence.contract.batches import COUNT_HEADER, encode_batch
+
+    d = tmp_path / "log"
+    w = open_writer(d)
+    own, forged = Exec(uid="own", server_id=TEST_NODE), Exec(uid="forged", server_id="another-node")
+    encoded = [encode_event(own), encode_event(forged)]
+    out = w.write_batch([Incoming(encode_batch(encoded), names.audit_batch_subject(TEST_NODE), 7,
+                                  headers={COUNT_HEADER: "2"})])
+    w.close()
+    assert (out.written, out.rejected) == (1, 1)
+    assert [e["uid"] for e in all_lines(d)] == ["own"]
+    [record] = lines(d / "rejected.log")
+    assert 'server_id "another-node" is not the node of the subject' in record["reason"]

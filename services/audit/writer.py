@@ -132,7 +132,7 @@ class AuditWriter:
                 rejected.append(core.rejected_line(str(exc), msg.subject, msg.stream_seq, msg.data, now))
             for data in lines:
                 try:
-                    event, time_ms = core.decode_incoming(data)
+                    event, time_ms = core.decode_incoming(data, msg.subject)
                 except core.Rejected as exc:
                     log.warning("audit: rejected message %d on %s: %s", msg.stream_seq, msg.subject, exc)
                     rejected.append(core.rejected_line(str(exc), msg.subject, msg.stream_seq, data, now))
