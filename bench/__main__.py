@@ -7,9 +7,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import audit_kernel, audit_write, cli, fleet, locks, login, recording, restricted
+from bench import audit, audit_kernel, cli, fleet, locks, login, recording, restricted
 
-BENCHMARKS = {"restricted": restricted.main, "locks": locks.main, "audit": audit_write.main, "fleet": fleet.main,
+BENCHMARKS = {"restricted": restricted.main, "locks": locks.main, "audit": audit.main, "fleet": fleet.main,
               "cli": cli.main, "login": login.main, "audit-kernel": audit_kernel.main, "recording": recording.main}
 
 

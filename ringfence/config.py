@@ -23,6 +23,8 @@
     metrics_listen: ""            # HOST:PORT to serve Prometheus /metrics on (default: off)
     node_auth_issuer: ""          # policy service: account nkey seed signing joined nodes' credentials
     nats_system_nkey: ""          # policy service: NATS system-account seed, to cut off a removed node
+    audit:
+      retention: 90d              # daily log files, their index rows and recordings; empty: keep all
 
 The original's teleport.yaml is read too (ringfence/teleport_yaml.py maps it).
 
@@ -126,6 +128,18 @@ class AuthService(Struct, forbid_unknown_fields=True):
     client_idle_timeout: str = ""
 
 
+class AuditSettings(Struct, forbid_unknown_fields=True):
+    # How long the audit service keeps daily log files (with their index rows) and
+    # session recordings: a Go-style duration of at least 1d, e.g. "90d". Empty: for ever.
+    retention: str = ""
+
+    @property
+    def retention_seconds(self) -> float:
+        from .durations import parse_duration
+
+        return parse_duration(self.retention) if self.retention else 0.0
+
+
 class Config(Struct, forbid_unknown_fields=True):
     cluster_name: str = DEFAULT_CLUSTER_NAME
     nodename: str = ""
@@ -155,6 +169,7 @@ class Config(Struct, forbid_unknown_fields=True):
     node_auth_issuer: str = ""
     # Policy service only. A NATS system-account user seed: disconnects a removed node at once.
     nats_system_nkey: str = ""
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     @property
     def nats_urls(self) -> list[str]:
@@ -239,6 +254,14 @@ def _validate(cfg: Config, source: str) -> None:
             parse_duration(cfg.auth_service.client_idle_timeout)
         except ValueError as exc:
             raise ConfigError(f"{source}: auth_service.client_idle_timeout: {exc}") from None
+    if cfg.audit.retention:
+        try:
+            seconds = parse_duration(cfg.audit.retention)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: audit.retention: {exc}") from None
+        if seconds < 86400:
+            raise ConfigError(f'{source}: audit.retention: "{cfg.audit.retention}" is shorter than 1d '
+                              "(the log is kept in whole days); use e.g. 90d, or leave it empty to keep everything")
 
 
 def parse_config(text: str, source: str, warnings: list[str] | None = None) -> Config:

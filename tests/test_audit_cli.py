@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -14,12 +15,13 @@ import nats
 
 from ringfence.contract import names
 from ringfence.contract.api import ApiReply, SearchRequest, SearchResult
-from ringfence.contract.auditlog import daily_files
+from ringfence.contract.auditlog import daily_files, event_lines
 from ringfence.contract.events import Exec, LockCreated, SessionCommand, SessionNetwork, encode_event, now_rfc3339
 from ringfence.runtime.audit_publish import publish_event
 from services.audit.writer import AuditWriter, Incoming
 from tests.support.nats import TEST_NODE
 from tests.support.procs import ROOT, wait_for
+from tests.test_audit_flow import counters
 
 
 def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -46,7 +48,7 @@ async def publish(url: str, events) -> None:
 
 
 def stored_lines(data_dir) -> list[str]:
-    return [x for f in daily_files(data_dir / "log") for x in f.read_text().splitlines()]
+    return [x.decode() for f in daily_files(data_dir / "log") for x in event_lines(f)]
 
 
 EVENTS = [
@@ -61,10 +63,16 @@ EVENTS = [
 ]
 
 
+def wait_written(url: str, n: int, timeout: float = 10) -> None:
+    """Until the service counts `n` events written: in the log and in the index (lines reach the
+    files a moment before the index commit that makes them searchable)."""
+    wait_for(lambda: counters(url)["written"] >= n, timeout, what=f"{n} events written and indexed")
+
+
 def start_with_events(nats_server, data_dir, services) -> str:
     services("audit")
     asyncio.run(publish(nats_server.url, EVENTS))
-    wait_for(lambda: len(stored_lines(data_dir)) == len(EVENTS), what="the events to be written")
+    wait_written(nats_server.url, len(EVENTS))
     return nats_server.url
 
 
@@ -146,12 +154,30 @@ def test_paging_with_start_key_visits_every_event_once(nats_server, data_dir, se
     assert asyncio.run(_pages(url, "desc", 3)) == ["e1", "l1", "n2", "c1", "n1"]
 
 
+def test_the_cli_pages_with_start_key(nats_server, data_dir, services):
+    url = start_with_events(nats_server, data_dir, services)
+    seen: list[str] = []
+    key: list[str] = []
+    for _ in range(5):  # --limit 2, then --start-key from what it printed, until no more match
+        page = cli("events", "search", "--nats-url", url, "--format", "json", "--limit", "2", "--order", "desc", *key)
+        assert page.returncode == 0, page.stderr
+        seen += [json.loads(line)["uid"] for line in page.stdout.splitlines()]
+        found = re.findall(r"--start-key (\S+)\)", page.stderr)
+        if not found:
+            break
+        key = ["--start-key", found[0]]
+    assert seen == ["e1", "l1", "n2", "c1", "n1"]  # every event once, in order
+    bad = cli("events", "search", "--nats-url", url, "--start-key", "yesterday")
+    assert bad.returncode == 1
+    assert 'ERROR: start_key: "yesterday" is not a key returned by a previous search' in bad.stderr
+
+
 def test_a_result_bigger_than_a_nats_message_comes_in_pages(nats_server, data_dir, services):
     services("audit")
     # ~2 MB of events: more than one reply may carry (NATS max_payload is 1 MB).
     big = [SessionCommand(uid=f"big-{i:04d}", time=now_rfc3339(), argv=["x" * 1500]) for i in range(1300)]
     asyncio.run(publish(nats_server.url, big))
-    wait_for(lambda: len(stored_lines(data_dir)) == len(big), 30, what="the events to be written")
+    wait_written(nats_server.url, len(big), 30)
     first = asyncio.run(_first_page(nats_server.url, SearchRequest(limit=1300)))
     assert 0 < len(first.events) < 1300 and first.next_key  # cut by size, not by limit
     found = search(nats_server.url, "--limit", "1300")  # the CLI follows next_key
@@ -192,7 +218,7 @@ def test_verify_passes_then_names_a_modified_line_and_a_cut_tail(nats_server, da
     day.write_bytes(original.replace(b'"user":"bob","login":"","sid":"s-bob"', b'"user":"eve","login":"","sid":"s-b"'))
     bad = cli("events", "verify", "--data-dir", str(data_dir))
     assert bad.returncode == 1
-    assert f"ERROR: {day} line 3: hash does not match" in bad.stderr
+    assert f"ERROR: {day} line 4: hash does not match" in bad.stderr  # line 1 is the anchor
 
     day.write_bytes(b"".join(original.splitlines(keepends=True)[:-1]))  # the last event removed
     cut = cli("events", "verify", "--data-dir", str(data_dir))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import msgspec
@@ -10,15 +11,19 @@ import pytest
 from ringfence.contract.api import ApiError, SearchRequest
 from ringfence.contract.auditlog import (
     GENESIS_HASH,
+    anchor_line,
     chain_hash,
     daily_file_name,
+    event_lines,
     is_daily_file,
+    parse_anchor,
     seal,
     unseal,
     verify_files,
 )
 from ringfence.contract.events import SessionNetwork, encode_event
 from ringfence.contract.streams import MAX_EVENT_BYTES
+from ringfence.runtime.pull_consumer import missing_sequences
 from services.audit import core
 
 UTC = dt.UTC
@@ -58,8 +63,8 @@ def test_unseal_refuses_a_line_without_hash():
         unseal(b'{"event":"exec"}')
 
 
-def _write_chain(path, bodies, prev=GENESIS_HASH):
-    lines = []
+def _write_chain(path, bodies, prev=GENESIS_HASH, first=None):
+    lines = [first + b"\n"] if first else []
     for body in bodies:
         line, prev = seal(prev, body)
         lines.append(line + b"\n")
@@ -104,22 +109,41 @@ def test_an_incomplete_last_line_is_not_a_break(tmp_path):
     assert (result.verified, result.broken, result.incomplete_tail) == (1, None, f)
 
 
-def test_session_counter_numbers_each_session_from_zero():
-    counter = core.SessionCounter(lambda sid: None)
-    assert [counter.assign(s) for s in ["a", "a", "b", "a", "", "b", ""]] == [0, 1, 0, 2, 0, 1, 0]
+def _anchored(path, bodies, prev=GENESIS_HASH):
+    """A daily file as the writer makes it: its anchor, then `bodies`."""
+    anchor, prev = anchor_line(path.name, prev)
+    return _write_chain(path, bodies, prev=prev, first=anchor)
 
 
-def test_session_counter_continues_after_the_index_and_after_forgetting():
-    written = {"a": 41}
-    counter = core.SessionCounter(written.get, max_cached=2)
-    assert counter.assign("a") == 42
-    assert counter.assign("b") == 0
-    written.update(a=42, b=0)
-    assert counter.assign("c") == 0  # cache full: dropped and re-derived
-    assert counter.assign("a") == 43
-    counter.forget()
-    written["a"] = 43
-    assert counter.assign("a") == 44
+def test_each_day_begins_with_an_anchor_so_removing_the_oldest_days_keeps_the_chain(tmp_path):
+    days = [tmp_path / f"2021-07-2{d}.00:00:00.log" for d in (2, 3, 4)]
+    prev = GENESIS_HASH
+    for n, day in enumerate(days):
+        prev = _anchored(day, [b'{"n":%d}' % n, b'{"n":%d}' % (n + 10)], prev)
+    whole = verify_files(days)
+    assert (whole.verified, whole.broken, whole.starts_at) == (6, None, None)  # anchors are not events
+    retained = verify_files(days[1:])  # day 1 removed by retention
+    assert (retained.verified, retained.broken, retained.starts_at.file) == (4, None, days[1].name)
+    middle = verify_files([days[0], days[2]])  # a day in the middle removed
+    assert (middle.broken.path, middle.broken.line_no) == (days[2], 1)
+    assert "a day before this one was removed or changed" in middle.broken.reason
+
+
+def test_an_anchor_names_its_file_and_the_line_before_it(tmp_path):
+    day1, day2 = tmp_path / "2021-07-22.00:00:00.log", tmp_path / "2021-07-23.00:00:00.log"
+    last = _anchored(day1, [b'{"n":1}'])
+    _anchored(day2, [b'{"n":2}'], last)
+    copy = tmp_path / "2021-07-24.00:00:00.log"
+    copy.write_bytes(day2.read_bytes())
+    assert "names file 2021-07-23.00:00:00.log" in verify_files([copy]).broken.reason
+    forged = tmp_path / "2021-07-25.00:00:00.log"  # an anchor claiming another predecessor: its hash breaks
+    line = day2.read_bytes().splitlines()[0].replace(last.encode(), b"f" * 64).replace(b"07-23", b"07-25")
+    forged.write_bytes(line + b"\n")
+    assert verify_files([forged]).broken.reason.startswith("hash does not match")
+    anchor = parse_anchor(day2.read_bytes().splitlines()[0])
+    assert (anchor.event, anchor.file, anchor.prev_hash) == ("audit.chain_anchor", day2.name, last)
+    assert parse_anchor(b'{"event":"exec","uid":"x"}') is None
+    assert event_lines(day2) == day2.read_bytes().splitlines()[1:]
 
 
 GOOD = encode_event(SessionNetwork(uid="9d0c1c3c-0000-4000-8000-000000000001"))
@@ -133,7 +157,10 @@ GOOD = encode_event(SessionNetwork(uid="9d0c1c3c-0000-4000-8000-000000000001"))
         (b'{"event":"session.network","uid":"x","dst_port":"eighty"}', "dst_port"),
         (b'{"event":"session.network"}', "no uid"),
         (b'{"event":"session.network","uid":""}', "no uid"),
+        (b'{"event":"session.network","uid":"x"}', "no time"),
         (b"[1,2]", "valid audit event"),
+        (b'{"event":"exec","uid":"x","time":"yesterday"}', 'time: "yesterday" is not an RFC 3339 time'),
+        (b'{"event":"audit.chain_anchor","uid":"x"}', "audit.chain_anchor"),  # nobody publishes an anchor
         (GOOD[:-1] + b',"pad":"' + b"x" * MAX_EVENT_BYTES + b'"}', "limit"),
     ],
 )
@@ -142,8 +169,10 @@ def test_decode_incoming_rejects_with_a_reason(data, reason):
         core.decode_incoming(data)
 
 
-def test_decode_incoming_accepts_an_event():
-    assert core.decode_incoming(GOOD).uid == "9d0c1c3c-0000-4000-8000-000000000001"
+def test_decode_incoming_accepts_an_event_and_gives_its_time():
+    event, time_ms = core.decode_incoming(GOOD)
+    assert event.uid == "9d0c1c3c-0000-4000-8000-000000000001"
+    assert time_ms == core.parse_time_ms(event.time)
 
 
 @pytest.mark.parametrize(
@@ -243,4 +272,46 @@ def test_rejected_line_keeps_reason_and_data():
     ],
 )
 def test_missing_sequences_are_the_gaps_before_the_newest_received(expected, received, missing):
-    assert core.missing_sequences(expected, received, max_gap=1000) == missing
+    assert missing_sequences(expected, received, max_gap=1000) == missing
+
+
+Q = core.validate_search(SearchRequest())
+
+
+@pytest.mark.parametrize(
+    ("query", "ids", "index"),
+    [
+        (Q, core.SearchIds(), "events_by_time"),
+        (dataclasses.replace(Q, user="u"), core.SearchIds(user=7), "events_by_user"),
+        (dataclasses.replace(Q, sid="s"), core.SearchIds(sid=3), "events_by_sid"),
+        (dataclasses.replace(Q, sid="s", user="u"), core.SearchIds(user=7, sid=3), "events_by_sid"),
+        (dataclasses.replace(Q, event_types=("exec",)), core.SearchIds(types=(2,)), "events_by_type"),
+        (dataclasses.replace(Q, user="u", event_types=("exec",)), core.SearchIds(user=7, types=(2,)),
+         "events_by_user_type"),
+    ],
+)
+def test_each_common_search_uses_the_index_made_for_it(query, ids, index):
+    sql, params = core.search_sql(query, ids)
+    assert f"INDEXED BY {index} " in sql and sql.count("INDEXED BY") == 1
+    assert params["limit"] == query.limit + 1
+
+
+def test_several_types_are_one_ordered_subquery_each():
+    q = dataclasses.replace(Q, event_types=("exec", "session.network"), descending=True, after=(5, 9))
+    sql, params = core.search_sql(q, core.SearchIds(types=(2, 4)))
+    assert sql.count("INDEXED BY events_by_type") == 2 and "UNION ALL" in sql
+    assert sql.endswith("ORDER BY time_ms DESC, loc DESC LIMIT :limit")
+    assert (params["after_time"], params["after_loc"]) == (5, 9) and "loc < :after_loc" in sql
+
+
+@pytest.mark.parametrize(
+    ("now", "retention", "cutoff"),
+    [
+        (dt.datetime(2021, 7, 22, 12, tzinfo=UTC), 0, None),  # not set: keep everything
+        (dt.datetime(2021, 7, 22, 12, tzinfo=UTC), 86400, dt.date(2021, 7, 21)),
+        (dt.datetime(2021, 7, 22, 0, 0, tzinfo=UTC), 90 * 86400, dt.date(2021, 4, 23)),
+        (dt.datetime(2021, 7, 22, 23, 59, tzinfo=UTC), 36 * 3600, dt.date(2021, 7, 21)),
+    ],
+)
+def test_retention_keeps_every_day_younger_than_the_retention(now, retention, cutoff):
+    assert core.retention_cutoff(now, retention) == cutoff

@@ -13,11 +13,11 @@ import nats
 
 from ringfence.cli.status import discover
 from ringfence.contract import names
-from ringfence.contract.auditlog import daily_files, verify_files
+from ringfence.contract.auditlog import daily_files, event_lines, verify_files
 from ringfence.contract.events import Exec, SessionNetwork
 from ringfence.contract.streams import ensure_streams
 from ringfence.runtime.audit_publish import MSG_ID_HEADER, publish_event
-from services.audit.adapter import consumer_config
+from services.audit.adapter import consumer_config, instance_id
 from tests.support.nats import TEST_NODE
 from tests.support.procs import wait_for
 
@@ -47,11 +47,12 @@ SEED_SAMPLE = {
 
 
 def log_lines(data_dir) -> list[dict]:
-    return [msgspec.json.decode(x) for f in daily_files(data_dir / "log") for x in f.read_bytes().splitlines()]
+    """Every event line of the log (anchors left out)."""
+    return [msgspec.json.decode(x) for f in daily_files(data_dir / "log") for x in event_lines(f)]
 
 
 def line_count(data_dir) -> int:
-    return sum(f.read_bytes().count(b"\n") for f in daily_files(data_dir / "log"))
+    return sum(len(event_lines(f)) for f in daily_files(data_dir / "log"))
 
 
 async def publish(url: str, events) -> None:
@@ -104,7 +105,7 @@ def test_a_published_event_is_written_with_every_field_of_the_seed_sample(nats_s
     link = data_dir / "log" / "events.log"
     wait_for(lambda: line_count(data_dir) == 1, what="the event in events.log")
 
-    [written] = [msgspec.json.decode(x) for x in link.read_bytes().splitlines()]
+    [written] = [msgspec.json.decode(x) for x in event_lines(link)]
     assert {k: written[k] for k in SEED_SAMPLE} == SEED_SAMPLE
     assert written["ei"] == 0 and len(written["hash"]) == 64
     assert link.is_symlink() and os.readlink(link) == daily_files(data_dir / "log")[-1].name
@@ -146,13 +147,13 @@ def test_garbage_is_dead_lettered_and_later_events_still_flow(nats_server, data_
     assert counters(nats_server.url)["rejected"] == 2
 
 
-async def _consumer_with_short_ack_wait(url: str, seconds: float) -> None:
+async def _consumer_with_short_ack_wait(url: str, data_dir, seconds: float) -> None:
     """Create the service's durable consumer first, so a killed batch is redelivered within seconds."""
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
         await ensure_streams(js)
-        config = consumer_config()
+        config = consumer_config(instance_id(data_dir))
         config.ack_wait = seconds
         await js.add_consumer(names.AUDIT_STREAM, config=config)
     finally:
@@ -161,7 +162,7 @@ async def _consumer_with_short_ack_wait(url: str, seconds: float) -> None:
 
 def test_sigkill_mid_stream_writes_every_event_exactly_once(nats_server, data_dir, services):
     total, sessions = 2000, 7
-    asyncio.run(_consumer_with_short_ack_wait(nats_server.url, 2.0))
+    asyncio.run(_consumer_with_short_ack_wait(nats_server.url, data_dir, 2.0))
     [audit] = services("audit")
     events = [SessionNetwork(sid=f"session-{i % sessions}", dst_port=i) for i in range(total)]
 

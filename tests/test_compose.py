@@ -97,7 +97,9 @@ def flag(command: list[str], name: str) -> str:
 
 def test_cluster_compose_has_three_nats_nodes_with_routes_and_jetstream_and_the_four_services():
     services = load("compose.cluster.yaml")["services"]
-    assert set(services) == {"nats-setup", *NATS_NODES, *names.SERVICES}
+    assert set(services) == {"nats-setup", *NATS_NODES, *names.SERVICES, "audit2"}  # two audit services (HA)
+    assert services["audit2"]["command"] == services["audit"]["command"]
+    assert services["audit2"]["volumes"] != services["audit"]["volumes"]  # a log of its own
     routes = {f"nats://{n}:6222" for n in NATS_NODES}
     for node in NATS_NODES:
         command = services[node]["command"]
@@ -112,7 +114,7 @@ def test_cluster_compose_has_three_nats_nodes_with_routes_and_jetstream_and_the_
 
 def test_cluster_compose_gives_every_service_all_three_urls_and_three_replicas():
     services = load("compose.cluster.yaml")["services"]
-    for name in names.SERVICES:
+    for name in (*names.SERVICES, "audit2"):
         env = services[name]["environment"]
         assert env["RINGFENCE_NATS_URL"].split(",") == [f"tls://{n}:4222" for n in NATS_NODES]
         assert env["RINGFENCE_NATS_REPLICAS"] == "3"

@@ -19,8 +19,9 @@ import nats
 import pytest
 
 from ringfence.contract import names
-from ringfence.contract.auditlog import daily_files, verify_files
+from ringfence.contract.auditlog import daily_files, event_lines, verify_files
 from ringfence.contract.events import Exec
+from services.audit.adapter import instance_id
 from tests.support.procs import ROOT, wait_for
 from tests.test_audit_flow import counters, publish
 
@@ -30,7 +31,7 @@ NO_AUTH = {"RINGFENCE_OPERATOR_AUTH": "off"}
 
 
 def written_lines(log_dir) -> list[bytes]:
-    return [line for f in daily_files(log_dir) for line in f.read_bytes().splitlines()]
+    return [line for f in daily_files(log_dir) for line in event_lines(f)]
 
 
 def fill(path) -> int:
@@ -50,11 +51,11 @@ def fill(path) -> int:
     return total
 
 
-async def consumer_state(url: str) -> tuple[int, int]:
+async def consumer_state(url: str, data_dir) -> tuple[int, int]:
     """(stream seq of the ack floor, messages delivered or waiting but not acked)."""
     nc = await nats.connect(url)
     try:
-        info = await nc.jetstream().consumer_info(names.AUDIT_STREAM, names.AUDIT_DURABLE)
+        info = await nc.jetstream().consumer_info(names.AUDIT_STREAM, names.audit_durable(instance_id(data_dir)))
         return info.ack_floor.stream_seq, info.num_ack_pending + info.num_pending
     finally:
         await nc.close()
@@ -72,7 +73,7 @@ def test_disk_full_is_reported_nothing_partial_nothing_acked_and_everything_writ
         before = [Exec(uid=str(uuid.uuid4()), command=f"before-{i}") for i in range(20)]
         asyncio.run(publish(nats_server.url, before))
         wait_for(lambda: len(written_lines(log_dir)) == 20, what="the first 20 events")
-        wait_for(lambda: asyncio.run(consumer_state(nats_server.url)) == (20, 0), what="the first 20 acked")
+        wait_for(lambda: asyncio.run(consumer_state(nats_server.url, data_dir)) == (20, 0), what="the first 20 acked")
 
         filler = log_dir / "filler"
         fill(filler)
@@ -94,12 +95,12 @@ def test_disk_full_is_reported_nothing_partial_nothing_acked_and_everything_writ
         assert all(f.read_bytes().endswith(b"\n") for f in daily_files(log_dir))
         assert verify_files(daily_files(log_dir)).broken is None
         # Nothing acked that was not written.
-        assert asyncio.run(consumer_state(nats_server.url)) == (20, 60)
+        assert asyncio.run(consumer_state(nats_server.url, data_dir)) == (20, 60)
         assert counters(nats_server.url)["write_errors"] >= 2
 
         filler.unlink()
         wait_for(lambda: len(written_lines(log_dir)) >= 80, 30, what="every event once space is back")
-        wait_for(lambda: asyncio.run(consumer_state(nats_server.url)) == (80, 0), what="every event acked")
+        wait_for(lambda: asyncio.run(consumer_state(nats_server.url, data_dir)) == (80, 0), what="every event acked")
         time.sleep(1.5)  # a redelivery, if any, would land now
 
         lines = [msgspec.json.decode(line) for line in written_lines(log_dir)]
@@ -120,12 +121,12 @@ def test_disk_full_is_reported_nothing_partial_nothing_acked_and_everything_writ
 
 def test_a_failed_append_is_cut_back_and_names_the_file(tmp_path):
     """The regression under the test above: a write that fails part-way leaves no partial line."""
-    from services.audit.logfiles import DailyLog, RejectLog
+    from services.audit.logfiles import DailyLog, RejectLog, day_number
 
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "ringfence-test-full", str(tmp_path)], check=True)
     try:
         daily = DailyLog(tmp_path)
-        daily.roll_to(dt.datetime(2024, 5, 1, tzinfo=dt.UTC))
+        daily.open_day(day_number(dt.datetime(2024, 5, 1, tzinfo=dt.UTC)))
         path = tmp_path / daily.name
         daily.append(b'{"a":1}\n')
         with pytest.raises(OSError) as info:

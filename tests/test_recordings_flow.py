@@ -29,6 +29,7 @@ from ringfence.contract.recording import (
 )
 from ringfence.contract.streams import ensure_streams
 from ringfence.runtime.audit_publish import MSG_ID_HEADER
+from services.audit.adapter import instance_id
 from services.audit.recording_adapter import recording_consumer_config
 from services.audit.recording_core import GAP_WAIT
 from tests.support.procs import ROOT, wait_for
@@ -308,12 +309,12 @@ def test_a_long_recording_is_fetched_in_pages(nats_server, data_dir, services):
     assert played.stdout.decode() == "".join(f"{i}:{text}\n" for i in range(30))
 
 
-async def _consumer_with_short_ack_wait(url: str, seconds: float) -> None:
+async def _consumer_with_short_ack_wait(url: str, data_dir, seconds: float) -> None:
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
         await ensure_streams(js)
-        config = recording_consumer_config()
+        config = recording_consumer_config(instance_id(data_dir))
         config.ack_wait = seconds
         await js.add_consumer(names.RECORDINGS_STREAM, config=config)
     finally:
@@ -328,7 +329,7 @@ def restart(proc) -> None:
 
 def test_sigkill_mid_stream_writes_every_chunk_exactly_once(nats_server, data_dir, services):
     per_session, sids = 400, [f"kill-{i}" for i in range(4)]
-    asyncio.run(_consumer_with_short_ack_wait(nats_server.url, 2.0))
+    asyncio.run(_consumer_with_short_ack_wait(nats_server.url, data_dir, 2.0))
     [audit] = services("audit")
     plans = {sid: session(sid, [[(seq * 0.01, "o", f"{sid} chunk {seq}\n")] for seq in range(per_session)])
              for sid in sids}

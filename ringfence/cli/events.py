@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
+import re
 import shlex
 import sqlite3
 import sys
 from pathlib import Path
 
-from nats.js.api import DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from ..contract import names
 from ..contract.api import DEFAULT_SEARCH_LIMIT, MAX_SEARCH_LIMIT, SearchRequest, SearchResult
 from ..contract.auditlog import (
-    GENESIS_HASH,
+    daily_file_name,
     daily_files,
     is_daily_file,
     last_line_hash,
@@ -26,10 +28,15 @@ from ..contract.auditlog import (
 )
 from ..contract.batches import BatchError, event_type, events_in
 from ..contract.events import EVENT_TYPES, AuditEvent
+from ..contract.streams import MAX_EVENT_BYTES
 from ..durations import parse_duration
+from ..runtime.pull_consumer import Delivered, PullConsumer, Settle
 from .client import CliError, call, config_from, open_client
 
 COMMON_FIELDS = {*AuditEvent.__struct_fields__, "event", "hash"}
+TAIL_DURABLE_PREFIX = "tail-"  # `events tail --durable NAME` reads consumer tail-NAME
+TAIL_BATCH = 256
+TAIL_ACK_WAIT = 30.0
 
 
 # --- options ----------------------------------------------------------------------------------
@@ -84,6 +91,7 @@ def search_request(args: argparse.Namespace, now: dt.datetime | None = None) -> 
         sid=args.sid or "",
         limit=args.limit,
         order=args.order,
+        start_key=args.start_key or "",
     )
 
 
@@ -151,7 +159,7 @@ async def run_search(args: argparse.Namespace) -> int:
     request = search_request(args)
     subject = names.api_subject(names.AUDIT_API, "search")
     nc = await open_client(args)
-    more = False
+    more = ""
     try:
         remaining = request.limit
         while True:
@@ -162,7 +170,7 @@ async def run_search(args: argparse.Namespace) -> int:
             if not result.next_key:
                 break
             if remaining <= 0:
-                more = True
+                more = result.next_key
                 break
             # The service cut the page short (reply size): fetch the rest of --limit.
             request.limit = remaining
@@ -170,89 +178,146 @@ async def run_search(args: argparse.Namespace) -> int:
     finally:
         await nc.close()
     if more:
-        print(f"(more events match; showing the first {args.limit}: raise --limit or narrow the search)",
-              file=sys.stderr)
+        print(f"(more events match; showing the first {args.limit}: raise --limit, narrow the search, "
+              f"or see the next page with --start-key {more})", file=sys.stderr)
     return 0
 
 
 # --- tail -------------------------------------------------------------------------------------------
 
 
+def print_message(subject: str, data: bytes, headers: dict[str, str] | None, types: set[str], fmt: str) -> None:
+    """Every event a stream message carries (a batch holds many), those of `types` only when given."""
+    try:
+        lines = events_in(subject, headers, data)
+    except BatchError as exc:
+        print(f"(a malformed batch on {subject}: {exc})", file=sys.stderr)
+        return
+    for line in lines:
+        if types and event_type(line) not in types:
+            continue
+        print_event(line, fmt)
+
+
+
+
+_DURABLE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
+
+
+def durable_consumer_name(name: str) -> str:
+    if not _DURABLE_NAME.match(name):
+        raise CliError(f'--durable: "{name}" is not a consumer name: use 1 to 48 letters, digits, "-" or "_"')
+    return f"{TAIL_DURABLE_PREFIX}{name}"
+
+
+def tail_consumer_config(name: str) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=name,
+        ack_policy=AckPolicy.ALL,  # one ack per batch, after its events are printed
+        ack_wait=TAIL_ACK_WAIT,
+        deliver_policy=DeliverPolicy.NEW,  # the first run starts with new events; later runs where it stopped
+        max_ack_pending=TAIL_BATCH * 4,
+        max_deliver=-1,
+    )
+
+
 async def run_tail(args: argparse.Namespace) -> int:
     types = set(event_types(args.type))
-    # Everything: kernel events come in batches (ringfence.audit.<node>.batch), whatever their type.
-    subject = names.AUDIT_SUBJECTS
+    durable = durable_consumer_name(args.durable) if args.durable else ""
     nc = await open_client(args)
     try:
         js = nc.jetstream()
         try:
-            # Ordered consumer: ephemeral, in stream order, new messages only.
-            sub = await js.subscribe(
-                subject, stream=names.AUDIT_STREAM, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW
-            )
+            if durable:
+                await _tail_durable(js, durable, types, args.format)
+            else:
+                # Ordered consumer: ephemeral, in stream order, new messages only.
+                sub = await js.subscribe(names.AUDIT_SUBJECTS, stream=names.AUDIT_STREAM, ordered_consumer=True,
+                                         deliver_policy=DeliverPolicy.NEW)
+                print("following new audit events (Ctrl-C to stop)", file=sys.stderr, flush=True)
+                async for msg in sub.messages:
+                    print_message(msg.subject, msg.data, msg.headers, types, args.format)
         except NotFoundError:
             raise CliError(f"the audit stream {names.AUDIT_STREAM} does not exist yet; start the services "
                            "(`ringfence up`)") from None
-        print("following new audit events (Ctrl-C to stop)", file=sys.stderr, flush=True)
-        async for msg in sub.messages:
-            try:
-                lines = events_in(msg.subject, msg.headers, msg.data)
-            except BatchError as exc:
-                print(f"warning: stream message on {msg.subject} skipped: {exc}", file=sys.stderr)
-                continue
-            for line in lines:
-                if not types or event_type(line) in types:
-                    print_event(line, args.format)
     finally:
         await nc.close()
     return 0
 
 
+async def _tail_durable(js, durable: str, types: set[str], fmt: str) -> None:
+    """Print events from durable consumer `durable`, acknowledging each batch once it is on
+    stdout: a run that is killed leaves its unacknowledged events to the next run (at least
+    once; the uid tells a repeat)."""
+
+    async def handle(batch: list[Delivered]) -> Settle:
+        for d in batch:
+            print_message(d.subject, d.data, d.headers, types, fmt)
+        sys.stdout.flush()
+        return Settle.all_of(batch)
+
+    consumer = PullConsumer(js, stream=names.AUDIT_STREAM, subjects=names.AUDIT_SUBJECTS,
+                            config=tail_consumer_config(durable), batch=TAIL_BATCH, handle=handle, in_order=True,
+                            label=durable)
+    await consumer.start()
+    print(f"following audit events with durable consumer {durable} (Ctrl-C to stop; the next run with "
+          "this name resumes where it stopped)", file=sys.stderr, flush=True)
+    try:
+        await asyncio.Event().wait()  # until Ctrl-C
+    finally:
+        await consumer.stop()
+
+
 # --- verify -----------------------------------------------------------------------------------------
 
 
-def _predecessor_hash(first: Path) -> str:
-    """The hash the first given file chains to: the last line of the day before it."""
+def _predecessor_hash(first: Path) -> str | None:
+    """The hash the first given file chains to: the last line of the day before it
+    (None when there is none: a first file, or the days before it were removed)."""
     if not is_daily_file(first.name):
-        return GENESIS_HASH
+        return None
     earlier = [p for p in daily_files(first.parent) if p.name < first.name]
     for p in reversed(earlier):
         h = last_line_hash(p)
         if h:
             return h
-    return GENESIS_HASH
+    return None
 
 
 def _check_index_tail(directory: Path) -> str | None:
-    """The chain cannot show lines cut from the end; the writer's index remembers the last
-    line it wrote. Returns a problem, or None (also when there is no index to ask)."""
+    """The chain cannot show lines cut from the end; the writer's index remembers where the
+    last line it wrote ends and its hash. Returns a problem, or None (also when there is
+    no index to ask)."""
     path = directory / "index.sqlite"
     if not path.exists():
         return None
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            row = conn.execute("SELECT file, offset, length, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+            row = conn.execute("SELECT loc, hash FROM state WHERE id = 0").fetchone()
         finally:
             conn.close()
     except sqlite3.Error:
         return None
     if row is None:
         return None
-    file, offset, length, recorded = row
+    loc, recorded = row
+    day, end = loc >> 40, loc & ((1 << 40) - 1)  # services/audit/index.py: day << 40 | byte offset
+    file = daily_file_name(dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(days=day))
+    start = max(0, end - MAX_EVENT_BYTES - 4096)  # a line is an event of at most 1 MiB, sealed
     try:
         with open(directory / file, "rb") as f:
-            f.seek(offset)
-            line = f.read(length)
+            f.seek(start)
+            head = f.read(end - start)
     except OSError:
-        line = b""
+        head = b""
     try:
-        ok = line.endswith(b"\n") and unseal(line.rstrip(b"\n"))[1] == recorded
+        ok = head.endswith(b"\n") and unseal(head[:-1].rsplit(b"\n", 1)[-1])[1] == recorded
     except ValueError:
         ok = False
     if not ok:
-        return (f"{directory / file}: the index records a line at byte {offset} that the file no longer holds: "
-                "lines were removed from the end of the log")
+        return (f"{directory / file}: the index records a line ending at byte {end} that the file no longer "
+                "holds: lines were removed from the end of the log")
     return None
 
 
@@ -269,7 +334,7 @@ def run_verify(args: argparse.Namespace) -> int:
         paths = daily_files(directory)
         if not paths:
             raise CliError(f"no audit log files in {directory}")
-        prev = GENESIS_HASH
+        prev = None
     result = verify_files(paths, prev)
     if result.broken:
         b = result.broken
@@ -278,6 +343,9 @@ def run_verify(args: argparse.Namespace) -> int:
         raise CliError(problem)
     if result.incomplete_tail:
         print(f"(the last line of {result.incomplete_tail} is still being written; not checked)", file=sys.stderr)
+    if result.starts_at is not None:
+        print(f"(the chain starts at the anchor of {result.starts_at.file}: the days before it are not here, "
+              "e.g. removed by audit.retention)", file=sys.stderr)
     print(f"OK: {result.verified} events verified")
     return 0
 
@@ -293,7 +361,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     esub = p.add_subparsers(dest="events_command", metavar="SUBCOMMAND", required=True)
     type_help = "event type, e.g. session.network (repeat or comma-separate for several)"
-    fmt_help = "text: one summary line per event; json: each event as stored, one per line"
+    fmt_help = "text: one summary line per event; json: each event as stored, one per line (for a SIEM)"
 
     s = esub.add_parser(
         "search",
@@ -310,6 +378,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     s.add_argument("--limit", type=int, default=DEFAULT_SEARCH_LIMIT,
                    help=f"at most this many events (default {DEFAULT_SEARCH_LIMIT}, at most {MAX_SEARCH_LIMIT})")
     s.add_argument("--order", choices=["asc", "desc"], default="asc")
+    s.add_argument("--start-key", metavar="KEY",
+                   help="continue after the last event of an earlier search (the key it printed)")
     s.add_argument("--format", choices=["text", "json"], default="text", help=fmt_help)
     s.set_defaults(func=run_search)
 
@@ -318,9 +388,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         parents=[common],
         help="follow new events as they are published",
         description="Print new audit events as they are published, until Ctrl-C. Events appear as "
-        "published: ei and hash are assigned when the audit service writes them.",
+        "published: ei and hash are assigned when the audit service writes them. With --durable NAME "
+        "the position is kept by NATS: the next run with that NAME resumes where this one stopped (at "
+        "least once: events printed just before a kill come again; their uid tells).",
     )
     t.add_argument("--type", action="append", metavar="T", help=type_help)
+    t.add_argument("--durable", metavar="NAME",
+                   help="resume where the last run with this NAME stopped (one reader per NAME)")
     t.add_argument("--format", choices=["text", "json"], default="text", help=fmt_help)
     t.set_defaults(func=run_tail)
 

@@ -86,7 +86,7 @@ def split_batches(lines: Iterable[bytes], max_events: int = MAX_BATCH_EVENTS,
 def events_in(subject: str, headers: Mapping[str, str] | None, data: bytes) -> list[bytes]:
     """The encoded events a message of the audit stream carries: itself, or a batch's
     events (BatchError for a malformed batch). For every reader of the raw stream."""
-    if names.audit_subject_parts(subject)[1] != names.AUDIT_BATCH_TYPE:
+    if names.audit_subject_parts(subject)[1] != names.AUDIT_BATCH:
         return [data]
     return decode_batch(data, (headers or {}).get(COUNT_HEADER))
 

@@ -27,6 +27,14 @@ AUDIT_SUBJECTS = AUDIT_SUBJECT_PREFIX + ".>"
 AUDIT_DURABLE = "audit-writer"
 
 
+def audit_durable(instance: str) -> str:
+    """The durable consumer of one audit service: each keeps its own (two services each
+    write the whole log). `instance` is random (services/audit keeps it in the data dir), so
+    holders of the CLI credential, who may read durable consumers of their own on the audit
+    stream (`events tail --durable`), cannot read or change the writer's."""
+    return f"{AUDIT_DURABLE}-{instance}"
+
+
 # Every subject and key a node writes names the node: its server_id (the host_uuid in its data
 # dir), so a node's NATS credential can be limited to its own (runtime/nats_security.py).
 _NODE_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -58,12 +66,13 @@ def audit_subject_parts(subject: str) -> tuple[str, str]:
     return "", ""
 
 
-# Several events of a node in one message (contract/batches.py); "batch" is no event type.
-AUDIT_BATCH_TYPE = "batch"
+# Several events in one message (contract/batches.py); "batch" is no event type.
+AUDIT_BATCH = "batch"
 
 
 def audit_batch_subject(server_id: str) -> str:
-    return audit_subject(server_id, AUDIT_BATCH_TYPE)
+    """Subject the node `server_id` publishes a batch of its events on."""
+    return audit_subject(server_id, AUDIT_BATCH)
 
 
 # --- session recordings ------------------------------------------------------
@@ -71,6 +80,10 @@ RECORDINGS_STREAM = "RINGFENCE_RECORDINGS"
 RECORDING_SUBJECT_PREFIX = "ringfence.recording"
 RECORDING_SUBJECTS = RECORDING_SUBJECT_PREFIX + ".>"
 RECORDINGS_DURABLE = "recording-writer"
+
+
+def recordings_durable(instance: str) -> str:
+    return f"{RECORDINGS_DURABLE}-{instance}"
 
 
 def recording_subject(server_id: str, sid: str) -> str:

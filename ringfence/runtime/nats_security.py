@@ -15,8 +15,9 @@ What the permissions guarantee:
 - only the service that owns an API subscribes to it, so nobody else can
   answer (or read) requests meant for it;
 - the CLI may send control requests, ask service discovery ($SRV.>), follow
-  the audit stream (`events tail`), read the sessions bucket (`sessions ls`)
-  and watch live sessions (`sessions join`), and nothing else;
+  the audit stream (`events tail`, also with durable consumers of its own), read
+  the sessions bucket (`sessions ls`) and watch live sessions (`sessions join`),
+  and nothing else;
 - the web console (services/web) may send the control requests its pages make,
   read the policy and sessions buckets and the audit stream, receive the sealed
   frames of its joins and answer its own sign-in API, and write nothing.
@@ -118,12 +119,19 @@ def _cli_permissions() -> dict:
         f"{JS_API}.DIRECT.GET.{sessions}.>",
         f"{JS_API}.STREAM.MSG.GET.{sessions}",
         f"{JS_API}.STREAM.INFO.{audit}",  # `events tail` follows the audit stream
-        # Ephemeral consumers only (one token after CREATE: no durable, no name).
+        # Ephemeral consumers (one token after CREATE: no durable, no name).
         f"{JS_API}.CONSUMER.CREATE.{sessions}",
         f"{JS_API}.CONSUMER.CREATE.{audit}",
         f"{JS_API}.CONSUMER.INFO.{sessions}.*",
         f"{JS_API}.CONSUMER.INFO.{audit}.*",
         "$JS.FC.>",  # flow control of those ordered consumers
+        # `events tail --durable`: named consumers of the audit stream, read and acked. The audit
+        # service's own consumers have random names (names.audit_durable) nobody else can guess.
+        f"{JS_API}.CONSUMER.CREATE.{audit}.*.>",
+        f"{JS_API}.CONSUMER.MSG.NEXT.{audit}.*",
+        f"$JS.ACK.{audit}.>",
+        f"{JS_API}.STREAM.MSG.GET.{audit}",  # what a killed run was handed, read in order
+
     ]
     return {
         "publish": {"allow": publish, "deny": [names.AUDIT_SUBJECTS, names.RECORDING_SUBJECTS, "$KV.>"]},

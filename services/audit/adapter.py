@@ -1,12 +1,12 @@
-"""NATS side of the audit service: the durable pull consumer feeding the writer, and search.
+"""NATS side of the audit service: its durable pull consumer feeding the writer, and search.
 
-Events are written in stream order. The consumer counts a message handed to a
-fetch as delivered even when the fetch never arrives (this service killed while
-holding it, or the NATS node its connection went through dying with it in
-flight); JetStream resends such a message only after ack_wait, after newer ones.
-So the service keeps the stream sequence it expects next (STREAM_POSITION, beside
-the log) and reads any sequence a batch skips straight from the stream, from its
-leader, before writing the batch; the late redelivery is then a duplicate.
+Each audit service has its own durable consumer (names.audit_durable of a random
+instance id kept in the data dir), so two of them (on two nodes) each write the whole
+log, the same bytes: files follow the stream's order and timestamps (writer.py). Search
+is one endpoint in the services' queue group: one of them answers, from identical
+indexes. Events are written in stream order: runtime/pull_consumer.py reads a sequence
+the consumer skipped (a fetch lost with a killed process or NATS node) from the stream
+before the batch after it (STREAM_POSITION, beside the log, remembers where it is).
 
 Session recordings have their own consumer and endpoints (recording_adapter.py), started here.
 """
@@ -14,51 +14,65 @@ Session recordings have their own consumer and endpoints (recording_adapter.py),
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
+import secrets
+import time
 from pathlib import Path
 
 import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
 from nats.micro.request import Request
 
 from ringfence.contract import names
 from ringfence.contract.api import ApiError, SearchRequest, SearchResult, ok_reply
 from ringfence.contract.auditlog import log_dir
-from ringfence.contract.batches import BatchError, events_in
 from ringfence.contract.strict import DecodeError, decode_json
+from ringfence.keyfiles import write_secret
+from ringfence.runtime.pull_consumer import Delivered, PullConsumer, Settle
 from ringfence.runtime.service import ServiceContext, StartupError
 
 from . import core
 from .index import INDEX_FILE, IndexWriteError, SearchIndex
+from .logfiles import daily_path, disk_use
 from .recording_adapter import RecordingConsumer
-from .writer import AuditWriter, Incoming
+from .writer import AuditWriter, BatchOutcome, Incoming
 
 log = logging.getLogger(__name__)
 
-BATCH = 256  # messages per fetch: one fsync and one index transaction each
+MAX_FETCH = 1024  # messages per fetch (one-event messages): one fsync and one index transaction each
+TARGET_EVENTS = 8192  # events per write when messages are batches: fewer messages are fetched
 FETCH_WAIT = 1.0  # seconds; also how often an idle writer checks for the day's rollover
 ACK_WAIT = 30.0  # seconds before JetStream redelivers an unacked message (deduplicated if early)
-RETRY_PAUSE = 1.0
 REPLY_OVERHEAD = 4096  # bytes of a search reply that are not event lines
 REPLY_MAX_BYTES = 1 << 20  # keep replies small even where NATS allows more; next_key pages on
+DISK_USE_EVERY = 30.0  # seconds between measurements of the log's disk use
 
-COUNTERS = ("written", "duplicates_skipped", "rejected", "write_errors", "gaps_filled")
+COUNTERS = ("written", "duplicates_skipped", "rejected", "write_errors", "gaps_filled", "retention_files_removed",
+            "housekeeping_errors")
+GAUGES = ("log_bytes", "index_bytes", "recordings_bytes")
 STREAM_POSITION = "stream_position"  # in the log dir: the stream sequence expected next
-MAX_GAP = 10_000  # messages read from the stream to fill one gap; a wider one is left to redelivery
+INSTANCE_FILE = "audit_instance"  # in the data dir: names this service's durable consumers
 
 
-def consumer_config() -> ConsumerConfig:
+def consumer_config(instance: str) -> ConsumerConfig:
     return ConsumerConfig(
-        durable_name=names.AUDIT_DURABLE,
-        ack_policy=AckPolicy.EXPLICIT,
+        durable_name=names.audit_durable(instance),
+        ack_policy=AckPolicy.ALL,  # one ack per batch; the writer keeps stream order
         ack_wait=ACK_WAIT,
         deliver_policy=DeliverPolicy.ALL,  # a first start writes what the stream already holds
-        max_ack_pending=BATCH * 4,
+        max_ack_pending=MAX_FETCH * 4,
         max_deliver=-1,  # never give up on an event
     )
+
+
+def instance_id(data_dir: str | Path) -> str:
+    """This audit service's random id (created once, 0600): its consumers' names."""
+    path = Path(data_dir) / INSTANCE_FILE
+    try:
+        write_secret(path, secrets.token_hex(8) + "\n")
+    except FileExistsError:  # the usual case: made by an earlier start
+        pass
+    return path.read_text().strip()
 
 
 class Adapter:
@@ -66,144 +80,83 @@ class Adapter:
         self.ctx: ServiceContext | None = None
         self.writer: AuditWriter | None = None
         self.search_index: SearchIndex | None = None
-        self._sub = None
-        self._task: asyncio.Task | None = None
-        self._fetch: asyncio.Future | None = None
-        self._stopping = asyncio.Event()
+        self.consumer: PullConsumer | None = None
         self.recordings = RecordingConsumer()
-        self._position_path: Path | None = None
-        self.position: int | None = None  # stream sequence expected next; None: not known
+        self._next_disk_use = 0.0
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        for name in COUNTERS:
+        for name in COUNTERS + GAUGES:
             ctx.counters.setdefault(name, 0)
         directory = log_dir(ctx.config.data_dir)
         try:
-            self.writer = await asyncio.to_thread(AuditWriter, directory)
+            self.writer = await asyncio.to_thread(AuditWriter, directory,
+                                                  retention_seconds=ctx.config.audit.retention_seconds)
         except RuntimeError as exc:
             raise StartupError(str(exc)) from None
         await asyncio.to_thread(self.writer.start)
-        self._position_path = directory / STREAM_POSITION
-        self.position = _read_position(self._position_path)
-        self.search_index = SearchIndex(directory / INDEX_FILE)
-        await self._subscribe()
+        instance = await asyncio.to_thread(instance_id, ctx.config.data_dir)
+        self.search_index = SearchIndex(directory / INDEX_FILE, lambda day: daily_path(directory, day))
+        self.consumer = PullConsumer(ctx.js, stream=names.AUDIT_STREAM, subjects=names.AUDIT_SUBJECTS,
+                                     config=consumer_config(instance), batch=MAX_FETCH, handle=self._handle,
+                                     idle=self._idle, fetch_wait=FETCH_WAIT, in_order=True,
+                                     position=directory / STREAM_POSITION, label="audit")
+        await self.consumer.start()
         await ctx.add_endpoint("search", names.api_subject(names.AUDIT_API, "search"), self._search,
                                action=("event", "list"))
-        self._task = asyncio.create_task(self._consume(), name="audit-consumer")
-        await self.recordings.start(ctx)
-
-    async def _subscribe(self) -> None:
-        """Bind the pull consumer; a binding being replaced is released first: its leftover
-        status messages would otherwise sit unread and hold up draining the connection."""
-        assert self.ctx is not None
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception as exc:  # already gone with the connection
-                log.debug("audit: releasing the old pull subscription: %s", exc)
-        self._sub = await self.ctx.js.pull_subscribe(
-            names.AUDIT_SUBJECTS, durable=names.AUDIT_DURABLE, stream=names.AUDIT_STREAM, config=consumer_config()
-        )
-
-    async def _consume(self) -> None:
-        assert self.ctx is not None and self.writer is not None
-        while not self._stopping.is_set():
-            self._fetch = asyncio.ensure_future(self._sub.fetch(BATCH, timeout=FETCH_WAIT))
-            try:
-                msgs = await self._fetch
-            except asyncio.CancelledError:
-                if self._stopping.is_set():
-                    return  # stop() interrupted an idle wait; anything fetched is redelivered
-                raise
-            except TimeoutError:  # nats' FetchTimeoutError, or a bare asyncio one from inside fetch
-                await self._idle()
-                continue
-            except Exception as exc:  # disconnected, consumer deleted, ...: retry, re-binding
-                if self._stopping.is_set():
-                    return
-                log.warning("audit: fetching events failed (%r); retrying", exc)
-                await asyncio.sleep(RETRY_PAUSE)
-                try:
-                    await self._subscribe()
-                except Exception as sub_exc:
-                    log.warning("audit: re-binding consumer %s failed (%r)", names.AUDIT_DURABLE, sub_exc)
-                continue
-            try:
-                await self._handle(msgs)
-            except Exception:  # e.g. acks lost to a disconnect: redelivery is deduplicated
-                log.exception("audit: handling a batch of %d messages failed", len(msgs))
+        await self.recordings.start(ctx, instance)
 
     async def _idle(self) -> None:
-        assert self.writer is not None
-        try:
-            await asyncio.to_thread(self.writer.tick)
-        except Exception:  # e.g. cannot create the new day's file; the next batch tries again
-            log.exception("audit: rolling over the daily file failed")
+        await asyncio.to_thread(self._housekeeping, True)
 
-    async def _handle(self, msgs) -> None:
-        assert self.ctx is not None and self.writer is not None
-        received = [i for m in msgs for i in _expand(Incoming(m.data, m.subject, _stream_seq(m)), m.headers)]
-        missing = core.missing_sequences(self.position, [i.stream_seq for i in received], MAX_GAP)
-        filled = await self._read_from_stream(missing) if missing else []
-        # Stream order; a redelivery of something already written is dropped by uid.
-        batch = sorted(filled + received, key=lambda i: i.stream_seq)
+    async def _handle(self, batch: list[Delivered]) -> Settle:
+        assert self.ctx is not None and self.writer is not None and self.consumer is not None
+        incoming = [Incoming(d.data, d.subject, d.stream_seq, d.stored_ms, d.headers) for d in batch]
+        counters = self.ctx.counters
+        counters["gaps_filled"] = self.consumer.gaps_filled
         try:
-            outcome = await asyncio.to_thread(self.writer.write_batch, batch)
+            outcome = await asyncio.to_thread(self._write, incoming)
         except Exception as exc:
             # Nothing is acked: JetStream redelivers, and the writer recovers from disk first.
-            self.ctx.counters["write_errors"] += 1
+            counters["write_errors"] += 1
             if isinstance(exc, (OSError, IndexWriteError)):  # e.g. disk full: the message names the file
-                log.error("audit: cannot write a batch of %d events (%s); none of it is acked, retrying",
+                log.error("audit: cannot write a batch of %d messages (%s); none of it is acked, retrying",
                           len(batch), exc)
             else:
-                log.exception("audit: writing a batch of %d events failed; it will be redelivered", len(batch))
-            for m in msgs:
-                await m.nak(delay=RETRY_PAUSE)
-            await asyncio.sleep(RETRY_PAUSE)
-            return
-        counters = self.ctx.counters
+                log.exception("audit: writing a batch of %d messages failed; it will be redelivered", len(batch))
+            return Settle.failed(batch)
         counters["written"] += outcome.written
         counters["duplicates_skipped"] += outcome.duplicates_skipped
         counters["rejected"] += outcome.rejected
-        counters["gaps_filled"] += len(filled)
-        newest = max((i.stream_seq for i in batch), default=0)
-        if newest and (self.position is None or newest >= self.position):
-            self.position = newest + 1
-            await asyncio.to_thread(_write_position, self._position_path, self.position)
-        for m in msgs:
-            await m.ack()
+        events = outcome.written + outcome.duplicates_skipped + outcome.rejected
+        # Batch messages carry up to ~2,000 events: ask for fewer of them per fetch.
+        self.consumer.batch = max(1, min(MAX_FETCH, TARGET_EVENTS * len(batch) // max(1, events)))
+        return Settle.all_of(batch)
 
-    async def _read_from_stream(self, seqs: list[int]) -> list[Incoming]:
-        """The messages at `seqs`, from the stream leader (a follower may not have them yet);
-        a sequence the stream no longer has (expired, deleted) is skipped. Waits out a
-        leader election or a reconnect; gives up (RuntimeError, nothing acked) only when stopping."""
-        assert self.ctx is not None
-        with contextlib.suppress(Exception):  # best effort: what the stream no longer has is skipped below anyway
-            first = (await self.ctx.js.stream_info(names.AUDIT_STREAM)).state.first_seq
-            seqs = [s for s in seqs if s >= first]  # expired while this service was down
-            if not seqs:
-                return []
-        log.warning("audit: stream sequences %d..%d were skipped by the consumer (a fetch that never arrived); "
-                    "reading %d from the stream to keep the log in order", seqs[0], seqs[-1], len(seqs))
-        found: list[Incoming] = []
-        for seq in seqs:
-            while True:
-                try:
-                    msg = await self.ctx.js.get_msg(names.AUDIT_STREAM, seq=seq, direct=False)
-                except NotFoundError:
-                    log.info("audit: stream sequence %d is gone (expired or deleted); skipping it", seq)
-                    break
-                except Exception as exc:  # no leader yet, disconnected: the batch waits, in order
-                    if self._stopping.is_set():
-                        raise RuntimeError(f"stopping while reading stream sequence {seq}") from None
-                    log.warning("audit: reading stream sequence %d failed (%r); retrying", seq, exc)
-                    await asyncio.sleep(RETRY_PAUSE)
-                    continue
-                if msg.subject and msg.subject.startswith(names.AUDIT_SUBJECT_PREFIX + "."):
-                    found += _expand(Incoming(msg.data or b"", msg.subject, seq), msg.headers)
-                break
-        return found
+    def _write(self, incoming: list[Incoming]) -> BatchOutcome:
+        """In a worker thread: the batch, then what is due (one thread hop per batch)."""
+        assert self.writer is not None
+        outcome = self.writer.write_batch(incoming)
+        self._housekeeping(False)
+        return outcome
+
+    def _housekeeping(self, idle: bool) -> None:
+        """In the writer's thread: midnight rollover when idle, retention, disk use. Never raises:
+        a batch already written must be acked whatever happens here."""
+        assert self.ctx is not None and self.writer is not None
+        counters = self.ctx.counters
+        try:
+            if idle:
+                self.writer.tick()
+            removed = self.writer.retention_step()
+            counters["retention_files_removed"] += len(removed.files_removed)
+            if time.monotonic() >= self._next_disk_use:
+                self._next_disk_use = time.monotonic() + DISK_USE_EVERY
+                use = disk_use(self.writer.directory, self.recordings.directory)
+                counters.update(log_bytes=use.log, index_bytes=use.index, recordings_bytes=use.recordings)
+        except Exception:  # e.g. cannot create the new day's file; tried again at the next batch or idle
+            counters["housekeeping_errors"] += 1
+            log.exception("audit: rolling over, removing old days or measuring disk use failed")
 
     async def _search(self, req: Request) -> bytes:
         assert self.ctx is not None and self.search_index is not None
@@ -222,61 +175,15 @@ class Adapter:
             await self.recordings.stop()
         except Exception:  # the audit log below must still be closed cleanly
             log.exception("audit: stopping the recording consumer failed")
-        self._stopping.set()
-        if self._fetch is not None:
-            self._fetch.cancel()  # a no-op once fetched: a batch being written is finished and acked
-        if self._task is not None:
-            # Let the current batch finish (and be acked) rather than cut it off.
-            done, _ = await asyncio.wait([self._task], timeout=FETCH_WAIT + 10)
-            if not done:
-                self._task.cancel()
+        if self.consumer is not None:
+            # Lets the current batch finish (and be acked) rather than cut it off.
+            await self.consumer.stop()
+            if not self.consumer.stopped_cleanly:
                 return  # a write may still be running in its thread: leave the files to the next start
-            if not self._task.cancelled() and self._task.exception():
-                log.error("audit consumer ended with %r", self._task.exception())
-        if self._sub is not None:
-            # Expired pull requests leave status messages nobody reads; draining would wait for them.
-            try:
-                await self._sub.unsubscribe()
-            except Exception as exc:  # already gone with the connection: nothing to release
-                log.debug("audit: unsubscribing the pull consumer: %s", exc)
         if self.writer is not None:
             await asyncio.to_thread(self.writer.close)
         if self.search_index is not None:
             self.search_index.close()
-
-
-def _read_position(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_position(path: Path | None, position: int) -> None:
-    """Not fsynced: a position lost to a crash is behind, and behind only costs reads of
-    messages already written (dropped by uid); it is never ahead of what is written."""
-    if path is None:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{position}\n")
-    os.replace(tmp, path)
-
-
-def _expand(msg: Incoming, headers: dict | None) -> list[Incoming]:
-    """A batch message (contract/batches.py) as its events, each as if it came alone.
-    Stopgap for the kernel branch until the audit service's own batch consumer lands."""
-    try:
-        lines = events_in(msg.subject, headers, msg.data)
-    except BatchError:
-        return [msg]  # written to rejected.log as what it is: not an event
-    return [msg] if lines == [msg.data] else [Incoming(line, msg.subject, msg.stream_seq) for line in lines]
-
-
-def _stream_seq(msg) -> int:
-    try:
-        return msg.metadata.sequence.stream
-    except Exception:  # not a JetStream message: no sequence to report
-        return 0
 
 
 def make_adapter(_args) -> Adapter:

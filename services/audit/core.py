@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -25,30 +24,44 @@ class Rejected(Exception):
     """A message that is not an event we can write; str() is the reason."""
 
 
-class _UidProbe(msgspec.Struct):
+class _Probe(msgspec.Struct):
     uid: str = ""
+    time: str = ""
 
 
-_probe = msgspec.json.Decoder(_UidProbe)
+_probe = msgspec.json.Decoder(_Probe)
+_encode = msgspec.json.Encoder().encode
 
 
-def decode_incoming(data: bytes, subject: str = "") -> AuditEvent:
-    """Decode one message into an event, or raise Rejected saying why. With its `subject`:
-    an event must name the node it was published by (a node's NATS credential publishes
-    only under its own server_id, so it cannot pass for another node)."""
+def _sent(data: bytes, key: bytes, value: str, field: str) -> bool:
+    return bool(value) and (key + _encode(value) in data or bool(getattr(_probe.decode(data), field)))
+
+
+def decode_incoming(data: bytes, subject: str = "") -> tuple[AuditEvent, int]:
+    """Decode one event into (event, its time in ms since the epoch), or raise Rejected saying
+    why. With the `subject` of its message (a batch's for each of its events): an event must
+    name the node it was published by (a node's NATS credential publishes only under its own
+    server_id, so it cannot pass for another node)."""
     if len(data) > MAX_EVENT_BYTES:
         raise Rejected(f"event is {len(data)} bytes; the limit is {MAX_EVENT_BYTES}")
     try:
         event = decode_event(data)
     except msgspec.DecodeError as exc:  # includes ValidationError (unknown type, bad field)
         raise Rejected(f"not a valid audit event: {exc}") from None
-    # The Struct fills a missing uid with a fresh one, which would defeat
-    # de-duplication of redeliveries: the uid must come from the publisher.
-    if not _probe.decode(data).uid:
+    # The Struct fills a missing uid or time with a fresh one, which would defeat the
+    # recognition of redeliveries (by uid and time): both must come from the publisher.
+    # (Finding them as msgspec encodes them is the quick check; the probe decides otherwise.)
+    if not _sent(data, b'"uid":', event.uid, "uid"):
         raise Rejected("event has no uid")
+    if not _sent(data, b'"time":', event.time, "time"):
+        raise Rejected("event has no time")
     if subject and names.audit_subject_parts(subject)[0] != event.server_id:
         raise Rejected(f'server_id "{event.server_id[:80]}" is not the node of the subject {subject[:200]}')
-    return event
+    try:
+        # Searched by, and part of how a redelivery is recognised: it must be a time.
+        return event, parse_time_ms(event.time)
+    except ValueError as exc:
+        raise Rejected(f"time: {exc}") from None
 
 
 # --- time ----------------------------------------------------------------------------------
@@ -57,8 +70,23 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MS = dt.timedelta(milliseconds=1)
 
 
+_second_cache: dict[str, int] = {}
+
+
 def parse_time_ms(text: str) -> int:
     """Milliseconds since the epoch of an RFC 3339 time with an offset; ValueError otherwise."""
+    # Every event's time is parsed: the form events.now_rfc3339 writes takes a short cut.
+    if len(text) == 24 and text[19] == "." and text[23] == "Z" and text[20:23].isdigit():
+        second = _second_cache.get(text[:19])
+        if second is None:
+            if len(_second_cache) > 4096:
+                _second_cache.clear()
+            second = _second_cache[text[:19]] = _parse_time_ms(text) - int(text[20:23])
+        return second + int(text[20:23])
+    return _parse_time_ms(text)
+
+
+def _parse_time_ms(text: str) -> int:
     try:
         when = dt.datetime.fromisoformat(text)
     except (ValueError, TypeError):
@@ -66,14 +94,6 @@ def parse_time_ms(text: str) -> int:
     if when.tzinfo is None:
         raise ValueError(f"{show(text)} is not an RFC 3339 time with a UTC offset (e.g. 2021-07-22T22:24:14Z)")
     return (when - _EPOCH) // _MS  # integer arithmetic: no float rounding of milliseconds
-
-
-def event_time_ms(event: AuditEvent, fallback_ms: int) -> int:
-    """Where an event sits in time for search: its own time, else when it was written."""
-    try:
-        return parse_time_ms(event.time)
-    except ValueError:
-        return fallback_ms
 
 
 # --- stream order ----------------------------------------------------------------------------
@@ -96,39 +116,6 @@ def missing_sequences(expected: int | None, received: list[int], max_gap: int) -
     return missing if len(missing) <= max_gap else []
 
 
-# --- ei: index of the event within its session ---------------------------------------------
-
-
-class SessionCounter:
-    """Hands out ei per sid: 0, 1, 2, ... in write order; events without sid get 0.
-
-    `last_ei(sid)` asks the index for the highest ei written for a sid (None
-    when there is none), so numbering continues across restarts. Recent sids
-    are cached; the cache is dropped when it grows past `max_cached`.
-    """
-
-    def __init__(self, last_ei: Callable[[str], int | None], max_cached: int = 100_000) -> None:
-        self._last_ei = last_ei
-        self._next: dict[str, int] = {}
-        self._max_cached = max_cached
-
-    def assign(self, sid: str) -> int:
-        if not sid:
-            return 0
-        n = self._next.get(sid)
-        if n is None:
-            if len(self._next) >= self._max_cached:
-                self._next.clear()
-            last = self._last_ei(sid)
-            n = 0 if last is None else last + 1
-        self._next[sid] = n + 1
-        return n
-
-    def forget(self) -> None:
-        """After a failed batch: re-derive everything from the index."""
-        self._next.clear()
-
-
 # --- search ----------------------------------------------------------------------------------
 
 
@@ -141,11 +128,11 @@ class SearchQuery:
     sid: str
     limit: int
     descending: bool
-    after: tuple[int, int] | None  # (time_ms, seq) of the last event of the previous page
+    after: tuple[int, int] | None  # (time_ms, loc) of the last event of the previous page
 
 
-def encode_key(time_ms: int, seq: int) -> str:
-    return f"{time_ms}.{seq}"
+def encode_key(time_ms: int, loc: int) -> str:
+    return f"{time_ms}.{loc}"
 
 
 _KEY = re.compile(r"(-?[0-9]{1,18})\.([0-9]{1,18})")  # within SQLite's 64-bit integers
@@ -194,21 +181,90 @@ def validate_search(req: SearchRequest) -> SearchQuery:
     )
 
 
+@dataclass(frozen=True)
+class SearchIds:
+    """The index's ids for a query's names (services/audit/index.py looks them up)."""
+
+    user: int | None = None
+    sid: int | None = None
+    types: tuple[int, ...] = ()
+
+
+def search_sql(q: SearchQuery, ids: SearchIds) -> tuple[str, dict[str, object]]:
+    """The SELECT of (time_ms, loc) rows for `q`, limit + 1 of them.
+
+    Each filter has an index that returns its rows in time order and holds all it returns
+    (index.py: the rowid is where the line is), named with
+    INDEXED BY so that a LIMIT never turns into a scan of everything: SQLite, left alone,
+    may walk the time index and filter, which is fast for a common user and reads the
+    whole table for a rare one. Several types are one ordered sub-query each, merged."""
+    params: dict[str, object] = {"limit": q.limit + 1}
+    conditions: list[str] = []
+    if q.start_ms is not None:
+        conditions.append("time_ms >= :start")
+        params["start"] = q.start_ms
+    if q.end_ms is not None:
+        conditions.append("time_ms < :end")
+        params["end"] = q.end_ms
+    if q.after is not None:
+        params["after_time"], params["after_loc"] = q.after
+        if q.descending:
+            conditions.append("time_ms <= :after_time AND (time_ms < :after_time OR loc < :after_loc)")
+        else:
+            conditions.append("time_ms >= :after_time AND (time_ms > :after_time OR loc > :after_loc)")
+    if ids.user is not None:
+        conditions.append("user = :user")
+        params["user"] = ids.user
+    if ids.sid is not None:
+        conditions.append("sid = :sid")
+        params["sid"] = ids.sid
+    order = "DESC" if q.descending else "ASC"
+    tail = f"ORDER BY time_ms {order}, loc {order} LIMIT :limit"
+
+    def select(index: str, extra: list[str]) -> str:
+        where = " AND ".join(conditions + extra)
+        return f"SELECT time_ms, loc FROM events INDEXED BY {index}" + (f" WHERE {where}" if where else "")
+
+    if ids.sid is not None or not ids.types:
+        extra = []
+        if ids.types:
+            extra.append(f"type IN ({','.join(str(t) for t in ids.types)})")
+        index = ("events_by_sid" if ids.sid is not None else "events_by_user" if ids.user is not None
+                 else "events_by_time")
+        return f"{select(index, extra)} {tail}", params
+    index = "events_by_user_type" if ids.user is not None else "events_by_type"
+    parts = [f"SELECT * FROM ({select(index, [f'type = {t}'])} {tail})" for t in ids.types]
+    if len(parts) == 1:
+        return parts[0], params
+    return " UNION ALL ".join(parts) + f" {tail}", params
+
+
 def take_page(rows: list[tuple[int, int, bytes]], limit: int, max_bytes: int) -> tuple[list[bytes], str]:
-    """Cut (time_ms, seq, line) rows into one reply: at most `limit` events and about
+    """Cut (time_ms, loc, line) rows into one reply: at most `limit` events and about
     `max_bytes` of JSON (NATS refuses bigger messages). next_key is set when more remain."""
     lines: list[bytes] = []
     size = 0
     last_key = (0, 0)
-    for time_ms, seq, line in rows[:limit]:
+    for time_ms, loc, line in rows[:limit]:
         if lines and size + len(line) + 1 > max_bytes:
             return lines, encode_key(*last_key)
         lines.append(line)
         size += len(line) + 1
-        last_key = (time_ms, seq)
+        last_key = (time_ms, loc)
     if len(rows) > limit:
         return lines, encode_key(*last_key)
     return lines, ""
+
+
+# --- retention -------------------------------------------------------------------------------
+
+
+def retention_cutoff(now: dt.datetime, retention_seconds: float) -> dt.date | None:
+    """The oldest UTC day to keep: a daily file goes once its whole day is older than the
+    retention (so nothing is removed before it is that old). None: keep everything."""
+    if retention_seconds <= 0:
+        return None
+    return (now - dt.timedelta(seconds=retention_seconds)).astimezone(dt.UTC).date()
 
 
 # --- dead letters -------------------------------------------------------------------------------

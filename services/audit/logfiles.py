@@ -10,11 +10,27 @@ import datetime as dt
 import fcntl
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ringfence.contract.auditlog import CURRENT_LINK, REJECTED_FILE, daily_file_name
 
 log = logging.getLogger(__name__)
+
+EPOCH_DAY = dt.date(1970, 1, 1)
+
+
+def day_number(when: dt.date | dt.datetime) -> int:
+    """Days since 1970-01-01 of a date, or of a moment's UTC day."""
+    if isinstance(when, dt.datetime):
+        when = when.astimezone(dt.UTC).date() if when.tzinfo else when.date()
+    return (when - EPOCH_DAY).days
+
+
+def daily_path(directory: Path, day: int) -> Path:
+    """The daily file of day number `day`."""
+    moment = dt.datetime.combine(EPOCH_DAY + dt.timedelta(days=day), dt.time(), dt.UTC)
+    return directory / daily_file_name(moment)
 
 DIR_MODE = 0o750
 FILE_MODE = 0o640
@@ -113,35 +129,36 @@ def repair_tail(path: Path) -> int:
 
 
 class DailyLog:
-    """The current day's file, opened append-only; rolls over when the UTC day changes."""
+    """The daily file being written, opened append-only."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.name = ""  # current file name
-        self.size = 0  # bytes in the current file: the offset of the next line
+        self.day = 0  # its day number (0: none open)
+        self.name = ""  # its file name
+        self.size = 0  # bytes in it: the offset of the next line
         self._fd: int | None = None
 
-    def roll_to(self, now: dt.datetime) -> None:
-        name = daily_file_name(now)
-        if name == self.name and self._fd is not None:
+    def open_day(self, day: int) -> None:
+        """Write to day `day`'s file from now on (created when missing); events.log points at it."""
+        if day == self.day and self._fd is not None:
             return
         self.close()
-        path = self.directory / name
+        path = daily_path(self.directory, day)
         created = not path.exists()
         self._fd = open_append(path)
-        self.name = name
+        self.day, self.name = day, path.name
         self.size = os.fstat(self._fd).st_size
         if created:
             fsync_dir(self.directory)
             log.info("audit log: writing %s", path)
-        point_link(self.directory, name)
+        point_link(self.directory, path.name)
 
     def append(self, data: bytes) -> int:
         """Write and fsync; returns the offset the data starts at. Not durable until this returns.
 
         On failure (e.g. the disk is full) the file is cut back to where it was, so no
         reader ever sees a partial line, and the OSError names the file."""
-        assert self._fd is not None, "roll_to() first"
+        assert self._fd is not None, "open_day() first"
         offset = self.size
         try:
             write_all(self._fd, data)
@@ -159,7 +176,7 @@ class DailyLog:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-            self.name = ""
+            self.day, self.name = 0, ""
 
 
 class RejectLog:
@@ -184,3 +201,31 @@ class RejectLog:
             raise
         finally:
             os.close(fd)
+
+
+@dataclass(frozen=True)
+class DiskUse:
+    log: int  # bytes of daily files (and rejected.log)
+    index: int  # bytes of the log's index (its WAL included)
+    recordings: int  # bytes of the recordings folder (files and index)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # removed meanwhile (retention)
+        return 0
+
+
+def disk_use(log_directory: Path, recordings_directory: Path | None) -> DiskUse:
+    """What `ringfence status --stats` shows as log_bytes, index_bytes and recordings_bytes."""
+    log_bytes = index_bytes = 0
+    for path in log_directory.iterdir():
+        if path.name.startswith("index.sqlite"):
+            index_bytes += _size(path)
+        elif path.suffix == ".log" and not path.is_symlink():
+            log_bytes += _size(path)
+    recordings = 0
+    if recordings_directory is not None and recordings_directory.is_dir():
+        recordings = sum(_size(p) for p in recordings_directory.iterdir())
+    return DiskUse(log_bytes, index_bytes, recordings)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from pathlib import Path
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.micro.request import Request
@@ -18,6 +20,7 @@ from ringfence.contract.recording import (
     RecordingListResult,
 )
 from ringfence.contract.strict import DecodeError, decode_json
+from ringfence.runtime.pull_consumer import Delivered, PullConsumer, Settle
 from ringfence.runtime.service import ServiceContext, StartupError
 
 from . import recording_core
@@ -28,10 +31,9 @@ log = logging.getLogger(__name__)
 BATCH = 64  # chunks are up to 256 KiB each
 FETCH_WAIT = 1.0  # seconds; also how often held gaps are checked when nothing arrives
 ACK_WAIT = 30.0  # > recording_core.GAP_WAIT: held chunks are settled before they would be redelivered
-RETRY_PAUSE = 1.0
-NAK_DELAY = 1.0  # a chunk beyond the hold limit comes back after this
 REPLY_OVERHEAD = 4096
 REPLY_MAX_BYTES = 1 << 20
+RETENTION_CHECK = 60.0  # seconds between looks for recordings older than the retention
 
 COUNTERS = (
     "recording_chunks_written",
@@ -39,14 +41,16 @@ COUNTERS = (
     "recording_rejected",
     "recording_gaps_skipped",
     "recording_write_errors",
+    "recordings_removed",
+    "recording_retention_errors",
 )
 GAUGES = ("recording_chunks_held",)
 
 
-def recording_consumer_config() -> ConsumerConfig:
+def recording_consumer_config(instance: str) -> ConsumerConfig:
     return ConsumerConfig(
-        durable_name=names.RECORDINGS_DURABLE,
-        ack_policy=AckPolicy.EXPLICIT,
+        durable_name=names.recordings_durable(instance),
+        ack_policy=AckPolicy.EXPLICIT,  # held chunks are acked later than chunks after them
         ack_wait=ACK_WAIT,
         deliver_policy=DeliverPolicy.ALL,
         max_ack_pending=4096,  # room for held chunks (HOLD_MAX_CHUNKS per sid) and a batch
@@ -54,87 +58,47 @@ def recording_consumer_config() -> ConsumerConfig:
     )
 
 
-async def _settle(msgs, how: str) -> None:
-    for m in msgs:
-        if m is None:
-            continue
-        try:
-            await (m.ack() if how == "ack" else m.nak(delay=NAK_DELAY))
-        except Exception as exc:  # already settled, or the connection is gone: redelivery covers it
-            log.debug("recordings: %s of a message failed: %s", how, exc)
-
-
 class RecordingConsumer:
     def __init__(self) -> None:
         self.ctx: ServiceContext | None = None
         self.store: RecordingStore | None = None
         self.reader: RecordingReader | None = None
-        self._sub = None
-        self._task: asyncio.Task | None = None
-        self._fetch: asyncio.Future | None = None
-        self._stopping = asyncio.Event()
+        self.consumer: PullConsumer | None = None
+        self.directory: Path | None = None
+        self._next_retention = 0.0
 
-    async def start(self, ctx: ServiceContext) -> None:
+    async def start(self, ctx: ServiceContext, instance: str) -> None:
         self.ctx = ctx
         for name in COUNTERS + GAUGES:
             ctx.counters.setdefault(name, 0)
-        directory = recordings_dir(ctx.config.data_dir)
+        self.directory = directory = recordings_dir(ctx.config.data_dir)
         try:
             self.store = await asyncio.to_thread(RecordingStore, directory)
         except RuntimeError as exc:
             raise StartupError(str(exc)) from None
         await asyncio.to_thread(self.store.start)
         self.reader = RecordingReader(directory)
-        await self._subscribe()
+        self.consumer = PullConsumer(ctx.js, stream=names.RECORDINGS_STREAM, subjects=names.RECORDING_SUBJECTS,
+                                     config=recording_consumer_config(instance), batch=BATCH, handle=self._handle,
+                                     idle=self._idle, fetch_wait=FETCH_WAIT, label="recordings")
+        await self.consumer.start()
         await ctx.add_endpoint("recordings", names.api_subject(names.AUDIT_API, "recordings"), self._list,
                                action=("session", "list"))
         await ctx.add_endpoint("recording", names.api_subject(names.AUDIT_API, "recording"), self._get,
                                action=("session", "read"))
-        self._task = asyncio.create_task(self._consume(), name="recording-consumer")
 
-    async def _subscribe(self) -> None:
-        """Bind the pull consumer; a binding being replaced is released first: its leftover
-        status messages would otherwise sit unread and hold up draining the connection."""
-        assert self.ctx is not None
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception as exc:  # already gone with the connection
-                log.debug("recordings: releasing the old pull subscription: %s", exc)
-        self._sub = await self.ctx.js.pull_subscribe(
-            names.RECORDING_SUBJECTS,
-            durable=names.RECORDINGS_DURABLE,
-            stream=names.RECORDINGS_STREAM,
-            config=recording_consumer_config(),
-        )
-
-    async def _consume(self) -> None:
+    async def _handle(self, batch: list[Delivered]) -> Settle:
         assert self.store is not None
-        while not self._stopping.is_set():
-            self._fetch = asyncio.ensure_future(self._sub.fetch(BATCH, timeout=FETCH_WAIT))
-            try:
-                msgs = await self._fetch
-            except asyncio.CancelledError:
-                if self._stopping.is_set():
-                    return
-                raise
-            except TimeoutError:  # nats' FetchTimeoutError, or a bare asyncio one from inside fetch
-                await self._run(lambda: self.store.tick(), [])
-                continue
-            except Exception as exc:
-                if self._stopping.is_set():
-                    return
-                log.warning("recordings: fetching chunks failed (%r); retrying", exc)
-                await asyncio.sleep(RETRY_PAUSE)
-                try:
-                    await self._subscribe()
-                except Exception as sub_exc:
-                    log.warning("recordings: re-binding consumer %s failed (%r)", names.RECORDINGS_DURABLE, sub_exc)
-                continue
-            batch = [ChunkIn(m.data, m.subject, _stream_seq(m), m) for m in msgs]
-            await self._run(lambda b=batch: self.store.write_batch(b), msgs)
+        chunks = [ChunkIn(d.data, d.subject, d.stream_seq, d.msg) for d in batch]
+        return await self._run(lambda: self.store.write_batch(chunks), batch)
 
-    async def _run(self, work, msgs) -> None:
+    async def _idle(self) -> Settle:
+        assert self.store is not None
+        settle = await self._run(lambda: self.store.tick(), [])
+        await self._retention()
+        return settle
+
+    async def _run(self, work, batch: list[Delivered]) -> Settle:
         assert self.ctx is not None and self.store is not None
         counters = self.ctx.counters
         try:
@@ -142,17 +106,31 @@ class RecordingConsumer:
         except Exception:
             # Nothing of this batch (nor what was held) is acked: redelivered, after recovery from disk.
             counters["recording_write_errors"] += 1
-            log.exception("recordings: writing a batch of %d chunks failed; it will be redelivered", len(msgs))
-            await _settle(list(msgs) + self.store.fail(), "nak")
-            await asyncio.sleep(RETRY_PAUSE)
-            return
+            log.exception("recordings: writing a batch of %d chunks failed; it will be redelivered", len(batch))
+            failed = Settle.failed(batch)
+            failed.nak += self.store.fail()
+            return failed
         counters["recording_chunks_written"] += outcome.written
         counters["recording_duplicates_skipped"] += outcome.duplicates_skipped
         counters["recording_rejected"] += outcome.rejected
         counters["recording_gaps_skipped"] += outcome.gaps_skipped
         counters["recording_chunks_held"] = outcome.held  # a gauge: chunks waiting for a gap to fill
-        await _settle(outcome.ack, "ack")
-        await _settle(outcome.nak, "nak")
+        return Settle(ack=[t for t in outcome.ack if t is not None], nak=[t for t in outcome.nak if t is not None])
+
+    async def _retention(self) -> None:
+        """Remove recordings whose last output is older than audit.retention (checked once a minute)."""
+        assert self.ctx is not None and self.store is not None
+        seconds = self.ctx.config.audit.retention_seconds
+        if seconds <= 0 or time.monotonic() < self._next_retention:
+            return
+        self._next_retention = time.monotonic() + RETENTION_CHECK
+        try:
+            removed = await asyncio.to_thread(self.store.remove_older_than, (time.time() - seconds) * 1000)
+        except Exception:
+            self.ctx.counters["recording_retention_errors"] += 1
+            log.exception("recordings: removing recordings older than the retention failed")
+            return
+        self.ctx.counters["recordings_removed"] += len(removed)
 
     # --- endpoints ----------------------------------------------------------------------------
 
@@ -193,32 +171,14 @@ class RecordingConsumer:
         )
 
     async def stop(self) -> None:
-        self._stopping.set()
-        if self._fetch is not None:
-            self._fetch.cancel()
-        if self._task is not None:
-            done, _ = await asyncio.wait([self._task], timeout=FETCH_WAIT + 10)
-            if not done:
-                self._task.cancel()
+        if self.consumer is not None:
+            await self.consumer.stop()
+            if not self.consumer.stopped_cleanly:
                 return  # a write may still be running in its thread: the next start recovers
-            if not self._task.cancelled() and self._task.exception():
-                log.error("recording consumer ended with %r", self._task.exception())
-        if self.store is not None:
-            # Held chunks come back at once to whoever runs next, not after ack_wait.
-            await _settle(self.store.drop_held(), "nak")
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception as exc:
-                log.debug("recordings: unsubscribing the pull consumer: %s", exc)
+            if self.store is not None:
+                # Held chunks come back at once to whoever runs next, not after ack_wait.
+                await self.consumer.settle(Settle(nak=[t for t in self.store.drop_held() if t is not None]))
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
         if self.reader is not None:
             self.reader.close()
-
-
-def _stream_seq(msg) -> int:
-    try:
-        return msg.metadata.sequence.stream
-    except Exception:  # not a JetStream message
-        return 0

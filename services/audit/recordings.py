@@ -52,6 +52,7 @@ RECORDINGS_DIR_NAME = "recordings"
 INDEX_FILE = "index.sqlite"
 INDEX_MODE = 0o640
 CAST_SUFFIX = ".cast"
+EXPIRED_SUFFIX = ".expired"  # a .cast being removed by retention (renamed first: see remove_older_than)
 MAX_CACHED = 1000  # sequencers kept in memory without held chunks
 
 SCHEMA = """
@@ -148,6 +149,16 @@ class RecordingIndex:
     def all(self) -> list[Rec]:
         return [Rec.from_row(r) for r in self.conn.execute(f"SELECT {COLUMNS} FROM recordings")]
 
+    def older_than(self, cutoff_ms: float) -> list[str]:
+        """Sids whose last output (start + duration) is before `cutoff_ms`."""
+        return [r[0] for r in self.conn.execute(
+            "SELECT sid FROM recordings WHERE sort_ms + duration * 1000 < ?", (cutoff_ms,))]
+
+    def delete(self, sids: list[str]) -> None:
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.executemany("DELETE FROM recordings WHERE sid = ?", [(s,) for s in sids])
+
     def save(self, recs: list[Rec]) -> None:
         """One transaction for every touched recording."""
         with self.conn:
@@ -207,6 +218,7 @@ class RecordingStore:
         """Make every file match its row; forget in-memory state. Returns held tokens (to nak)."""
         tokens = self.drop_held()
         self.recs.clear()
+        self._finish_removals()
         known = set()
         for rec in self.index.all():
             known.add(rec.sid)
@@ -248,6 +260,37 @@ class RecordingStore:
                   path, size, rec.bytes, kept, rec.next_seq)
         rec.bytes = kept
         self.index.save([rec])
+
+    # --- retention ---------------------------------------------------------------------------
+
+    def remove_older_than(self, cutoff_ms: float) -> list[str]:
+        """Remove recordings whose last output is before `cutoff_ms` (audit.retention), except
+        those with chunks held in memory. Each file is renamed aside first, then its row
+        deleted, then the file: a crash in between is finished by the next start, and never
+        leaves a file without a row (which recovery would take for a lost index)."""
+        if self._needs_recovery:
+            return []
+        sids = [s for s in self.index.older_than(cutoff_ms) if not (s in self.recs and self.recs[s].seq.held)]
+        for sid in sids:
+            path = cast_path(self.directory, sid)
+            if path.exists():
+                os.replace(path, path.with_name(path.name + EXPIRED_SUFFIX))
+        self.index.delete(sids)
+        for sid in sids:
+            self.recs.pop(sid, None)
+        self._finish_removals()
+        if sids:
+            log.info("recordings: removed %d recording(s) older than the retention", len(sids))
+        return sids
+
+    def _finish_removals(self) -> None:
+        expired = list(self.directory.glob(f"*{CAST_SUFFIX}{EXPIRED_SUFFIX}"))
+        if not expired:
+            return
+        self.index.delete([p.name[: -len(CAST_SUFFIX + EXPIRED_SUFFIX)] for p in expired])
+        for path in expired:
+            path.unlink(missing_ok=True)
+        fsync_dir(self.directory)
 
     # --- writing -----------------------------------------------------------------------------
 

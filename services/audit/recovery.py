@@ -16,12 +16,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ringfence.contract.auditlog import daily_files, unseal
+from ringfence.contract.auditlog import daily_files, day_start, parse_anchor, unseal
 from ringfence.contract.events import decode_event
 
-from .core import event_time_ms
-from .index import Row, WriteIndex
-from .logfiles import repair_tail
+from .core import parse_time_ms
+from .index import WriteIndex, make_loc, uid_key
+from .logfiles import day_number, repair_tail
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +35,16 @@ class RecoveryReport:
     lines_unreadable: int = 0
 
 
-def row_from_line(file: str, offset: int, line: bytes, fallback_ms: int) -> Row:
-    """Index entry for a line already in a daily file (ValueError when it is not one of ours)."""
+def stage_line(index: WriteIndex, day: int, offset: int, line: bytes) -> tuple[str, bool]:
+    """Stage the index row of a line already in a daily file: (its hash, whether it is an
+    event: an anchor is not indexed). ValueError when it is not one of ours."""
     _body, digest = unseal(line)
+    if offset == 0 and parse_anchor(line) is not None:
+        return digest, False
     event = decode_event(line)
-    return Row(
-        uid=event.uid,
-        time_ms=event_time_ms(event, fallback_ms),
-        event=event.event_type(),
-        user=event.user,
-        sid=event.sid,
-        ei=event.ei,
-        file=file,
-        offset=offset,
-        length=len(line) + 1,
-        hash=digest,
-        line=line,
-    )
+    index.stage(make_loc(day, offset), parse_time_ms(event.time), uid_key(event.uid),
+                event.event_type(), event.user, event.sid, event.ei)
+    return digest, True
 
 
 def recover(directory: Path, index: WriteIndex) -> RecoveryReport:
@@ -65,9 +58,10 @@ def recover(directory: Path, index: WriteIndex) -> RecoveryReport:
 
     last = index.last_write()
     for path in files:
-        if last is not None and path.name < last.file:
+        day = day_number(day_start(path.name))
+        if last is not None and day < last.day:
             continue
-        start = last.end if last is not None and path.name == last.file else 0
+        start = last.end if last is not None and day == last.day else 0
         size = path.stat().st_size
         if start > size:
             log.error(
@@ -77,15 +71,14 @@ def recover(directory: Path, index: WriteIndex) -> RecoveryReport:
             )
             continue
         if start < size:
-            _index_tail(path, start, index, report)
+            _index_tail(path, day, start, index, report)
     if report.lines_indexed:
         log.warning("audit log: indexed %d lines written before the last stop", report.lines_indexed)
     return report
 
 
-def _index_tail(path: Path, start: int, index: WriteIndex, report: RecoveryReport) -> None:
-    fallback_ms = int(path.stat().st_mtime * 1000)
-    rows: list[Row] = []
+def _index_tail(path: Path, day: int, start: int, index: WriteIndex, report: RecoveryReport) -> None:
+    staged = 0
     with open(path, "rb") as f:
         os.fsync(f.fileno())  # what we index must be on disk, not only in the page cache
         f.seek(start)
@@ -93,15 +86,17 @@ def _index_tail(path: Path, start: int, index: WriteIndex, report: RecoveryRepor
         for raw in f:
             line = raw.rstrip(b"\n")
             try:
-                rows.append(row_from_line(path.name, offset, line, fallback_ms))
+                digest, is_event = stage_line(index, day, offset, line)
+                staged += is_event
             except ValueError as exc:  # msgspec errors are ValueErrors too
                 report.lines_unreadable += 1
                 log.error("audit log: %s at byte %d is not an event line (%s); not indexed", path, offset, exc)
+            else:
+                index.set_last(day, offset + len(raw), digest)
             offset += len(raw)
-            if len(rows) >= INSERT_CHUNK:
-                index.insert(rows, ignore_known=True)
-                report.lines_indexed += len(rows)
-                rows = []
-    if rows:
-        index.insert(rows, ignore_known=True)
-        report.lines_indexed += len(rows)
+            if staged >= INSERT_CHUNK:
+                index.commit(ignore_known=True)
+                report.lines_indexed += staged
+                staged = 0
+    index.commit(ignore_known=True)
+    report.lines_indexed += staged

@@ -25,6 +25,7 @@ from ringfence.auth import HEADER_NKEY, AuthError
 from ringfence.cli.resources import Source, parse_documents, renumber, route
 from ringfence.contract import api, names, recording
 from ringfence.contract.api import ApiError, ApiReply, SessionInfo
+from ringfence.contract.batches import BatchError, event_type, events_in
 from ringfence.contract.resources import KIND_ALIASES, LOCK_KINDS
 from ringfence.contract.strict import DecodeError, decode_json
 from ringfence.runtime.kv_mirror import KvMirror
@@ -144,7 +145,8 @@ class Console:
         """New audit events as published (as `events tail`); None after `every` seconds without one."""
         assert self.ctx is not None
         try:
-            sub = await self.ctx.js.subscribe(core.tail_subject(types), stream=names.AUDIT_STREAM,
+            # Everything: kernel events come in batches (ringfence.audit.<node>.batch), whatever their type.
+            sub = await self.ctx.js.subscribe(names.AUDIT_SUBJECTS, stream=names.AUDIT_STREAM,
                                               ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
         except NotFoundError:
             raise ConsoleError(f"the audit stream {names.AUDIT_STREAM} does not exist yet", 503) from None
@@ -156,8 +158,14 @@ class Console:
                 except NatsTimeout:
                     yield None
                     continue
-                if not wanted or msg.subject.removeprefix(names.AUDIT_SUBJECT_PREFIX + ".") in wanted:
-                    yield msg.data
+                try:
+                    lines = events_in(msg.subject, msg.headers, msg.data)
+                except BatchError:
+                    self.ctx.counters["tail_batches_malformed"] = self.ctx.counters.get("tail_batches_malformed", 0) + 1
+                    continue
+                for line in lines:
+                    if not wanted or event_type(line) in wanted:
+                        yield line
         finally:
             await sub.unsubscribe()
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from ringfence import auth
-from ringfence.contract import api, names
+from ringfence.contract import api
 from ringfence.contract.events import EVENT_TYPES
 from ringfence.contract.recording import MAX_LIST_LIMIT, RecordingListRequest, is_valid_sid
 from ringfence.contract.resources import LOCK_TARGET_FIELDS, LockTarget
@@ -257,11 +257,6 @@ def check_sid(sid: str) -> str:
     if not is_valid_sid(sid):
         raise ConsoleError(f'"{sid[:80]}" is not a session id', 404)
     return sid
-
-
-def tail_subject(types: list[str]) -> str:
-    """The audit subject a live tail follows: one type's, or all."""
-    return names.audit_subject(types[0]) if len(types) == 1 else names.AUDIT_SUBJECTS
 
 
 def api_status(kind: str) -> int:
