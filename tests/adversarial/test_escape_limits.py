@@ -150,7 +150,10 @@ def test_a_process_left_by_bashrc_cannot_use_the_terminal_behind_the_relays_back
     root's and every other open file of it is hung up."""
     login, key = hostile.server.add_user()
     from tests.adversarial.conftest import as_user
-    as_user(login, ".bashrc", "(sleep 3; echo UNRECORDED-$((1+1)) >&2; echo wrote=$? > /tmp/" + login + ".bg) &\n")
+    # Only in the non-interactive shell sshd runs the wrapper with (the session's own login shell
+    # reads ~/.bashrc too, and its jobs are the session's, recorded).
+    as_user(login, ".bashrc", "case $- in *i*) return;; esac\n"
+            "(sleep 3; echo UNRECORDED-$((1+1)) >&2; echo wrote=$? > /tmp/" + login + ".bg) &\n")
     term = Terminal(hostile.server.ssh_argv(login, key, "-tt"))
     term.read_until("$ ")
     wait_for(lambda: os.path.exists(f"/tmp/{login}.bg"), timeout=15, what="the background writer")
