@@ -21,15 +21,14 @@ from pathlib import Path
 
 import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.micro.request import Request
 
 from ringfence.contract import names
-from ringfence.contract.api import ApiError, SearchRequest, SearchResult, ok_reply
+from ringfence.contract.api import SearchRequest, SearchResult
 from ringfence.contract.auditlog import log_dir
-from ringfence.contract.strict import DecodeError, decode_json
+from ringfence.contract.documents import strict_request
 from ringfence.keyfiles import write_secret
 from ringfence.runtime.pull_consumer import Delivered, PullConsumer, Settle
-from ringfence.runtime.service import ServiceContext, StartupError
+from ringfence.runtime.service import Call, ServiceContext, StartupError
 
 from . import core
 from .index import INDEX_FILE, IndexWriteError, SearchIndex
@@ -103,7 +102,7 @@ class Adapter:
                                      position=directory / STREAM_POSITION, label="audit")
         await self.consumer.start()
         await ctx.add_endpoint("search", names.api_subject(names.AUDIT_API, "search"), self._search,
-                               action=("event", "list"))
+                               request=strict_request(SearchRequest), action=("event", "list"))
         await self.recordings.start(ctx, instance)
 
     async def _idle(self) -> None:
@@ -158,17 +157,13 @@ class Adapter:
             counters["housekeeping_errors"] += 1
             log.exception("audit: rolling over, removing old days or measuring disk use failed")
 
-    async def _search(self, req: Request) -> bytes:
+    async def _search(self, call: Call[SearchRequest]) -> SearchResult:
         assert self.ctx is not None and self.search_index is not None
-        try:
-            request = decode_json(req.data or b"{}", SearchRequest)
-        except DecodeError as exc:
-            raise ApiError(str(exc)) from None
-        query = core.validate_search(request)
+        query = core.validate_search(call.body)
         rows = await asyncio.to_thread(self.search_index.search, query)
         budget = min(self.ctx.nc.max_payload, REPLY_MAX_BYTES) - REPLY_OVERHEAD
         lines, next_key = core.take_page(rows, query.limit, budget)
-        return ok_reply(SearchResult(events=[msgspec.Raw(line) for line in lines], next_key=next_key))
+        return SearchResult(events=[msgspec.Raw(line) for line in lines], next_key=next_key)
 
     async def stop(self) -> None:
         try:

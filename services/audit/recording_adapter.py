@@ -9,19 +9,18 @@ import time
 from pathlib import Path
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.micro.request import Request
 
 from ringfence.contract import names
 from ringfence.contract.api import ApiError, ok_reply
+from ringfence.contract.documents import strict_request
 from ringfence.contract.recording import (
     RecordingGetRequest,
     RecordingGetResult,
     RecordingListRequest,
     RecordingListResult,
 )
-from ringfence.contract.strict import DecodeError, decode_json
 from ringfence.runtime.pull_consumer import Delivered, PullConsumer, Settle
-from ringfence.runtime.service import ServiceContext, StartupError
+from ringfence.runtime.service import Call, ServiceContext, StartupError
 
 from . import recording_core
 from .recordings import ChunkIn, Outcome, RecordingReader, RecordingStore, recordings_dir
@@ -83,9 +82,9 @@ class RecordingConsumer:
                                      idle=self._idle, fetch_wait=FETCH_WAIT, label="recordings")
         await self.consumer.start()
         await ctx.add_endpoint("recordings", names.api_subject(names.AUDIT_API, "recordings"), self._list,
-                               action=("session", "list"))
+                               request=strict_request(RecordingListRequest), action=("session", "list"))
         await ctx.add_endpoint("recording", names.api_subject(names.AUDIT_API, "recording"), self._get,
-                               action=("session", "read"))
+                               request=strict_request(RecordingGetRequest), action=("session", "read"))
 
     async def _handle(self, batch: list[Delivered]) -> Settle:
         assert self.store is not None
@@ -134,22 +133,16 @@ class RecordingConsumer:
 
     # --- endpoints ----------------------------------------------------------------------------
 
-    async def _list(self, req: Request) -> bytes:
+    async def _list(self, call: Call[RecordingListRequest]) -> RecordingListResult:
         assert self.reader is not None
-        try:
-            request = decode_json(req.data or b"{}", RecordingListRequest)
-        except DecodeError as exc:
-            raise ApiError(str(exc)) from None
+        request = call.body
         recording_core.validate_list(request)
         found = await asyncio.to_thread(self.reader.list, request.user, request.limit)
-        return ok_reply(RecordingListResult(recordings=found))
+        return RecordingListResult(recordings=found)
 
-    async def _get(self, req: Request) -> bytes:
+    async def _get(self, call: Call[RecordingGetRequest]):
         assert self.ctx is not None and self.reader is not None
-        try:
-            request = decode_json(req.data or b"{}", RecordingGetRequest)
-        except DecodeError as exc:
-            raise ApiError(str(exc)) from None
+        request = call.body
         recording_core.validate_get(request)
         rec = await asyncio.to_thread(self.reader.get, request.sid)
         if rec is None:

@@ -10,11 +10,10 @@ import logging
 import time
 from pathlib import Path
 
-import msgspec
-
 from ringfence.auth import access_denied, is_allowed, may_join
 from ringfence.contract import names
-from ringfence.contract.api import ApiError, JoinInput, JoinReply, JoinRequest, KillRequest, SessionInfo, ok_reply
+from ringfence.contract.api import ApiError, JoinInput, JoinReply, JoinRequest, KillRequest, SessionInfo
+from ringfence.contract.documents import strict_request
 from ringfence.contract.events import AuditEvent, ClientDisconnect, encode_event
 from ringfence.contract.resources import Role, SessionRecordingConfig
 from ringfence.durations import parse_duration
@@ -121,6 +120,7 @@ class EnforcerAdapter:
                                    action=anyone)
         if simulated.enabled():
             await ctx.add_endpoint("simulate", names.enforcer_subject(ctx.server_id, "simulate"), self._simulate,
+                                   request=strict_request(dict[str, int]),
                                    action=("session", "update"))
 
     async def _loaded(self) -> None:
@@ -196,13 +196,13 @@ class EnforcerAdapter:
         if changed:
             asyncio.get_running_loop().create_task(self.guard.sweep())
 
-    async def _simulate(self, req) -> bytes:
+    async def _simulate(self, call: Call[dict[str, int]]) -> dict:
         """Benchmarks: make the simulated kernel write `events` denied-connect records."""
-        body = msgspec.json.decode(req.data, type=dict[str, int])
+        body = call.body
         if not isinstance(self.bpf, simulated.SimulatedKernel):
             raise ApiError("only a simulated kernel makes records on request", "bad_request")
         self.bpf.generate(max(0, min(body.get("events", 0), 1_000_000)))
-        return ok_reply({"queued": body.get("events", 0)})
+        return {"queued": body.get("events", 0)}
 
     async def _load_restrictions(self) -> tuple[CgroupTree, Path]:
         """The node's cgroup tree with the restricted-session programs attached to it."""
