@@ -336,7 +336,8 @@ def test_up_off_loopback_requires_tls_and_a_node_joins_with_the_pinned_ca(tmp_pa
            "RINGFENCE_NODENAME": f"cp{uuid.uuid4().hex[:6]}"}
     log = tmp_path / "up.log"
     up = subprocess.Popen([*RINGFENCE, "up", "--data-dir", str(data), "--listen", f"0.0.0.0:{port}",
-                           "--services", "policy,audit", "--metrics-listen", f"127.0.0.1:{metrics}"],
+                           "--services", "policy,audit", "--metrics-listen", f"127.0.0.1:{metrics}",
+                           "--web-listen", "off"],
                           cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
 
     def cli(*args: str) -> subprocess.CompletedProcess:

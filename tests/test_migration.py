@@ -77,7 +77,8 @@ def test_ringfence_up_with_a_teleport_yaml(tmp_path, nodename):
     url = f"nats://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RINGFENCE_")}
     log = tmp_path / "up.log"
-    up = subprocess.Popen([*RINGFENCE, "up", "--config", str(config), "--nats-port", str(port)], cwd=ROOT, env=env,
+    up = subprocess.Popen([*RINGFENCE, "up", "--config", str(config), "--nats-port", str(port), "--web-listen", "off"],
+                          cwd=ROOT, env=env,
                           stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     try:
         status = wait_for(lambda: (r := cli(data_dir, url, "status", "--wait", "0.5")).returncode == 0 and r,
