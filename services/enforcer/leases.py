@@ -31,9 +31,10 @@ from nats.js.kv import KeyValue
 
 from ringfence.contract import names
 from ringfence.runtime import kv_read
+from ringfence.runtime.retrying import LEADER_WAIT, retrying
 
 CAS_ATTEMPTS = 50
-LEADER_WAIT = 6.0  # within the 10 s the PAM hook waits for admission (ringfence/cli/ssh_hooks.py)
+LEADERLESS = (NatsTimeoutError, NoRespondersError, NoStreamResponseError, ServiceUnavailableError)
 # A full count is looked at again for this long before a connection is refused: the
 # ssh client of a connection that just ended exits before its sshd has torn the
 # connection down, so `ssh host a; ssh host b` at max_connections 1 would race it.
@@ -76,29 +77,30 @@ class ConnectionLeases:
     async def _write_own(self, user: str, change) -> int:
         """Apply `change(own leases, positions filled in) -> new list` to this node's key of `user`
         with compare-and-set (other tasks of this node write it too); the new revision. While the
-        stream elects a leader (a NATS node died) it waits up to LEADER_WAIT."""
+        stream elects a leader (a NATS node died) it waits up to LEADER_WAIT (within the 15 s the
+        PAM hook waits for admission)."""
         key = names.lease_key(user, self.server_id)
-        until = time.monotonic() + LEADER_WAIT
         conflicts = 0
-        while True:
-            try:
+
+        async def attempt() -> int:
+            nonlocal conflicts
+            while True:
                 entry = await kv_read.get(self.kv, key, deadline=LEADER_WAIT)
                 revision = entry.revision if entry else 0
                 current = positioned(_decode(entry.value), revision) if entry and entry.value else []
                 data = msgspec.json.encode(NodeLeases(change(current)))
-                if entry is None:  # create() also takes over a key someone deleted
-                    return await self.kv.create(key, data)
-                return await self.kv.update(key, data, last=revision)
-            except KeyWrongLastSequenceError:
-                conflicts += 1
-                if conflicts >= CAS_ATTEMPTS:
-                    raise RuntimeError(f"the connection leases of {user} stayed contended for {CAS_ATTEMPTS} "
-                                       "attempts") from None
-                await asyncio.sleep(0.002)
-            except (NatsTimeoutError, NoRespondersError, NoStreamResponseError, ServiceUnavailableError):
-                if time.monotonic() >= until:
-                    raise
-                await asyncio.sleep(0.1)
+                try:
+                    if entry is None:  # create() also takes over a key someone deleted
+                        return await self.kv.create(key, data)
+                    return await self.kv.update(key, data, last=revision)
+                except KeyWrongLastSequenceError:
+                    conflicts += 1
+                    if conflicts >= CAS_ATTEMPTS:
+                        raise RuntimeError(f"the connection leases of {user} stayed contended for {CAS_ATTEMPTS} "
+                                           "attempts") from None
+                    await asyncio.sleep(0.002)
+
+        return await retrying(attempt, retry_if=LEADERLESS, deadline=LEADER_WAIT, pause=0.1)
 
     async def _others_before(self, user: str, sid: str, position: int) -> int:
         prefix = names.lease_key(user, self.server_id).rsplit(".", 1)[0]
