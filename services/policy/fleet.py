@@ -21,13 +21,12 @@ from typing import TYPE_CHECKING
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.micro.request import Request
 
 from ringfence.contract import api, fleet, names
 from ringfence.runtime import kv_read, nats_jwt
 from ringfence.runtime.nats_conn import connect, wait_closed
 from ringfence.runtime.operator_auth import SELF_AUTHORIZED
-from ringfence.runtime.service import StartupError, request_actor
+from ringfence.runtime.service import Call, StartupError
 
 from . import fleet_core as core
 
@@ -52,15 +51,16 @@ class Fleet:
         ctx, cfg = self.ctx, self.ctx.config
         for counter in COUNTERS:
             ctx.counters.setdefault(counter, 0)
-        for verb, subject, handler, action in (
-            ("tokens-add", fleet.TOKENS_ADD_SUBJECT, self.tokens_add, ("token", "create")),
-            ("tokens-ls", fleet.TOKENS_LS_SUBJECT, self.tokens_ls, ("token", "list")),
-            ("tokens-rm", fleet.TOKENS_RM_SUBJECT, self.tokens_rm, ("token", "delete")),
-            ("nodes-ls", fleet.NODES_LS_SUBJECT, self.nodes_ls, ("node", "list")),
-            ("nodes-rm", fleet.NODES_RM_SUBJECT, self.nodes_rm, ("node", "delete")),
-            ("join", fleet.JOIN_SUBJECT, self.join, SELF_AUTHORIZED),  # the join token is the proof
+        for verb, subject, handler, body, action in (
+            ("tokens-add", fleet.TOKENS_ADD_SUBJECT, self.tokens_add, fleet.TokenAddRequest, ("token", "create")),
+            ("tokens-ls", fleet.TOKENS_LS_SUBJECT, self.tokens_ls, None, ("token", "list")),
+            ("tokens-rm", fleet.TOKENS_RM_SUBJECT, self.tokens_rm, fleet.TokenRmRequest, ("token", "delete")),
+            ("nodes-ls", fleet.NODES_LS_SUBJECT, self.nodes_ls, None, ("node", "list")),
+            ("nodes-rm", fleet.NODES_RM_SUBJECT, self.nodes_rm, fleet.NodeRmRequest, ("node", "delete")),
+            ("join", fleet.JOIN_SUBJECT, self.join, fleet.JoinRequest, SELF_AUTHORIZED),  # the token is the proof
         ):
-            await ctx.add_endpoint(verb, subject, handler, action=action)
+            decode = (lambda data, t=body: core.decode_body(data, t)) if body else (lambda _data: None)
+            await ctx.add_endpoint(verb, subject, handler, request=decode, action=action)
         if cfg.node_auth_issuer:
             try:  # a bad file stops start-up here, not at the first join
                 self.issuer_seed = Path(cfg.node_auth_issuer).read_text().strip()
@@ -114,14 +114,13 @@ class Fleet:
 
     # --- endpoints ----------------------------------------------------------------------------
 
-    async def tokens_add(self, req: Request) -> bytes:
-        body = core.decode_body(req.data, fleet.TokenAddRequest)
-        added, change = core.plan_token_add(body, request_actor(req), time.time())
+    async def tokens_add(self, call: Call[fleet.TokenAddRequest]) -> bytes:
+        added, change = core.plan_token_add(call.body, call.actor, time.time())
         async with self.policy.ctx.write_lock:
             await self.policy._apply([change])
         return api.ok_reply(added)
 
-    async def tokens_ls(self, req: Request) -> bytes:
+    async def tokens_ls(self, _call: Call[None]) -> bytes:
         entries = await kv_read.snapshot(self.ctx.js, self.policy.kv, names.JOIN_TOKEN_KEY_PREFIX + ">")
         now = time.time()
         found = []
@@ -133,8 +132,8 @@ class Fleet:
                                              created=token.created, created_by=token.created_by))
         return api.ok_reply(found)
 
-    async def tokens_rm(self, req: Request) -> bytes:
-        body = core.decode_body(req.data, fleet.TokenRmRequest)
+    async def tokens_rm(self, call: Call[fleet.TokenRmRequest]) -> bytes:
+        body = call.body
         async with self.policy.ctx.write_lock:
             keys = await kv_read.snapshot(self.ctx.js, self.policy.kv, names.JOIN_TOKEN_KEY_PREFIX + ">")
             matches = core.token_hashes_matching(body.token, [k.removeprefix(names.JOIN_TOKEN_KEY_PREFIX)
@@ -142,12 +141,12 @@ class Fleet:
             if len(matches) != 1:
                 what = "no join token" if not matches else f"{len(matches)} join tokens"
                 raise api.ApiError(f'{what} match "{body.token[:40]}" (see `ringfence tokens ls`)', "not_found")
-            change = core.plan_token_rm(matches[0], request_actor(req))
+            change = core.plan_token_rm(matches[0], call.actor)
             await self.policy._apply([change])
         return api.ok_reply({"message": change.message})
 
-    async def join(self, req: Request) -> bytes:
-        body = core.decode_body(req.data, fleet.JoinRequest)
+    async def join(self, call: Call[fleet.JoinRequest]) -> bytes:
+        body = call.body
         digest = core.token_digest(body.token)
         async with self.policy.ctx.write_lock:
             token, revision = await self._token(digest)
@@ -159,7 +158,7 @@ class Fleet:
         return api.ok_reply(fleet.JoinReply(nodename=body.nodename, server_id=body.server_id,
                                             cluster_name=self.ctx.config.cluster_name))
 
-    async def nodes_ls(self, req: Request) -> bytes:
+    async def nodes_ls(self, _call: Call[None]) -> bytes:
         statuses: list[fleet.NodeStatus] = []
         with contextlib.suppress(Exception):  # no node has reported yet: no bucket
             kv = await kv_read.open_bucket(self.ctx.js, names.NODE_STATUS_BUCKET)
@@ -168,13 +167,13 @@ class Fleet:
                     statuses.append(msgspec.json.decode(entry.value, type=fleet.NodeStatus))
         return api.ok_reply(core.node_list(await self._nodes(), statuses))
 
-    async def nodes_rm(self, req: Request) -> bytes:
-        body = core.decode_body(req.data, fleet.NodeRmRequest)
+    async def nodes_rm(self, call: Call[fleet.NodeRmRequest]) -> bytes:
+        body = call.body
         async with self.policy.ctx.write_lock:
             node = next((n for n in await self._nodes() if n.name == body.name), None)
             if node is None:
                 raise api.ApiError(f'node "{body.name[:80]}" has not joined (see `ringfence nodes ls`)', "not_found")
-            await self.policy._apply(core.plan_node_rm(node, request_actor(req)))
+            await self.policy._apply(core.plan_node_rm(node, call.actor))
         self.ctx.counters["nodes_removed"] += 1
         # The callout refuses the node from now on; now end the connections it has.
         result = fleet.NodeRemoved(name=node.name)
