@@ -359,6 +359,17 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def listen_argument(text: str) -> str:
+    """An argparse type for --listen-style flags: HOST:PORT, checked with parse_listen."""
+    import argparse  # only command lines need it
+
+    try:
+        parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def dump_config(cfg: Config) -> str:
     import yaml
 

@@ -39,6 +39,7 @@ from ..config import (
     ENV_NATS_URL,
     ENV_NODE_AUTH_ISSUER,
     Config,
+    listen_argument,
     parse_listen,
 )
 from ..contract import names
@@ -57,7 +58,6 @@ from ..runtime.tls_certs import ServerTls, ensure_server_tls, tls_block
 from .bootstrap import BootstrapError, bootstrap_admin
 from .client import NATS_URL_FILE, CliError, config_from
 from .tls_pin import pin_of
-from .web import listen_address
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ DEFAULT_WEB_LISTEN = "127.0.0.1:3080"
 
 
 def _web_listen(text: str) -> str:
-    return text if text == "off" else listen_address(text)
+    return text if text == "off" else listen_argument(text)
 
 
 def _service_list(text: str) -> list[str]:

@@ -14,21 +14,12 @@ import time
 from pathlib import Path
 
 from .. import auth
-from ..config import parse_listen
+from ..config import listen_argument
 from ..contract import api, names
 from ..keyfiles import readable
 from .client import CliError, call, config_from, find_identity, open_client
 
 WEB_NATS_SEED = "nats/web.nk"  # in the data dir: the console's NATS credential `ringfence up` creates
-
-
-def listen_address(text: str) -> str:
-    """--listen and up's --web-listen: HOST:PORT."""
-    try:
-        parse_listen(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -78,7 +69,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "recordings, live sessions, locks, network restrictions, users and roles in a browser. Sign in with "
         "`ringfence web login`, which prints a one-time URL. `ringfence up` starts the console too.",
     )
-    p.add_argument("--listen", type=listen_address, default="127.0.0.1:3080", metavar="HOST:PORT",
+    p.add_argument("--listen", type=listen_argument, default="127.0.0.1:3080", metavar="HOST:PORT",
                    help="where the console listens (default 127.0.0.1:3080)")
     p.add_argument("--public-url", metavar="URL", help="the console's address as browsers reach it (behind a proxy)")
     p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate chain (PEM)")

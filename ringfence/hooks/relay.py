@@ -172,6 +172,7 @@ class Relay:
         self.idle_message = spec.get("idle_message") or ""
         self.stdin_left = int(spec.get("stdin_limit") or 0)
         self.stdin_truncated = False
+        self.client_open = True  # until the client's stdin ends
         self.last_input = time.monotonic()
         self.input_since_report = False
         self.last_report = 0.0
@@ -362,9 +363,6 @@ class Relay:
             if events & (select.POLLOUT | select.POLLERR) and fd in writers:
                 writers[fd](fd)
 
-    client_open = True
-    wrapper_gone = False
-
     def _on_signal(self, fd: int) -> None:
         try:
             sigs = os.read(fd, 64)
@@ -462,7 +460,6 @@ class Relay:
         if not data:
             self.wrapper.close()
             self.wrapper = None
-            self.wrapper_gone = True
             self._end_session("")  # the channel is over for sshd: nobody waits for this program
         elif b"winch" in data and self.master >= 0:  # `ringfence run`'s terminal was resized
             cols, rows = window_size(self.cin)

@@ -586,20 +586,21 @@ class SessionManager:
             await self._publish_info(info)
 
 
-def _parent_of(pid: int) -> int:
+def _stat_field(pid: int, index: int) -> int:
+    """A numeric field of /proc/<pid>/stat, counted after the command name (0: state); 0 when gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rpartition(")")[2].split()[1])
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[index])
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _parent_of(pid: int) -> int:
+    return _stat_field(pid, 1)
 
 
 def _start_time(pid: int) -> int:
     """The process's start time (clock ticks since boot): tells a process from a later one with its pid."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
-    except (OSError, ValueError, IndexError):
-        return 0
+    return _stat_field(pid, 19)
 
 
 def _home_of(login: str) -> str:

@@ -2,7 +2,7 @@
 
 import argparse
 
-from ringfence.config import parse_listen
+from ringfence.config import listen_argument
 from ringfence.contract import names
 from ringfence.durations import parse_duration
 from ringfence.runtime.service import run_service
@@ -13,14 +13,6 @@ from .core import DEFAULT_SESSION_TTL
 DEFAULT_LISTEN = "127.0.0.1:3080"
 
 
-def _listen(text: str) -> str:
-    try:
-        parse_listen(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
 def _ttl(text: str) -> float:
     try:
         return float(parse_duration(text))
@@ -29,7 +21,7 @@ def _ttl(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--listen", type=_listen, default=DEFAULT_LISTEN, metavar="HOST:PORT",
+    parser.add_argument("--listen", type=listen_argument, default=DEFAULT_LISTEN, metavar="HOST:PORT",
                         help=f"where the console listens (default {DEFAULT_LISTEN}; port 0 picks a free one)")
     parser.add_argument("--public-url", metavar="URL",
                         help="the console's address as browsers reach it (behind a proxy), for sign-in links")
