@@ -21,10 +21,19 @@
 // produced only while the enforcer runs; what was emitted before it stopped
 // waits in the pinned ring buffers for the next reader.
 //
+// Identical opens are folded here: per fold interval, the first open of a
+// (session, program, path, flags, outcome) is emitted and the repeats are
+// only counted in the active fold map (disk_fold0 or disk_fold1, chosen by
+// user space through the disk_folds map-in-map). User space switches the maps
+// every interval; the update of a map-in-map returns only once every program
+// that could still use the old map has finished (the kernel waits an RCU grace
+// period), so the old map is read and emptied with no writer left. A map that
+// is full, or none active yet, folds nothing: every open is then emitted.
+//
 // Records, limits and the shared maps are in ringfence.h.
 //
 // Compile-time parameters (bcc cflags): PIN_DIR, SESSIONS_MAX_ENTRIES,
-// LOST_BY_MAX_ENTRIES, RINGBUF_BYTES, TASK_REAL_PARENT_OFF and TASK_TGID_OFF (offsets in struct
+// LOST_BY_MAX_ENTRIES, RINGBUF_BYTES, DISK_FOLD_MAX_ENTRIES, TASK_REAL_PARENT_OFF and TASK_TGID_OFF (offsets in struct
 // task_struct taken from the running kernel's BTF; -1 when unknown: ppid 0).
 
 #define RINGFENCE_BPF
@@ -70,6 +79,14 @@ BPF_F_TABLE("hash", u64, struct exec_event, exec_pending, 4096, BPF_F_NO_PREALLO
 BPF_TABLE("hash", u64, struct disk_pending, disk_pending, 16384);
 BPF_PERCPU_ARRAY(exec_scratch, struct exec_event, 1);
 BPF_PERCPU_ARRAY(disk_scratch, struct disk_event, 1);
+BPF_PERCPU_ARRAY(fold_scratch, struct disk_fold_key, 1);
+
+// Pinned, so counts taken while no enforcer reads them are written by the next one.
+BPF_TABLE_PINNED("hash", struct disk_fold_key, struct disk_fold, disk_fold0, DISK_FOLD_MAX_ENTRIES,
+                 PIN_DIR "/disk_fold0", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct disk_fold_key, struct disk_fold, disk_fold1, DISK_FOLD_MAX_ENTRIES,
+                 PIN_DIR "/disk_fold1", BPF_F_NO_PREALLOC);
+BPF_ARRAY_OF_MAPS(disk_folds, "disk_fold0", 1);  // [0]: the active fold map, set by user space
 
 PINNED_RINGBUF(events_exec, RINGBUF_BYTES);
 PINNED_RINGBUF(events_disk, RINGBUF_BYTES);
@@ -255,31 +272,73 @@ static __always_inline int open_enter(const char *filename, s32 flags) {
     return 0;
 }
 
+// One more repeat of `k` in `f`.
+static __always_inline void fold_count(struct disk_fold *f, u64 now, u32 pid, s64 ret) {
+    if (__sync_fetch_and_add(&f->count, 1) == 0)
+        f->first_ns = now;
+    f->last_ns = now;
+    f->last_pid = pid;
+    f->last_ret = ret;
+}
+
+// Was this open (key `k`) seen in the active fold interval? Then it is counted
+// there, and 1 is returned: nothing to emit. Otherwise it is remembered as
+// seen, and 0 says: emit it.
+static __always_inline int folded(struct disk_fold_key *k, u64 now, u32 pid, s64 ret) {
+    u32 zero = 0;
+    void *seen = disk_folds.lookup(&zero);
+    if (!seen)
+        return 0;
+    struct disk_fold *f = bpf_map_lookup_elem(seen, k);
+    if (!f) {
+        struct disk_fold fresh = {};
+        if (bpf_map_update_elem(seen, k, &fresh, BPF_NOEXIST) == 0)
+            return 0;
+        f = bpf_map_lookup_elem(seen, k);  // inserted meanwhile on another CPU (or the map is full)
+        if (!f)
+            return 0;
+    }
+    fold_count(f, now, pid, ret);
+    return 1;
+}
+
 static __always_inline int open_exit(s64 ret) {
     u64 id = bpf_get_current_pid_tgid();
     struct disk_pending *p = disk_pending.lookup(&id);
     if (!p)
         return 0;
     u32 zero = 0;
+    struct disk_fold_key *k = fold_scratch.lookup(&zero);
     struct disk_event *e = disk_scratch.lookup(&zero);
-    if (!e)
+    if (!k || !e)
         goto out;
+    __builtin_memset(k, 0, sizeof(*k));
     const char *filename = (const char *)p->filename;
-    e->boot_ns = bpf_ktime_get_boot_ns();
-    e->cgroup_id = p->cgroup_id;
-    e->pid = id >> 32;
-    e->flags = p->flags;
-    e->ret = ret;
-    e->truncated = 0;
-    long n = bpf_probe_read_user_str(e->path, DISK_PATH_BYTES, filename);
+    k->cgroup_id = p->cgroup_id;
+    k->flags = p->flags;
+    k->outcome = ret < 0 ? ret : 0;
+    long n = bpf_probe_read_user_str(k->path, DISK_PATH_BYTES, filename);
     if (n < 0)
         n = 0;
     if (n > DISK_PATH_BYTES)
         n = DISK_PATH_BYTES;
     if (n == DISK_PATH_BYTES && continues(filename + DISK_PATH_BYTES - 1))
-        e->truncated = TRUNC_PATH;
+        k->truncated = TRUNC_PATH;
+    bpf_get_current_comm(k->comm, sizeof(k->comm));
+    u64 now = bpf_ktime_get_boot_ns();
+    u32 pid = id >> 32;
+    if (folded(k, now, pid, ret))
+        goto out;
+    e->boot_ns = now;
+    e->cgroup_id = p->cgroup_id;
+    e->pid = pid;
+    e->flags = p->flags;
+    e->ret = ret;
+    e->truncated = k->truncated;
     e->path_len = n;
-    bpf_get_current_comm(e->comm, sizeof(e->comm));
+    __builtin_memcpy(e->comm, k->comm, sizeof(e->comm));
+    if (n > 0)
+        bpf_probe_read_kernel(e->path, n, k->path);
     if (events_disk.ringbuf_output(e, offsetof(struct disk_event, path) + n, RB_FLAGS) < 0)
         count_lost_disk(p->cgroup_id);
 out:

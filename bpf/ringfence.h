@@ -107,6 +107,28 @@ struct disk_event {
     char path[DISK_PATH_BYTES];
 };
 
+// Identical opens folded in the kernel (recording.bpf.c, services/enforcer/disk_folds.py):
+// the first open of a key in a fold interval is emitted as a disk_event, the
+// repeats are counted in the value, and user space writes the count as one
+// session.disk standing for them when it switches the fold maps.
+struct disk_fold_key {
+    u64 cgroup_id;
+    s32 flags;
+    s32 outcome;  // 0: opened; -errno: refused
+    u32 truncated;  // TRUNC_PATH
+    u32 pad;
+    char comm[16];
+    char path[DISK_PATH_BYTES];  // NUL-padded: the whole key is hashed
+};
+
+struct disk_fold {
+    u64 count;  // repeats after the emitted open
+    u64 first_ns;  // CLOCK_BOOTTIME of the first and last repeat
+    u64 last_ns;
+    u32 last_pid;
+    s32 last_ret;  // the last repeat's fd
+};
+
 // Records dropped because a ring buffer was full, per session (or per login
 // outside sessions): the key of the pinned `lost_by` map, shared by both files.
 #define LOST_NETWORK 0

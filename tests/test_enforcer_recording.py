@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ringfence.contract.api import SessionInfo
-from ringfence.contract.events import SessionCommand, SessionDisk
+from ringfence.contract.events import SessionCommand, SessionDisk, encode_event
 from services.enforcer import kernel
 from services.enforcer.cgroups import CgroupTree
 from services.enforcer.recording_bpf import (
@@ -107,6 +107,19 @@ def test_disk_event():
     assert disk_event(dataclasses.replace(rec, return_code=4), None).uid != ev.uid
     cut = DiskRecord(0, 0.0, 1, 1, "x", "p" * 10, 0, -2, path_truncated=True)
     assert disk_event(cut, None).path == "p" * 10 + "..."
+    assert b'"count"' not in encode_event(ev)  # one open: the event has the usual fields only
+
+
+def test_disk_event_of_folded_repeats_says_how_many_and_since_when():
+    rec = DiskRecord(boot_ns=9, wall_time=1626992655.25, cgroup_id=42, pid=8, comm="cat", path="/etc/hostname",
+                     flags=0, return_code=3, repeats=1499, first_boot_ns=6, first_wall_time=1626992654.75)
+    ev = disk_event(rec, SESSION)
+    assert (ev.count, ev.first_time, ev.time, ev.pid) == (1499, "2021-07-22T22:24:14.750Z",
+                                                          "2021-07-22T22:24:15.250Z", 8)
+    assert ev.sid == "sid-1" and rec.opens == 1499
+    single = dataclasses.replace(rec, repeats=0, first_boot_ns=0, first_wall_time=0.0)
+    assert disk_event(single, None).uid != ev.uid  # a summary never collides with the open it follows
+    assert disk_event(dataclasses.replace(rec, repeats=1500), None).uid != ev.uid
 
 
 @pytest.mark.skipif(not Path("/sys/kernel/btf/vmlinux").exists(), reason="kernel without BTF")
@@ -155,7 +168,8 @@ class Rig:
                               capture_output=True, text=True, timeout=60)
 
     def settle(self) -> None:
-        """Everything emitted so far has reached the callbacks."""
+        """Everything emitted so far has reached the callbacks, folded repeats included."""
+        self.rec.request_folds()
         target = self.rec.reader_cycles + 2
         wait_for(lambda: self.rec.reader_cycles >= target, 5, what="the ring-buffer reader")
 
@@ -355,3 +369,70 @@ def test_full_ring_buffers_count_drops_and_keep_records_for_the_next_reader(rig)
     assert loop and len(loop) + lost["exec"] == 100
     assert [c.argv[1] for c in loop] == [str(i) for i in range(len(loop))]  # the oldest ones were kept
     assert r.disks
+
+
+def _opens_of(disks: list[DiskRecord], path: str) -> list[DiskRecord]:
+    return [d for d in disks if d.path == path]
+
+
+@pytest.mark.bpf
+def test_repeated_opens_are_folded_in_the_kernel_and_every_one_is_counted(rig, tmp_path):
+    r = rig()
+    r.start_reader()
+    target = tmp_path / "read-often"
+    target.write_text("x")
+    once = tmp_path / "read-once"
+    once.write_text("y")
+    loop = f'i=0; while [ $i -lt 300 ]; do /bin/cat {target} > /dev/null; i=$((i+1)); done; /bin/cat {once}'
+    assert r.run("sh", "-c", loop).returncode == 0
+    assert r.run("/bin/cat", str(tmp_path / "missing")).returncode != 0
+    assert r.run("/bin/cat", str(tmp_path / "missing")).returncode != 0
+    r.settle()
+
+    often = _opens_of(r.disks, str(target))
+    assert sum(d.opens for d in often) == 300  # every open counted
+    assert len(often) < 30, len(often)  # ... without a record each: a switch every FOLD_INTERVAL
+    singles, folds = [d for d in often if not d.repeats], [d for d in often if d.repeats]
+    assert singles[0].return_code >= 0 and singles[0].comm == "cat" and folds
+    for fold in folds:
+        assert fold.comm == "cat" and fold.return_code >= 0 and fold.cgroup_id == r.cgid
+        assert fold.first_wall_time <= fold.wall_time and fold.first_boot_ns <= fold.boot_ns
+    # Each fold follows the open it counts repeats of, and the pids are those of cat processes.
+    assert r.disks.index(singles[0]) < r.disks.index(folds[0])
+    cats = {c.pid for c in r.commands if c.path == "/bin/cat"}
+    assert {d.pid for d in often} <= cats and len(cats) >= 301
+
+    assert [d.repeats for d in _opens_of(r.disks, str(once))] == [0]  # opened once: as it was
+    missing = _opens_of(r.disks, str(tmp_path / "missing"))
+    assert sum(d.opens for d in missing) == 2 and all(d.return_code == -errno.ENOENT for d in missing)
+    # A write open of the same file is not folded into the reads.
+    assert r.run("sh", "-c", f"echo z >> {target}").returncode == 0
+    r.settle()
+    writes = [d for d in _opens_of(r.disks, str(target)) if d.flags & os.O_ACCMODE == os.O_WRONLY]
+    assert len(writes) == 1 and writes[0].repeats == 0 and writes[0].comm == "sh"
+    assert r.rec.lost() == {"exec": 0, "disk": 0}
+
+
+@pytest.mark.bpf
+def test_repeats_counted_while_no_enforcer_reads_are_written_by_the_next(rig, tmp_path):
+    r = rig()
+    r.start_reader()
+    target = tmp_path / "read-often"
+    target.write_text("x")
+    r.run("/bin/true")
+    r.settle()  # the fold maps are switched: opens are folded from now on
+    script = f'i=0; while [ $i -lt 50 ]; do /bin/cat {target} > /dev/null; i=$((i+1)); done; sleep 30'
+    procs = r.tree.path("rec") / "cgroup.procs"
+    shell = subprocess.Popen(["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs), "sh", "-c", script])
+    try:
+        wait_for(lambda: sum(1 for c in r.commands if c.path == "/bin/cat") >= 50 and
+                 _opens_of(r.disks, str(target)), 30, what="the loop to run")
+        # The enforcer stops (crash or restart) while the repeats are only counted in the kernel.
+        r.rec.close()
+        r.rec = RecordingBPF(r.pins, r.ringbuf_bytes)
+        r.start_reader()
+        r.settle()
+    finally:
+        shell.kill()
+        shell.wait()
+    assert sum(d.opens for d in _opens_of(r.disks, str(target))) == 50

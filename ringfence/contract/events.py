@@ -73,6 +73,11 @@ class SessionDisk(AuditEvent, tag="session.disk"):
     path: str = ""
     flags: int = 0
     return_code: int = 0
+    # Ringfence addition: set when the event stands for `count` opens identical to
+    # one written before it in the session (same program, path, flags and outcome),
+    # folded in the kernel; between first_time and time, pid and return_code the last's.
+    count: int | msgspec.UnsetType = msgspec.UNSET
+    first_time: str | msgspec.UnsetType = msgspec.UNSET
 
 
 OPERATION_CONNECT = 0

@@ -386,6 +386,8 @@ class EnforcerAdapter:
     async def kernel_drained(self, info: SessionInfo) -> None:
         """For the session flow, just before it writes session.end of `info`: returns
         once every kernel record of that session is in the spool, summaries included."""
+        if self.recording_bpf is not None:
+            self.recording_bpf.request_folds()  # its repeated opens counted so far
         await self.kernel_events.drained(info)
 
     async def _session_ended(self, info: SessionInfo) -> None:

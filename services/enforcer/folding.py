@@ -37,12 +37,15 @@ class Folder:
     def __len__(self) -> int:
         return len(self._folds)
 
-    def add(self, key: FoldKey, session: SessionInfo | None, login: str, when: float, target: str) -> None:
+    def add(self, key: FoldKey, session: SessionInfo | None, login: str, when: float, target: str,
+            count: int = 1, first: float | None = None) -> None:
+        """Count `count` events (from `first` to `when`, or just at `when`)."""
+        first = when if first is None else first
         fold = self._folds.get(key)
         if fold is None:
-            fold = self._folds[key] = _Fold(session, login, when, when)
-        fold.count += 1
-        fold.first = min(fold.first, when)
+            fold = self._folds[key] = _Fold(session, login, first, when)
+        fold.count += count
+        fold.first = min(fold.first, first)
         fold.last = max(fold.last, when)
         if target not in fold.targets:
             if len(fold.targets) < self.max_targets:

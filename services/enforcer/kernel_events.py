@@ -67,7 +67,8 @@ class KernelEvents:
     def _handle(self, source: str, records: list[Any], convert: Callable[..., AuditEvent],
                 target: Callable[[Any], str]) -> None:
         counters = self.counters
-        counters[f"{source}_events"] += len(records)
+        events = sum(r.opens for r in records) if source == "disk" else len(records)  # disk: folded repeats
+        counters[f"{source}_events"] += events
         fold_source = "exec" if source == "command" else source  # EventsLost/EventsFolded source names
         with self._lock:
             fold = self._over_capacity()
@@ -83,12 +84,16 @@ class KernelEvents:
                     unattributed += session is None
                 if fold:
                     key = (fold_source, 0, rec.uid) if outside else (fold_source, rec.cgroup_id, 0)
-                    self.folder.add(key, session, login, rec.wall_time, target(rec))
+                    if source == "disk" and rec.repeats:
+                        self.folder.add(key, session, login, rec.wall_time, target(rec), rec.repeats,
+                                        rec.first_wall_time)
+                    else:
+                        self.folder.add(key, session, login, rec.wall_time, target(rec))
                     continue
                 event = convert(rec, session, login) if outside else convert(rec, session)
                 lines.append(encode_event(self.stamp(event)))
             if fold:
-                counters["folded_events"] += len(records)
+                counters["folded_events"] += events
         if unattributed:
             counters["unattributed_events"] += unattributed
             log.warning("%d %s records from cgroups that are no known session", unattributed, source)

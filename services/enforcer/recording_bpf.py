@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import kernel
+from .disk_folds import MAX_ENTRIES as DISK_FOLD_MAX_ENTRIES
+from .disk_folds import DiskFolds
 from .recording_events import CommandRecord, DiskRecord
 from .records import wall_time
 from .restricted_bpf import PIN_LAYOUT, BpfLoadError, compile_flags
@@ -204,7 +206,7 @@ class RecordingBPF:
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         parent_off, tgid_off = task_offsets()
         cflags = [*compile_flags(self.pin_dir, ringbuf_bytes), f"-DTASK_REAL_PARENT_OFF={parent_off}",
-                  f"-DTASK_TGID_OFF={tgid_off}"]
+                  f"-DTASK_TGID_OFF={tgid_off}", f"-DDISK_FOLD_MAX_ENTRIES={DISK_FOLD_MAX_ENTRIES}"]
         self.bpf = None
         self.attached: list[str] = []
         try:
@@ -225,6 +227,7 @@ class RecordingBPF:
                 f"incompatible version, stop the enforcer and run `python -m services.enforcer.uninstall`"
             ) from exc
         self._reader = RingReader("ringbuf-recording")
+        self.folds = DiskFolds(self.bpf)
 
     def close(self) -> None:
         """Stop reading and detach the tracepoints; the pinned maps stay."""
@@ -247,9 +250,34 @@ class RecordingBPF:
     def start_reader(self, on_commands: Callable[[list[CommandRecord]], None],
                      on_disks: Callable[[list[DiskRecord]], None]) -> None:
         """Read both ring buffers on one thread (ringbuf.py): each round's commands and
-        opens go to the callbacks as lists of detached records."""
+        opens go to the callbacks as lists of detached records; between rounds, when
+        due, the fold maps are switched and their counts go to `on_disks` too, after
+        the opens they count repeats of."""
+        folds = self.folds
+
+        def write(table) -> None:
+            records, keys = folds.read(table)
+            if records:
+                on_disks(records)
+            folds.clear(table, keys)
+
+        def write_folds(drain: Callable[[], None]) -> None:
+            if not folds.due():
+                return
+            if folds.active is None:  # what an earlier enforcer left; no program uses either map yet
+                for table in folds.maps:
+                    write(table)
+            idle = folds.switch()
+            drain()  # the opens these counts are repeats of come first
+            if idle is not None:
+                write(idle)
+
         self._reader.start(self.bpf, [(b"events_exec", parse_exec, on_commands, "command"),
-                                      (b"events_disk", parse_disk, on_disks, "disk")])
+                                      (b"events_disk", parse_disk, on_disks, "disk")], write_folds)
+
+    def request_folds(self) -> None:
+        """Write the counts of folded opens in the reader's next round (a session ended)."""
+        self.folds.request()
 
     def stop_reader(self) -> None:
         self._reader.stop()

@@ -7,7 +7,10 @@ Conventions (those of the system Ringfence replaces, so parsers carry over):
   `program` the comm when exec returned: the new program's on success, the
   caller's on failure; `return_code` 0 or -errno.
 - session.disk: `path` as passed to open (relative paths stay relative),
-  `flags` the open flags, `return_code` the fd or -errno.
+  `flags` the open flags, `return_code` the fd or -errno. Repeats of an open
+  (same session, program, path, flags and outcome) folded in the kernel are one
+  session.disk with `count` (how many) and `first_time`; `time`, `pid` and
+  `return_code` are the last repeat's.
 - Truncation is marked with "...": appended to a path or an argument that was
   cut, and as a last argument when arguments are missing (more than the
   kernel side keeps, or unreadable).
@@ -56,6 +59,15 @@ class DiskRecord:
     flags: int
     return_code: int
     path_truncated: bool = False
+    # > 0: the record stands for this many opens identical to one emitted before it
+    # (folded in the kernel, disk_folds.py); pid, return_code and boot_ns are the last one's.
+    repeats: int = 0
+    first_boot_ns: int = 0
+    first_wall_time: float = 0.0
+
+    @property
+    def opens(self) -> int:
+        return self.repeats or 1
 
 
 def command_uid(rec: CommandRecord) -> str:
@@ -66,6 +78,8 @@ def command_uid(rec: CommandRecord) -> str:
 
 def disk_uid(rec: DiskRecord) -> str:
     key = f"disk:{rec.boot_ns}:{rec.pid}:{rec.cgroup_id}:{rec.flags}:{rec.return_code}:{rec.path}"
+    if rec.repeats:
+        key += f":{rec.first_boot_ns}:{rec.repeats}:{rec.comm}"
     return stable_uid(key)
 
 
@@ -98,4 +112,7 @@ def disk_event(rec: DiskRecord, session: SessionInfo | None) -> SessionDisk:
         flags=rec.flags,
         return_code=rec.return_code,
     )
+    if rec.repeats:
+        ev.count = rec.repeats
+        ev.first_time = rfc3339(rec.first_wall_time)
     return attribute(ev, session)

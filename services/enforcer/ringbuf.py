@@ -32,8 +32,10 @@ class RingReader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, bpf, rings: list[Ring]) -> None:
-        """Open `rings` on `bpf` (a bcc BPF object) and read them until stop()."""
+    def start(self, bpf, rings: list[Ring], between_rounds: Callable[[Callable[[], None]], None] | None = None) -> None:
+        """Open `rings` on `bpf` (a bcc BPF object) and read them until stop().
+        `between_rounds(drain)`, if given, runs on the reader thread after every round
+        (drain() reads the rings once more, for work that must follow what they hold)."""
         if self._thread:
             raise RuntimeError(f"{self.name}: the ring buffers are read already")
         pending: list[list[bytes]] = []
@@ -55,12 +57,20 @@ class RingReader:
                 except Exception:
                     log.exception("handling %d %s records failed", len(records), what)
 
+        def round_() -> None:
+            drain()
+            if between_rounds is not None:
+                try:
+                    between_rounds(drain)
+                except Exception:
+                    log.exception("%s: the work between reading rounds failed", self.name)
+
         def loop() -> None:
             while not self._stop.is_set():
                 bpf.ring_buffer_poll(POLL_MS)
-                drain()
+                round_()
                 self.cycles += 1
-            drain()
+            round_()
 
         self._stop.clear()
         self._thread = threading.Thread(target=loop, name=self.name, daemon=True)

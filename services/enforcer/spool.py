@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 BATCH = 2048  # lines per publish round (the publisher may cut them into several messages)
 FSYNC_INTERVAL = 0.2
+# After a wake-up the publisher waits this long for more lines: a session's events come
+# in bursts (a reader round every few ms), and every publish costs the enforcer, the
+# stream and the audit writer a fixed amount however few lines it carries.
+LINGER = 0.05
 COMPACT_AT = 8 * 1024 * 1024  # truncate the file once fully delivered and this big
 MAX_LINE = 1024 * 1024 - 4096  # the stream's message limit, less room for headers
 READ_CHUNK = 1 << 20
@@ -177,6 +181,8 @@ class Spool:
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), 1.0)
+                    if not stop.is_set():
+                        await asyncio.sleep(LINGER)
                     continue
                 try:
                     await self._publish_or_set_aside(publish, lines, permanent)
