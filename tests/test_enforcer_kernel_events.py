@@ -10,6 +10,7 @@ from ringfence.contract.api import SessionInfo
 from services.enforcer.attribution import Attribution
 from services.enforcer.kernel_events import KernelEvents
 from services.enforcer.netevents import SUBJECT_OUTSIDE, NetRecord
+from services.enforcer.recording_events import DiskRecord
 from services.enforcer.spool import Spool
 
 ALICE = SessionInfo(sid="sid-alice", user="alice@example.com", login="alice", server_id="node-1",
@@ -100,3 +101,26 @@ def test_outside_session_records_are_attributed_to_the_login_and_folded_per_logi
     assert (event["login"], event["reason"], event["sid"], event["user"]) == ("root", "outside_session", "", "")
     assert counters["outside_session_events"] == 1 and counters["unattributed_events"] == 0
     os.truncate(spool.path, 0)
+
+
+def test_opens_folded_in_the_kernel_count_as_many_opens_written_or_summarised(tmp_path):
+    def disk(i: int, repeats: int = 0) -> DiskRecord:
+        first = i - 4 if repeats else 0
+        return DiskRecord(boot_ns=i, wall_time=1_700_000_000 + i, cgroup_id=7, pid=100 + i, comm="cat",
+                          path="/etc/hostname", flags=0, return_code=3, repeats=repeats, first_boot_ns=first,
+                          first_wall_time=1_700_000_000 + first if repeats else 0.0)
+
+    events, spool, counters = make(tmp_path, fold_above=10**9, fold_below=0)
+    events.on_disks([disk(1), disk(2, repeats=499)])
+    first, repeats = lines(spool)
+    assert "count" not in first and (repeats["count"], repeats["pid"], repeats["sid"]) == (499, 102, "sid-alice")
+    assert counters["disk_events"] == 500
+
+    # Above capacity, a fold of repeats adds its count to the session's summary.
+    events, spool, counters = make(tmp_path / "flood", fold_above=-1, fold_below=-1)
+    events.on_disks([disk(1), disk(5, repeats=99)])
+    events.flush_folds(7)
+    [summary] = lines(spool)
+    assert (summary["event"], summary["source"], summary["count"]) == ("audit.events_folded", "disk", 100)
+    assert (summary["first_time"], summary["last_time"]) == ("2023-11-14T22:13:21.000Z", "2023-11-14T22:13:25.000Z")
+    assert counters["disk_events"] == counters["folded_events"] == 100

@@ -92,7 +92,7 @@ def parse_exec(raw: bytes, offset: float) -> CommandRecord:
         return_code=ret,
         path_truncated=bool(truncated & TRUNC_PATH),
         args_missing=bool(truncated & TRUNC_ARGS),
-        truncated_args=frozenset(i for i in range(MAX_ARGS) if args_trunc >> i & 1),
+        truncated_args=frozenset(i for i in range(MAX_ARGS) if args_trunc >> i & 1) if args_trunc else frozenset(),
     )
 
 
