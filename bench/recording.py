@@ -114,6 +114,8 @@ def main(argv: list[str]) -> int:
         print(f"  outside any session          {o:.3f} s  1.000")
         print(f"  session, no enhanced record  {p:.3f} s  {p / o:.3f}")
         print(f"  session, enhanced recording  {r:.3f} s  {r / o:.3f}")
+        print("every run, s: outside " + " ".join(f"{x:.2f}" for x in outside) + " | no enhanced " +
+              " ".join(f"{x:.2f}" for x in session) + " | enhanced " + " ".join(f"{x:.2f}" for x in recorded))
         print(f"session.command events written: {commands:,} of {expected:,}")
         print(f"opens of /etc/hostname by cat counted in session.disk: {opens:,} of {expected_opens:,} "
               f"({disk_lines:,} session.disk lines in all)")
