@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from .recording_events import DiskRecord
 from .records import boot_offset, wall_time
@@ -77,6 +78,25 @@ class DiskFolds:
         self._requested.set()
 
     # --- called on the reader thread -------------------------------------------------------
+    def write_due(self, drain: Callable[[], None], deliver: Callable[[list[DiskRecord]], None]) -> None:
+        """Between reading rounds: when due, switch the maps and `deliver` the counts of the
+        one switched away from, after `drain()` handed over the opens they are repeats of."""
+        if not self.due():
+            return
+        if self.active is None:  # what an earlier enforcer left; no program uses either map yet
+            for table in self.maps:
+                self._write(table, deliver)
+        idle = self.switch()
+        drain()
+        if idle is not None:
+            self._write(idle, deliver)
+
+    def _write(self, table, deliver: Callable[[list[DiskRecord]], None]) -> None:
+        records, keys = self.read(table)
+        if records:
+            deliver(records)
+        self.clear(table, keys)  # only once they are written: a crash before repeats them (same uids)
+
     def due(self) -> bool:
         if self.active is None or self._requested.is_set():
             return True

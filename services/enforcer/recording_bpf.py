@@ -253,27 +253,9 @@ class RecordingBPF:
         opens go to the callbacks as lists of detached records; between rounds, when
         due, the fold maps are switched and their counts go to `on_disks` too, after
         the opens they count repeats of."""
-        folds = self.folds
-
-        def write(table) -> None:
-            records, keys = folds.read(table)
-            if records:
-                on_disks(records)
-            folds.clear(table, keys)
-
-        def write_folds(drain: Callable[[], None]) -> None:
-            if not folds.due():
-                return
-            if folds.active is None:  # what an earlier enforcer left; no program uses either map yet
-                for table in folds.maps:
-                    write(table)
-            idle = folds.switch()
-            drain()  # the opens these counts are repeats of come first
-            if idle is not None:
-                write(idle)
-
         self._reader.start(self.bpf, [(b"events_exec", parse_exec, on_commands, "command"),
-                                      (b"events_disk", parse_disk, on_disks, "disk")], write_folds)
+                                      (b"events_disk", parse_disk, on_disks, "disk")],
+                           lambda drain: self.folds.write_due(drain, on_disks))
 
     def request_folds(self) -> None:
         """Write the counts of folded opens in the reader's next round (a session ended)."""
