@@ -83,11 +83,11 @@ class KvMirror(Generic[T]):
 
     async def _watch_once(self, kv: Any, stop: asyncio.Event) -> None:
         watcher = await kv.watch(self.key_filter)
-        # nats-py can mark the end of the initial values (None) before it has delivered all
-        # of them: the fresh copy is complete once it also holds the newest message stored
-        # when the watch began.
-        wanted = await kv_read.newest_seq(self.nc.jetstream(), f"KV_{self.bucket}",
-                                          f"$KV.{self.bucket}.{self.key_filter}")
+        # nats-py can mark the end of the initial values (None) before it has delivered all of
+        # them, also before a key rewritten meanwhile whose old value the watch skipped (see
+        # runtime/kv_read.py): the fresh copy is complete once it also holds the newest message
+        # under the filter, asked after the marker (and again after each catch-up).
+        wanted = 0
         newest, initial_ended = 0, False
         fresh: dict[str, T] | None = {}
         fresh_revisions: dict[str, int] = {}
@@ -130,13 +130,16 @@ class KvMirror(Generic[T]):
                     if fresh is None:
                         self.revision = max(self.revision, newest)
                         self._changed()
-                if fresh is not None and initial_ended and newest >= wanted:  # the snapshot is complete
-                    self.values, self.revisions = fresh, fresh_revisions
-                    self.revision = max(newest, wanted)
-                    fresh = None
-                    self.synced_at = time.monotonic()
-                    self.ready.set()
-                    self._changed()
+                if fresh is not None and initial_ended and newest >= wanted:
+                    wanted = await kv_read.newest_seq(self.nc.jetstream(), f"KV_{self.bucket}",
+                                                      f"$KV.{self.bucket}.{self.key_filter}")
+                    if newest >= wanted:  # the snapshot is complete
+                        self.values, self.revisions = fresh, fresh_revisions
+                        self.revision = newest
+                        fresh = None
+                        self.synced_at = time.monotonic()
+                        self.ready.set()
+                        self._changed()
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()

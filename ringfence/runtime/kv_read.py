@@ -10,10 +10,18 @@ read it through here:
 - `open_bucket()`: a KeyValue whose gets the stream leader answers (the
   JetStream API's message get instead of a direct get); `get()` reads a key with
   it, waiting out a leader election;
-- `snapshot()`: the current entries under a filter from a watch, checked against
-  the newest message the leader has under that filter, and taken again until it
-  includes it. A watch that cannot be created (its replica just died, the
-  cluster is electing a leader) is retried too, within the same deadline.
+- `snapshot()`: the current entries under a filter from a watch, read until the
+  watch has delivered the newest message the leader has under that filter, asked
+  after the watch has delivered what it calls everything (and again after each
+  catch-up). A watch that cannot be created or falls silent (its replica just
+  died, the cluster is electing a leader) is taken again, within the same deadline.
+
+The watch's own "caught up" marker (None) is not enough, even on one server:
+nats-py places it where the server's pending count reaches 0, and that count runs
+one short while a key is rewritten (the old message's removal is counted at once,
+the new message a moment later). A key whose old value the watch had not reached
+yet was then missing from the snapshot: 2-6 snapshots in 100 while other nodes
+rewrote their keys, and max_connections let 3 or 4 sessions through for 2 slots.
 
 With one server both are what nats-py does anyway, plus one request per snapshot.
 """
@@ -36,6 +44,7 @@ SNAPSHOT_DEADLINE = LEADER_WAIT  # seconds: a leader election, within the CLI's 
 RETRY_PAUSE = 0.05
 _NOT_ANSWERING = (NatsTimeoutError, TimeoutError, ServiceUnavailableError)  # no leader, or no replica yet
 SNAPSHOT_CONSUMER_TTL = 10.0  # seconds
+CATCH_UP_WAIT = 1.0  # seconds a snapshot's watch may be silent while it owes entries; then a new watch
 
 
 class StaleSnapshotError(Exception):
@@ -74,15 +83,28 @@ async def newest_seq(js: JetStreamContext, stream: str, subject: str) -> int:
 
 async def snapshot(js: JetStreamContext, kv: KeyValue, key_filter: str = ">",
                    deadline: float = SNAPSHOT_DEADLINE) -> dict[str, KeyValue.Entry]:
-    """{key: entry} of every key under `key_filter` that has a value now, including every
-    write acknowledged before the call. StaleSnapshotError when none could be taken in time."""
+    """{key: entry} of every key under `key_filter` that has a value, as the bucket was at one
+    moment after the call (so every write acknowledged before the call is in it).
+    StaleSnapshotError when none could be taken in time.
+
+    Why one moment: the watch delivers in stream order. Once it has delivered revision N and the
+    leader, asked afterwards, has nothing newer than N under the filter, every key's current
+    message (revision <= N) was in the stream when the watch passed it, so it was delivered and
+    nothing after it; a key deleted has its delete marker delivered last."""
     bucket = kv._name
+    stream, subject = f"KV_{bucket}", f"$KV.{bucket}.{key_filter}"
 
     async def attempt() -> dict[str, KeyValue.Entry]:
-        wanted = await newest_seq(js, f"KV_{bucket}", f"$KV.{bucket}.{key_filter}")
-        found, newest = await _watch_once(kv, key_filter)
-        if newest < wanted:
-            raise _Behind(f"a replica answered up to revision {newest} of {wanted}")
+        # Deletes included: the newest message under the filter may be a delete marker. The
+        # consumer goes SNAPSHOT_CONSUMER_TTL after we stop listening (nats-py's default: 5 min).
+        watcher = await kv.watch(key_filter, inactive_threshold=SNAPSHOT_CONSUMER_TTL)
+        found: dict[str, KeyValue.Entry] = {}
+        try:
+            newest = await _apply_until(watcher, found, 0, None)
+            while (latest := await newest_seq(js, stream, subject)) > newest:
+                newest = await _apply_until(watcher, found, newest, latest)
+        finally:
+            await watcher.stop()
         return found
 
     try:
@@ -93,24 +115,27 @@ async def snapshot(js: JetStreamContext, kv: KeyValue, key_filter: str = ">",
 
 
 class _Behind(Exception):
-    """The watch was answered by a replica that has not applied the newest writes yet."""
+    """The watch stopped delivering before it reached the newest writes (its replica is behind or gone)."""
 
 
-async def _watch_once(kv: KeyValue, key_filter: str) -> tuple[dict[str, KeyValue.Entry], int]:
-    # Deletes included: the newest message under the filter may be a delete marker. The
-    # consumer goes SNAPSHOT_CONSUMER_TTL after we stop listening (nats-py's default: 5 min).
-    watcher = await kv.watch(key_filter, inactive_threshold=SNAPSHOT_CONSUMER_TTL)
-    found: dict[str, KeyValue.Entry] = {}
-    newest = 0
-    try:
-        async for entry in watcher:
-            if entry is None:  # caught up with what this replica has
-                break
-            newest = max(newest, entry.revision or 0)
-            if entry.operation in (KV_DEL, KV_PURGE):
-                found.pop(entry.key, None)
-            else:
-                found[entry.key] = entry
-    finally:
-        await watcher.stop()
-    return found, newest
+async def _apply_until(watcher: KeyValue.KeyWatcher, found: dict[str, KeyValue.Entry], newest: int,
+                       wanted: int | None) -> int:
+    """Apply the watch's entries to `found` until one at revision `wanted` or later (None: until
+    the watch's "caught up" marker); the newest revision applied."""
+    while wanted is None or newest < wanted:
+        try:
+            entry = await watcher.updates(timeout=CATCH_UP_WAIT)
+        except NatsTimeoutError:
+            target = "its caught-up marker" if wanted is None else f"revision {wanted}"
+            raise _Behind(f"the watch delivered up to revision {newest}, not {target}, "
+                          f"within {CATCH_UP_WAIT:.0f}s") from None
+        if entry is None:  # caught up, by the server's pending count
+            if wanted is None:
+                return newest
+            continue
+        newest = max(newest, entry.revision or 0)
+        if entry.operation in (KV_DEL, KV_PURGE):
+            found.pop(entry.key, None)
+        else:
+            found[entry.key] = entry
+    return newest
