@@ -324,7 +324,9 @@ def test_up_secures_nats_bootstraps_the_admin_once_and_the_cli_works_with_both(t
             out = cli("get", "locks", "--nats-url", url, "--data-dir", str(tmp_path),
                       "--nats-nkey", str(data / "nats" / "cli.nk"))
             assert out.stderr.startswith("ERROR: request is not signed"), out.stderr
-            # A session through the enforcer: its credential writes sessions and audit events.
+            # A session through the enforcer: its credential writes sessions and audit events. The
+            # enforcer answers discovery (status) before its session socket opens (policy and locks loaded).
+            wait_for(lambda: (data / "enforcer.sock").exists(), timeout=30, what="the enforcer's session socket")
             run = cli("run", "--data-dir", str(data), "--user", "demo", "--", "true")
             assert run.returncode == 0, run.stderr
             search = lambda: cli("events", "search", "--since", "10m", "--format", "json",  # noqa: E731
