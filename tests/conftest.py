@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -90,3 +91,16 @@ def sshd(tmp_path: Path):
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _signals_left_as_found():
+    """Processes a test starts inherit this worker's ignored signals and signal mask: a test that
+    leaves SIGINT ignored or blocked breaks every later test that interrupts a CLI."""
+    disposition = signal.getsignal(signal.SIGINT)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    changed = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    signal.signal(signal.SIGINT, disposition)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    assert changed == (disposition, mask), f"the test left SIGINT {changed[0]!r}, signal mask {changed[1]!r}"

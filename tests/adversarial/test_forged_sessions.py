@@ -104,7 +104,8 @@ def test_bashrc_cannot_forge_a_session_or_blind_the_audit(hostile):
     assert replies, (result.stdout, result.stderr)
     assert replies[0]["ok"] is False and "unknown field" in replies[0]["error"], replies
     sid = re.search(r"sid=(\S+)", result.stdout).group(1)
-    events = log_events(hostile.data_dir)
+    events = wait_for(lambda: (evs := log_events(hostile.data_dir)) and any(e["sid"] == sid for e in evs) and evs,
+                      what=f"the events of session {sid}")
     assert not [e for e in events if "6.6.6.6" in json.dumps(e) or e["user"] == "victim"]
     # The huge request opened a session (the user's own, running as the user, truthfully recorded),
     # but its event fits the stream: the host's later events are still delivered.
