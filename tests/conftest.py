@@ -92,6 +92,11 @@ def sshd(tmp_path: Path):
     for server in servers:
         server.stop()
 
+# A suite started in the background of a non-interactive shell (`cmd &`) inherits SIGINT
+# ignored, and so would every CLI a test interrupts with it: give them the usual Ctrl-C.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 @pytest.fixture(autouse=True)
 def _signals_left_as_found():

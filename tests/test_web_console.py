@@ -288,7 +288,8 @@ def test_create_find_and_remove_a_lock_audited_as_the_operator(stack, open_page)
     page.get_by_role("button", name=f"Remove lock {name}").click()
     sync_api.expect(page.locator("main .ok")).to_have_text(f'lock "{name}" has been deleted')
     sync_api.expect(page.locator("tr", has_text=target)).to_have_count(0)
-    deleted = [e for e in stack.events(type="lock.deleted") if e["name"] == name]
+    deleted = wait_for(lambda: [e for e in stack.events(type="lock.deleted") if e["name"] == name], timeout=15,
+                       what="the lock.deleted event in the search")  # indexed a moment after the delete
     assert [e["user"] for e in deleted] == ["admin"]
 
 
