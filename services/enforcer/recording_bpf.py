@@ -42,6 +42,8 @@ DISK_PATH_BYTES = 512
 TRUNC_PATH = 1
 TRUNC_ARGS = 2
 
+RECORDING_POLL_MS = 50  # see ringbuf.POLL_MS
+
 # struct exec_event / struct disk_event headers (the strings follow).
 EXEC_HEADER = struct.Struct("<QQIIiIHHHH16s")
 DISK_HEADER = struct.Struct("<QQIiiHH16s")
@@ -226,7 +228,7 @@ class RecordingBPF:
                 f"cannot load {SOURCE.name}: {exc}. If the pinned maps under {self.pin_dir} come from an "
                 f"incompatible version, stop the enforcer and run `python -m services.enforcer.uninstall`"
             ) from exc
-        self._reader = RingReader("ringbuf-recording")
+        self._reader = RingReader("ringbuf-recording", RECORDING_POLL_MS)
         self.folds = DiskFolds(self.bpf)
 
     def close(self) -> None:

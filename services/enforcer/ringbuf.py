@@ -2,7 +2,7 @@
 
 The programs submit records without waking the reader (RB_FLAGS in
 bpf/ringfence.h): a wakeup per record cost a session ~50% more time per exec,
-and a flood then comes out in large batches. So the reader sleeps POLL_MS,
+and a flood then comes out in large batches. So the reader sleeps `poll_ms`,
 drains every ring, and hands each ring's records to its callback as one list
 of detached records (parsed with the wall-clock offset of that round).
 """
@@ -19,19 +19,22 @@ from .records import boot_offset
 
 log = logging.getLogger(__name__)
 
-# Every round has a fixed cost (in this thread, the spool, the event loop it wakes and the
-# audit writer's batch): at 10 ms the rounds of a busy recorded session cost the enforcer
-# and the audit service about twice the CPU they cost at 50 ms. A 4 MiB ring buffer
-# holds 50 ms of ~800,000 records a second.
-POLL_MS = 50
+# Milliseconds between rounds. Every round has a fixed cost (in this thread, the spool, the
+# event loop it wakes and the audit writer's batch): at 10 ms the rounds of a busy recorded
+# session cost the enforcer and the audit service about twice the CPU they cost at 50 ms, so
+# the recording reader waits 50 ms (a 4 MiB ring holds ~40,000 records: 800,000 a second).
+# The network reader keeps 10 ms: a burst of denials at a million a second would fill its
+# ring within 50 ms.
+POLL_MS = 10
 
 # (ring buffer table name, parse(raw, offset) -> record, deliver(records), what for the log)
 Ring = tuple[bytes, Callable[[bytes, float], Any], Callable[[list[Any]], None], str]
 
 
 class RingReader:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, poll_ms: int = POLL_MS) -> None:
         self.name = name
+        self.poll_ms = poll_ms
         self.cycles = 0  # completed rounds: everything written before a round began was handled
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -72,7 +75,7 @@ class RingReader:
 
         def loop() -> None:
             while not self._stop.is_set():
-                bpf.ring_buffer_poll(POLL_MS)
+                bpf.ring_buffer_poll(self.poll_ms)
                 round_()
                 self.cycles += 1
             round_()
