@@ -440,3 +440,40 @@ def test_repeats_counted_while_no_enforcer_reads_are_written_by_the_next(rig, tm
         shell.kill()
         shell.wait()
     assert sum(d.opens for d in _opens_of(r.disks, str(target))) == 50
+
+
+FLOOD_HELPER = r"""
+import os, sys
+procs, directory, target = sys.argv[1:4]
+with open(procs, "w") as f:
+    f.write(str(os.getpid()))
+for i in range(int(sys.argv[4])):  # distinct paths: each a key of its own in the fold map
+    try:
+        os.open(f"{directory}/missing-{i}", os.O_RDONLY)
+    except FileNotFoundError:
+        pass
+for _ in range(50):
+    os.close(os.open(target, os.O_RDONLY))
+"""
+
+
+@pytest.mark.bpf
+def test_a_session_filling_the_fold_map_gets_every_open_written_one_by_one(rig, tmp_path):
+    # A user who opens more distinct paths than the fold map holds does not lose an open: once
+    # the map is full, nothing more is folded and every open is written as it happened.
+    from services.enforcer.disk_folds import MAX_ENTRIES
+
+    r = rig(ringbuf_bytes=16 << 20)
+    r.start_reader()
+    target = tmp_path / "read-often"
+    target.write_text("x")
+    distinct = MAX_ENTRIES + 1000
+    helper = subprocess.run([sys.executable, "-c", FLOOD_HELPER, str(r.tree.path("rec") / "cgroup.procs"),
+                             str(tmp_path), str(target), str(distinct)], capture_output=True, text=True, timeout=120)
+    assert helper.returncode == 0, helper.stderr
+    r.settle()
+    missing = [d for d in r.disks if "/missing-" in d.path]
+    assert sum(d.opens for d in missing) == distinct
+    assert len({d.path for d in missing}) == distinct
+    assert sum(d.opens for d in _opens_of(r.disks, str(target))) == 50
+    assert r.rec.lost() == {"exec": 0, "disk": 0}
