@@ -20,25 +20,17 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
-import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 
-from .recording_events import DiskRecord
-from .records import boot_offset, wall_time
-
-log = logging.getLogger(__name__)
+from .recording_events import TRUNC_PATH, DiskRecord
+from .records import boot_offset, c_text, wall_time
 
 FOLD_INTERVAL = 1.0  # seconds between switches while opens are folded
 MAX_ENTRIES = 16_384  # per fold map (DISK_FOLD_MAX_ENTRIES); a full map folds nothing more
 CHUNK = 1024  # entries read per batch call
-TRUNC_PATH = 1
-
-
-def _text(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
 
 
 def fold_record(key, leaf, offset: float) -> DiskRecord:
@@ -49,8 +41,8 @@ def fold_record(key, leaf, offset: float) -> DiskRecord:
         wall_time=wall_time(last, offset),
         cgroup_id=key.cgroup_id,
         pid=leaf.last_pid,
-        comm=_text(bytes(key.comm)),
-        path=_text(bytes(key.path)),
+        comm=c_text(bytes(key.comm)),
+        path=c_text(bytes(key.path)),
         flags=key.flags,
         return_code=leaf.last_ret,
         path_truncated=bool(key.truncated & TRUNC_PATH),

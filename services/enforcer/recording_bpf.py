@@ -23,8 +23,8 @@ from pathlib import Path
 from . import kernel
 from .disk_folds import MAX_ENTRIES as DISK_FOLD_MAX_ENTRIES
 from .disk_folds import DiskFolds
-from .recording_events import CommandRecord, DiskRecord
-from .records import wall_time
+from .recording_events import TRUNC_ARGS, TRUNC_PATH, CommandRecord, DiskRecord
+from .records import c_text, wall_time
 from .restricted_bpf import PIN_LAYOUT, BpfLoadError, compile_flags
 from .ringbuf import RingReader
 
@@ -38,9 +38,6 @@ MAX_ARGS = 20
 ARG_BYTES = 128  # per argument, NUL included
 EXEC_PATH_BYTES = 512
 DISK_PATH_BYTES = 512
-
-TRUNC_PATH = 1
-TRUNC_ARGS = 2
 
 RECORDING_POLL_MS = 50  # see ringbuf.POLL_MS
 
@@ -72,10 +69,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 # --- records ---------------------------------------------------------------------------
-def _text(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
-
-
 def parse_exec(raw: bytes, offset: float) -> CommandRecord:
     """A detached CommandRecord from one events_exec record; `offset` from boot_offset()."""
     (boot_ns, cgroup_id, pid, ppid, ret, args_trunc, path_len, args_len, argc, truncated,
@@ -88,8 +81,8 @@ def parse_exec(raw: bytes, offset: float) -> CommandRecord:
         cgroup_id=cgroup_id,
         pid=pid,
         ppid=ppid,
-        comm=_text(comm),
-        path=_text(data[:path_len]),
+        comm=c_text(comm),
+        path=c_text(data[:path_len]),
         argv=tuple(a.decode("utf-8", "backslashreplace") for a in args),
         return_code=ret,
         path_truncated=bool(truncated & TRUNC_PATH),
@@ -106,8 +99,8 @@ def parse_disk(raw: bytes, offset: float) -> DiskRecord:
         wall_time=wall_time(boot_ns, offset),
         cgroup_id=cgroup_id,
         pid=pid,
-        comm=_text(comm),
-        path=_text(raw[DISK_HEADER.size : DISK_HEADER.size + path_len]),
+        comm=c_text(comm),
+        path=c_text(raw[DISK_HEADER.size : DISK_HEADER.size + path_len]),
         flags=flags,
         return_code=ret,
         path_truncated=bool(truncated & TRUNC_PATH),

@@ -26,6 +26,9 @@ from ringfence.contract.events import SessionCommand, SessionDisk
 from .records import attribute, rfc3339, stable_uid
 
 ELLIPSIS = "..."
+# exec_event.truncated / disk_event.truncated / disk_fold_key.truncated (bpf/ringfence.h)
+TRUNC_PATH = 1  # the path was longer than the buffer
+TRUNC_ARGS = 2  # arguments are missing
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,11 @@ def wall_time(boot_ns: int, offset: float) -> float:
     return offset + boot_ns / 1e9
 
 
+def c_text(raw: bytes) -> str:
+    """A NUL-terminated string of a record as text (bytes that are not UTF-8 escaped)."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+
+
 _second: list = [None, ""]  # the last whole second formatted: records come in bursts
 
 
