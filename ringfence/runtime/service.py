@@ -119,6 +119,9 @@ class ServiceContext:
     # service's own housekeeping) hold it from the permission check to the last write.
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _micro: micro.Service | None = None
+    # Endpoints added while the adapter starts: served (and the service discoverable, so
+    # `ringfence status` lists it) only once the start is complete.
+    _pending_endpoints: list[dict[str, Any]] = field(default_factory=list)
     _stop: asyncio.Event | None = None
     failure: str = ""  # set by fail(): the service stops and exits non-zero
 
@@ -168,10 +171,11 @@ class ServiceContext:
                 return
             await req.respond(body)
 
-        assert self._micro is not None
-        await self._micro.add_endpoint(
-            name=name, subject=subject, handler=serve, queue_group=queue_group or "ringfence"
-        )
+        endpoint = {"name": name, "subject": subject, "handler": serve, "queue_group": queue_group or "ringfence"}
+        if self._micro is None:
+            self._pending_endpoints.append(endpoint)
+        else:
+            await self._micro.add_endpoint(**endpoint)
 
 
 def request_actor(req: Request) -> str:
@@ -366,23 +370,29 @@ async def _serve(short_name: str, config: Config, adapter: Adapter, reads_only: 
     def stats_data(_endpoint: Any) -> dict[str, float]:
         return {**ctx.counters, **read_gauges(ctx.gauges)}
 
-    ctx._micro = await micro.add_service(
-        nc,
-        name=names.service_name(short_name),
-        version=__version__,
-        description=f"Ringfence {short_name} service",
-        metadata={
-            "host": ctx.hostname,
-            "nodename": config.nodename,
-            "server_id": ctx.server_id,
-            "pid": str(os.getpid()),
-        },
-        stats_handler=stats_data,
-    )
+    async def discoverable() -> None:
+        ctx._micro = await micro.add_service(
+            nc,
+            name=names.service_name(short_name),
+            version=__version__,
+            description=f"Ringfence {short_name} service",
+            metadata={
+                "host": ctx.hostname,
+                "nodename": config.nodename,
+                "server_id": ctx.server_id,
+                "pid": str(os.getpid()),
+            },
+            stats_handler=stats_data,
+        )
+        for endpoint in ctx._pending_endpoints:
+            await ctx._micro.add_endpoint(**endpoint)
+        ctx._pending_endpoints.clear()
+
     metrics = MetricsServer(config.metrics_listen, ctx.counters, ctx.gauges,
                             {"service": short_name, "node": config.nodename}) if config.metrics_listen else None
     try:
         await adapter.start(ctx)
+        await discoverable()
         if metrics:
             try:
                 metrics.start()
@@ -403,8 +413,9 @@ async def _serve(short_name: str, config: Config, adapter: Adapter, reads_only: 
             for task in directory_tasks:
                 task.cancel()
             await asyncio.gather(*directory_tasks, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ctx._micro.stop(), 2)
+            if ctx._micro is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(ctx._micro.stop(), 2)
             await wait_closed(nc, 2)
     if ctx.failure:
         raise ServiceFailed(ctx.failure)

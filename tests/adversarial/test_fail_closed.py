@@ -8,6 +8,7 @@ running sessions take their users' roles when users or roles change.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -34,6 +35,27 @@ def test_no_session_is_admitted_before_the_policy_is_in_the_maps(nats_server, da
         first = node.probe("tcp:127.0.0.5:9", timeout=60)
         assert first == {"tcp:127.0.0.5:9": "eperm"}, first
         assert "revision" in node.log() and node.log().index("applied") < node.log().index("session socket at")
+    finally:
+        node.cleanup()
+
+
+def test_status_lists_the_enforcer_only_once_it_admits_sessions(nats_server, data_dir, services):
+    # `ringfence up` then `ringfence run`: once status lists the node's enforcer, its socket is open.
+    services("policy", "audit")
+    allow = [f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}" for i in range(60_000)] + ["127.0.0.0/8"]
+    put_policy(nats_server.url, policy(allow, ["127.0.0.5"]))
+    node = EnforcerNode(nats_server.url, data_dir / "node")
+    node.proc.start()
+
+    def listed() -> bool:
+        argv = ["status", "--format", "json", "--wait", "0.05", "--nats-url", nats_server.url]
+        out = subprocess.run([sys.executable, "-m", "ringfence.cli.main", *argv], capture_output=True, text=True,
+                             timeout=60, cwd=ROOT).stdout
+        return any(i.get("metadata", {}).get("nodename") == node.nodename for i in json.loads(out)["instances"])
+
+    try:
+        wait_for(listed, timeout=90, interval=0.01, what="the enforcer in `ringfence status`")
+        assert (node.data_dir / "enforcer.sock").exists()
     finally:
         node.cleanup()
 
