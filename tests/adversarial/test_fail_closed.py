@@ -21,13 +21,19 @@ from tests.support.procs import ROOT, wait_for
 pytestmark = pytest.mark.bpf
 
 
-def test_no_session_is_admitted_before_the_policy_is_in_the_maps(nats_server, data_dir, services):
+def _slow_starting_node(nats_server, data_dir, services) -> EnforcerNode:
+    """An enforcer starting against a big policy: it takes a moment to load, long enough to be
+    asked in between."""
     services("policy", "audit")
-    # A big policy takes the enforcer a moment to load: long enough to be asked in between.
     allow = [f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}" for i in range(60_000)] + ["127.0.0.0/8"]
     put_policy(nats_server.url, policy(allow, ["127.0.0.5"]))
     node = EnforcerNode(nats_server.url, data_dir / "node")
     node.proc.start()
+    return node
+
+
+def test_no_session_is_admitted_before_the_policy_is_in_the_maps(nats_server, data_dir, services):
+    node = _slow_starting_node(nats_server, data_dir, services)
     try:
         sock = node.data_dir / "enforcer.sock"
         wait_for(sock.exists, timeout=90, interval=0.002, what="the enforcer's socket")
@@ -41,11 +47,7 @@ def test_no_session_is_admitted_before_the_policy_is_in_the_maps(nats_server, da
 
 def test_status_lists_the_enforcer_only_once_it_admits_sessions(nats_server, data_dir, services):
     # `ringfence up` then `ringfence run`: once status lists the node's enforcer, its socket is open.
-    services("policy", "audit")
-    allow = [f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}" for i in range(60_000)] + ["127.0.0.0/8"]
-    put_policy(nats_server.url, policy(allow, ["127.0.0.5"]))
-    node = EnforcerNode(nats_server.url, data_dir / "node")
-    node.proc.start()
+    node = _slow_starting_node(nats_server, data_dir, services)
 
     def listed() -> bool:
         argv = ["status", "--format", "json", "--wait", "0.05", "--nats-url", nats_server.url]
