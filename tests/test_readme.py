@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 import pytest
 
 from ringfence.config import parse_config
-from tests.conftest import is_root
 from tests.support.procs import ROOT
 from tests.support.stack import UpStack
 
@@ -284,7 +283,6 @@ def run_command(stack: UpStack, text: str) -> list[str]:
 
 
 @pytest.mark.bpf
-@pytest.mark.skipif(not is_root(), reason="the stack's enforcer needs root, cgroup v2 and BPF")
 def test_readme_console_blocks(tmp_path):
     blocks = parse_readme(README.read_text())
     assert blocks, "README.md has no ```console blocks"

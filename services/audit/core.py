@@ -96,26 +96,6 @@ def _parse_time_ms(text: str) -> int:
     return (when - _EPOCH) // _MS  # integer arithmetic: no float rounding of milliseconds
 
 
-# --- stream order ----------------------------------------------------------------------------
-
-
-def missing_sequences(expected: int | None, received: list[int], max_gap: int) -> list[int]:
-    """Stream sequences to read from the stream before writing a batch of `received` ones.
-
-    `expected` is the sequence after the last one written (None: unknown, e.g. a
-    first start). A message skipped by the consumer (handed to a fetch that never
-    arrived) is sent again only after ack_wait, after newer ones: every sequence
-    from `expected` up to the newest received that was not received is missing.
-    A gap wider than `max_gap` is not filled (the stream was replaced, or the
-    position is from another one); those messages arrive when JetStream resends them."""
-    seqs = sorted({s for s in received if s > 0})
-    if expected is None or not seqs or seqs[-1] < expected:
-        return []
-    have = set(seqs)
-    missing = [s for s in range(expected, seqs[-1]) if s not in have]
-    return missing if len(missing) <= max_gap else []
-
-
 # --- search ----------------------------------------------------------------------------------
 
 
